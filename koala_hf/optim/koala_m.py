@@ -1,0 +1,237 @@
+"""KOALA-M: the Kalman optimizer with a velocity (momentum) state (spec E30-E36)."""
+
+from __future__ import annotations
+
+import torch
+
+from koala_hf.optim.base import GLOBAL_STATE, MIN_JACOBIAN_NORM, KoalaOptimizer, check_range
+from koala_hf.optim.layers import (
+    dot,
+    finite_mask,
+    group_by_device_and_dtype,
+    measurement_jacobians,
+    widen,
+    write_back,
+)
+
+# Columns of the per-layer update coefficients (E33, E34).
+STEP_THETA, STEP_U, KEEP_AVG, TAKE_THETA = range(4)
+
+
+class KOALAM(KoalaOptimizer):
+    r"""KOALA-M (Davtyan et al., 2022), spec E30-E36.
+
+    Per layer: velocity ``u`` and running weight average ``w_avg``; shared: a
+    2x2 covariance ``P = [[sw, sc], [sc, sv]]``, transition ``[[1, 1], [0, a]]``
+    and process noise ``diag(qw_avg, qv)`` with ``qw_avg`` adapted (E30).
+
+    One ``step()`` per iteration: the first call predicts (E30-E32), every call
+    updates (E33-E36) and then predicts for the next iteration, so the next
+    forward pass sees the predicted weights ``theta + u``. Call :meth:`eval`
+    before evaluating or saving a model to switch the parameters to the
+    posterior weights, and :meth:`train` before training again
+    (``transformers.Trainer`` calls both). The switch adds or subtracts
+    ``u / a``, exact up to floating-point rounding.
+
+    ``sw, sc, sv, a, qw, qv`` describe the shared filter and must be equal in
+    every parameter group; ``lr``, ``weight_decay``, ``r`` and ``alpha_r`` may
+    differ.
+    """
+
+    _shared_hyperparameters = ("sw", "sc", "sv", "a", "qw", "qv")
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1.0,
+        sw: float = 0.1,
+        sc: float = 0.0,
+        sv: float = 0.1,
+        a: float = 0.9,
+        qw: float = 0.01,
+        qv: float = 0.01,
+        r: float | None = None,
+        alpha_r: float = 0.9,
+        weight_decay: float = 0.0,
+        foreach: bool | None = None,
+    ) -> None:
+        self._training = True
+        defaults = dict(
+            lr=lr, sw=sw, sc=sc, sv=sv, a=a, qw=qw, qv=qv, r=r, alpha_r=alpha_r,
+            weight_decay=weight_decay, foreach=foreach,
+        )
+        super().__init__(params, defaults)
+
+    def check_group(self, group: dict) -> None:
+        super().check_group(group)
+        check_range("sw", group["sw"], 0.0, low_open=True)
+        check_range("sv", group["sv"], 0.0)
+        check_range("sc", group["sc"])
+        if group["sc"] ** 2 > group["sw"] * group["sv"]:
+            raise ValueError(
+                f"Invalid sc: {group['sc']!r}; P = [[sw, sc], [sc, sv]] must be positive semi-definite, "
+                f"so sc^2 must not exceed sw * sv = {group['sw'] * group['sv']!r}"
+            )
+        check_range("a", group["a"], 0.0, 1.0, low_open=True, high_open=True)
+        check_range("qw", group["qw"], 0.0)
+        check_range("qv", group["qv"], 0.0)
+
+    # -------------------------------------------------------- train / eval
+    def train(self) -> None:
+        """Parameters hold the predicted weights ``theta + u`` that the next forward pass needs."""
+        self._set_mode(training=True)
+
+    def eval(self) -> None:
+        """Parameters hold the posterior weights (evaluation, saving a model)."""
+        self._set_mode(training=False)
+
+    @torch.no_grad()
+    def _set_mode(self, training: bool) -> None:
+        state = self.state.get(GLOBAL_STATE)
+        if state is None:  # nothing predicted yet: the weights are the same in both modes
+            self._training = training
+            return
+        if state["training"] == training:
+            return
+        # After the trailing predict, theta = posterior + u_post and u = a u_post (E31).
+        shift = (1.0 if training else -1.0) / self.defaults["a"]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in self.state:
+                    p.add_(self.state[p]["u"], alpha=shift)
+        state["training"] = training
+
+    # ---------------------------------------------------------------- state
+    def _init_global_state(self, options: dict) -> dict:
+        """Create every layer's ``u`` and ``w_avg`` and take the first call's predict (E30, E32)."""
+        hp = self.defaults
+        params = [p for group in self.param_groups for p in group["params"]]
+        for p in params:
+            self._layer_state(p)
+        theta_sq = sum(dot(p, p, options["dtype"]).to(options["device"]) for p in params)
+        qw_avg = torch.full((), float(hp["qw"]), **options)
+        distance = torch.sqrt(theta_sq) / sum(p.numel() for p in params)  # w_avg = 0, u = 0
+        covariance = torch.tensor([[hp["sw"], hp["sc"]], [hp["sc"], hp["sv"]]], **options)
+        qw_avg, covariance = _predict_covariance(covariance, qw_avg, distance, hp)
+        return {"P": covariance, "qw_avg": qw_avg, "training": self._training}
+
+    def _layer_state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            state["u"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["w_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _update(self, loss, noise, ok):
+        state = self.global_state()
+        if not state["training"]:
+            raise RuntimeError("KOALAM.step() was called in eval mode; call optimizer.train() first")
+        device, dtype = loss.device, loss.dtype
+        covariance = state["P"]
+        measured = []
+        for index, group in enumerate(self.param_groups):
+            params, grads = self._params_with_grad(group)
+            if not params:
+                continue
+            foreach = self._foreach(group, params)
+            wd = group["weight_decay"]
+            jacobians = measurement_jacobians(params, grads, wd, foreach)
+            norms = torch.stack(
+                [
+                    torch.stack([dot(h, h, dtype), dot(p, p, dtype) if wd else torch.zeros((), dtype=dtype, device=p.device)]).to(device)
+                    for p, h in zip(params, jacobians)
+                ]
+            )
+            ok = ok & torch.isfinite(norms).all()
+            measured.append((index, group, params, jacobians, norms, foreach))
+
+        information = [torch.zeros(1, dtype=dtype, device=device)]  # ||H||^2 / S of updated layers (E35)
+        for index, group, params, jacobians, norms, foreach in measured:
+            hh, theta_sq = norms.unbind(-1)
+            s = hh * covariance[0, 0] + noise[index]  # E33
+            scale = group["lr"] * (loss + 0.5 * group["weight_decay"] * theta_sq) / s
+            k1, k2 = scale * covariance[0, 0], scale * covariance[1, 0]
+            update = ok & (hh >= MIN_JACOBIAN_NORM**2) & (s > 0) & torch.isfinite(k1) & torch.isfinite(k2)
+            information.append(torch.where(update, hh / s, 0.0))
+            zero = torch.zeros_like(s)
+            coefficients = torch.stack(
+                [
+                    torch.where(update, -k1, zero),
+                    torch.where(update, -k2, zero),
+                    torch.where(update, 0.9, torch.ones_like(s)),  # E34
+                    torch.where(update, 0.1, zero),
+                ],
+                dim=-1,
+            )
+            jacobians = finite_mask(jacobians, ok, owned=group["weight_decay"] != 0)
+            states = [self.state[p] for p in params]
+            _update_layers(params, jacobians, [s["u"] for s in states], [s["w_avg"] for s in states], coefficients, foreach)
+
+        h = torch.cat(information).max()  # E35
+        column = covariance[:, 0]
+        posterior = covariance - h * torch.outer(column, column)  # E36
+
+        distance_sq = self._predict_weights(ok, dtype, device)
+        n_params = sum(p.numel() for group in self.param_groups for p in group["params"])
+        qw_avg, predicted = _predict_covariance(posterior, state["qw_avg"], torch.sqrt(distance_sq) / n_params, self.defaults)
+        state["P"] = torch.where(ok, predicted, covariance)
+        state["qw_avg"] = torch.where(ok, qw_avg, state["qw_avg"])
+        return ok
+
+    def _predict_weights(self, ok, dtype, device) -> torch.Tensor:
+        """E30's distance, then E31 for every layer; both masked by ``ok``. Returns ``sum ||w_avg - theta||^2``."""
+        a = self.defaults["a"]
+        distance_sq = torch.zeros((), dtype=dtype, device=device)
+        take = ok.to(dtype)
+        decay = torch.where(ok, a, torch.ones((), dtype=dtype, device=device))
+        for group in self.param_groups:
+            params = group["params"]
+            states = [self._layer_state(p) for p in params]
+            us = [s["u"] for s in states]
+            averages = [s["w_avg"] for s in states]
+            for p, w in zip(params, averages):
+                distance_sq = distance_sq + torch.dist(w.to(dtype), p.to(dtype)).to(device) ** 2
+            if self._foreach(group, params):
+                for (dev, _), ((p, u), _) in group_by_device_and_dtype([params, us]).items():
+                    p_w, u_w = widen(p), widen(u)
+                    torch._foreach_addcmul_(p_w, u_w, [take.to(dev)] * len(p_w))
+                    torch._foreach_mul_(u_w, decay.to(dev))
+                    write_back(p, p_w)
+                    write_back(u, u_w)
+            else:
+                for p, u in zip(params, us):
+                    p_w, u_w = widen([p, u])
+                    p_w.addcmul_(u_w, take.to(p.device))
+                    u_w.mul_(decay.to(p.device))
+                    write_back([p, u], [p_w, u_w])
+        return distance_sq
+
+
+def _predict_covariance(covariance, qw_avg, distance, hp):
+    """E30's running ``qw_avg`` and E32's ``P = F P F^T + diag(qw_avg, qv)``."""
+    qw_avg = 0.9 * qw_avg + 0.1 * distance
+    transition = torch.tensor([[1.0, 1.0], [0.0, hp["a"]]], dtype=covariance.dtype, device=covariance.device)
+    noise = torch.diag(torch.stack([qw_avg, torch.full_like(qw_avg, hp["qv"])]))
+    return qw_avg, transition @ covariance @ transition.T + noise
+
+
+def _update_layers(params, jacobians, us, averages, coefficients, foreach: bool) -> None:
+    """E33 and E34: ``theta -= k1 H``, ``u -= k2 H``, ``w_avg = 0.9 w_avg + 0.1 theta`` (masked)."""
+    if not foreach:
+        for i, (p, h, u, w) in enumerate(zip(params, jacobians, us, averages)):
+            c = coefficients[i].to(p.device).unbind()
+            p_w, h_w, u_w, w_w = widen([p, h, u, w])
+            p_w.addcmul_(h_w, c[STEP_THETA])
+            u_w.addcmul_(h_w, c[STEP_U])
+            w_w.mul_(c[KEEP_AVG]).addcmul_(p_w, c[TAKE_THETA])
+            write_back([p, u, w], [p_w, u_w, w_w])
+        return
+    for (device, _), ((p, h, u, w), indices) in group_by_device_and_dtype([params, jacobians, us, averages]).items():
+        c = [list(column.unbind()) for column in coefficients[indices].to(device).T]
+        p_w, h_w, u_w, w_w = (widen(t) for t in (p, h, u, w))
+        torch._foreach_addcmul_(p_w, h_w, c[STEP_THETA])
+        torch._foreach_addcmul_(u_w, h_w, c[STEP_U])
+        torch._foreach_mul_(w_w, c[KEEP_AVG])
+        torch._foreach_addcmul_(w_w, p_w, c[TAKE_THETA])
+        for originals, copies in ((p, p_w), (u, u_w), (w, w_w)):
+            write_back(originals, copies)

@@ -1,0 +1,103 @@
+"""KOALA-V: the Kalman optimizer with a scalar shared covariance (spec E20-E22)."""
+
+from __future__ import annotations
+
+import torch
+
+from koala_hf.optim.base import MIN_JACOBIAN_NORM, KoalaOptimizer, check_range
+from koala_hf.optim.layers import (
+    dot,
+    finite_mask,
+    group_by_device_and_dtype,
+    measurement_jacobians,
+    widen,
+    write_back,
+)
+
+
+class KOALAV(KoalaOptimizer):
+    r"""KOALA-V (Davtyan et al., 2022), spec E20-E22.
+
+    One scalar covariance ``P`` (initially ``sigma``) is shared by every layer:
+    ``P_hat = P + q`` (E20); each layer steps
+    ``theta -= lr * L_layer * P_hat / s * H`` with ``s = P_hat ||H||^2 + R``
+    (E21); then ``P = P_hat - P_hat^2 max_layers(||H||^2 / s)`` (E22).
+    ``sigma`` and ``q`` belong to the shared ``P`` and so must be equal in every
+    parameter group; ``lr``, ``weight_decay``, ``r`` and ``alpha_r`` may differ.
+    The official training script uses ``sigma=0.1, q=1, lr=0.1``.
+    """
+
+    _shared_hyperparameters = ("sigma", "q")
+
+    def __init__(
+        self,
+        params,
+        lr: float = 0.1,
+        sigma: float = 0.1,
+        q: float = 1.0,
+        r: float | None = None,
+        alpha_r: float = 0.9,
+        weight_decay: float = 0.0,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = dict(lr=lr, sigma=sigma, q=q, r=r, alpha_r=alpha_r, weight_decay=weight_decay, foreach=foreach)
+        super().__init__(params, defaults)
+
+    def check_group(self, group: dict) -> None:
+        super().check_group(group)
+        check_range("sigma", group["sigma"], 0.0, low_open=True)
+        check_range("q", group["q"], 0.0)
+
+    def _init_global_state(self, options: dict) -> dict:
+        return {"P": torch.full((), float(self.defaults["sigma"]), **options)}
+
+    def _update(self, loss, noise, ok):
+        state = self.global_state()
+        device, dtype = loss.device, loss.dtype
+        p_hat = state["P"] + self.param_groups[0]["q"]  # E20
+        measured = []
+        for index, group in enumerate(self.param_groups):
+            params, grads = self._params_with_grad(group)
+            if not params:
+                continue
+            foreach = self._foreach(group, params)
+            wd = group["weight_decay"]
+            jacobians = measurement_jacobians(params, grads, wd, foreach)
+            norms = torch.stack(
+                [
+                    torch.stack([dot(h, h, dtype), dot(p, p, dtype) if wd else torch.zeros((), dtype=dtype, device=p.device)]).to(device)
+                    for p, h in zip(params, jacobians)
+                ]
+            )
+            ok = ok & torch.isfinite(norms).all()
+            measured.append((index, group, params, jacobians, norms, foreach))
+
+        information = []  # ||H||^2 / s of every updated layer, for E22
+        for index, group, params, jacobians, norms, foreach in measured:
+            hh, theta_sq = norms.unbind(-1)
+            s = p_hat * hh + noise[index]  # E21
+            gain = group["lr"] * (loss + 0.5 * group["weight_decay"] * theta_sq) * p_hat / s
+            update = ok & (hh >= MIN_JACOBIAN_NORM**2) & (s > 0) & torch.isfinite(gain)
+            information.append(torch.where(update, hh / s, 0.0))
+            steps = torch.where(update, -gain, 0.0)
+            jacobians = finite_mask(jacobians, ok, owned=group["weight_decay"] != 0)
+            _apply(params, jacobians, steps, foreach)
+
+        if information:
+            p_new = p_hat - p_hat * p_hat * torch.cat(information).max()  # E22
+            state["P"] = torch.where(ok, p_new, state["P"])
+        return ok
+
+
+def _apply(params, jacobians, steps, foreach: bool) -> None:
+    """``theta += step * H`` per layer (E21), per tensor or with multi-tensor ops."""
+    if not foreach:
+        for p, h, step in zip(params, jacobians, steps.unbind()):
+            p_w, h_w = widen([p, h])
+            p_w.addcmul_(h_w, step.to(p.device))
+            write_back([p], [p_w])
+        return
+    for (device, _), ((p, h), indices) in group_by_device_and_dtype([params, jacobians]).items():
+        p_w, h_w = widen(p), widen(h)
+        torch._foreach_addcmul_(p_w, h_w, list(steps[indices].to(device).unbind()))
+        write_back(p, p_w)
