@@ -143,7 +143,7 @@ class KoalaOptimizer(torch.optim.Optimizer):
 
         state["R"] = torch.where(ok, noise, previous_noise)
         state["skipped_steps"].add_(~ok)
-        state["step"].add_(1)
+        state["step"].add_(ok)  # steps taken; skipped ones are counted apart
         state["loss"] = torch.where(ok, mean_loss, state["loss"])
         return loss
 

@@ -1,0 +1,57 @@
+"""A mid-run state_dict round trip continues bit-identically (per-parameter and filter-wide state)."""
+
+import copy
+import io
+
+import pytest
+import torch
+
+from koala_hf import OPTIMIZERS, create_optimizer
+from tests.helpers import flat_parameters, regression_batches, tiny_network, train_step
+
+SETTINGS = {"koala++": {"lr": 0.5}, "koala++ns": {"lr": 0.5}, "koala-v": {"lr": 0.1}, "koala-m": {"lr": 0.5}}
+
+
+def run(model, optimizer, batches, dtype):
+    for x, y in batches:
+        train_step(model, optimizer, x.to(dtype), y.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("foreach", [False, True], ids=["per-tensor", "foreach"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_resumed_run_equals_uninterrupted_run(name, foreach, dtype):
+    batches = regression_batches(12, dtype=torch.float32)
+    model = tiny_network(dtype)
+    optimizer = create_optimizer(name, model.parameters(), foreach=foreach, weight_decay=1e-3, **SETTINGS[name])
+    run(model, optimizer, batches[:6], dtype)
+
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    run(model, optimizer, batches[6:], dtype)
+
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    resumed_model = tiny_network(dtype, seed=123)
+    resumed_model.load_state_dict(checkpoint["model"])
+    resumed = create_optimizer(name, resumed_model.parameters(), foreach=foreach, weight_decay=1e-3, **SETTINGS[name])
+    resumed.load_state_dict(checkpoint["optimizer"])
+    run(resumed_model, resumed, batches[6:], dtype)
+
+    assert torch.equal(flat_parameters(resumed_model), flat_parameters(model))
+    for key, value in optimizer.state["koala"].items():
+        assert torch.equal(torch.as_tensor(resumed.state["koala"][key]), torch.as_tensor(value)), key
+
+
+def test_scalar_state_keeps_its_precision_and_is_not_shared_with_the_checkpoint():
+    model = tiny_network(torch.bfloat16)
+    optimizer = create_optimizer("koala++", model.parameters())
+    run(model, optimizer, regression_batches(2, dtype=torch.float32), torch.bfloat16)
+    saved = copy.deepcopy(optimizer.state_dict())
+    optimizer.load_state_dict(saved)
+    first = next(iter(model.parameters()))
+    assert optimizer.state[first]["filter"].dtype == torch.float32
+    assert optimizer.state[first]["v"].dtype == torch.bfloat16
+    assert torch.equal(optimizer.state[first]["filter"], saved["state"][0]["filter"])
+    optimizer.state["koala"]["R"].add_(1)
+    assert not torch.equal(optimizer.state["koala"]["R"], saved["state"]["koala"]["R"])
