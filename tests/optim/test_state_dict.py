@@ -55,3 +55,18 @@ def test_scalar_state_keeps_its_precision_and_is_not_shared_with_the_checkpoint(
     assert torch.equal(optimizer.state[first]["filter"], saved["state"][0]["filter"])
     optimizer.state["koala"]["R"].add_(1)
     assert not torch.equal(optimizer.state["koala"]["R"], saved["state"]["koala"]["R"])
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_loaded_state_moves_to_the_parameters_device(name):
+    """A checkpoint saved on one device loads onto another (``meta`` stands in for a GPU here)."""
+    model = tiny_network(torch.float32)
+    optimizer = create_optimizer(name, model.parameters())
+    run(model, optimizer, regression_batches(2, dtype=torch.float32), torch.float32)
+    on_meta = tiny_network(torch.float32).to("meta")
+    moved = create_optimizer(name, on_meta.parameters())
+    moved.load_state_dict(optimizer.state_dict())
+    for key, value in moved.state.items():
+        for tensor in value.values():
+            if isinstance(tensor, torch.Tensor):
+                assert tensor.device.type == "meta", (key, tensor)

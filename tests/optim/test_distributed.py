@@ -1,0 +1,51 @@
+"""Data parallelism: two gloo processes take identical steps, equal to one process on the whole batch."""
+
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from koala_hf import OPTIMIZERS, create_optimizer
+from tests.helpers import flat_parameters, per_sample_losses, regression_batches, tiny_network
+
+STEPS = 5
+WORLD = 2
+RUNS = [(name, True) for name in OPTIMIZERS] + [("koala++", False)]  # (name, per-sample losses)
+
+
+def train(model, name, per_sample, shard):
+    """Train a fresh optimizer on ``shard(x), shard(y)`` of every batch; return the final parameters."""
+    optimizer = create_optimizer(name, model.parameters(), lr=0.3, weight_decay=1e-3)
+    for x, y in regression_batches(STEPS, batch=16):
+        optimizer.zero_grad()
+        losses = per_sample_losses(model, shard(x), shard(y))
+        losses.mean().backward()
+        optimizer.observe(losses.mean(), losses if per_sample else None)
+        optimizer.step()
+    return flat_parameters(getattr(model, "module", model))
+
+
+def worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        results = {}
+        for name, per_sample in RUNS:
+            model = DistributedDataParallel(tiny_network())
+            results[(name, per_sample)] = train(model, name, per_sample, lambda t: t.chunk(WORLD)[rank])
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_match_each_other_and_one_process_on_the_whole_batch():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True)
+        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
+    for run in RUNS:
+        assert torch.equal(ranks[0][run], ranks[1][run]), run
+        single = train(tiny_network(), *run, shard=lambda t: t)
+        assert not torch.equal(single, flat_parameters(tiny_network()))
+        torch.testing.assert_close(ranks[0][run], single, rtol=1e-12, atol=1e-14, msg=str(run))
