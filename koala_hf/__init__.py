@@ -1,7 +1,9 @@
 """koala_hf: KOALA++, KOALA-V and KOALA-M Kalman-filter optimizers for the Hugging Face ecosystem."""
 
+from koala_hf.loops import koala_optimizer, observe
 from koala_hf.measurement import LossMeasurement
 from koala_hf.optim import KOALAM, KOALAV, KoalaOptimizer, KOALAPlusPlus
+from koala_hf.per_sample import per_sample_losses
 from koala_hf.registry import OPTIMIZERS, create_optimizer, install_timm_registration
 
 install_timm_registration()
@@ -12,7 +14,23 @@ __all__ = [
     "KOALAV",
     "KOALAM",
     "KoalaOptimizer",
+    "KoalaTrainer",
+    "KoalaTrainingArguments",
     "LossMeasurement",
     "OPTIMIZERS",
     "create_optimizer",
+    "koala_optimizer",
+    "observe",
+    "per_sample_losses",
 ]
+
+# The Trainer integration imports transformers' Trainer (seconds); load it on first use.
+_LAZY = {"KoalaTrainer": "koala_hf.trainer", "KoalaTrainingArguments": "koala_hf.training_args"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'koala_hf' has no attribute {name!r}")

@@ -47,3 +47,29 @@ def flat_parameters(model: nn.Module) -> torch.Tensor:
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def tiny_gpt2(dtype=torch.float32, seed=0, vocab=32, positions=16):
+    """A 2-layer GPT-2 without dropout, so trajectories are deterministic."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab, n_positions=positions, n_embd=16, n_layer=2, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )
+    return GPT2LMHeadModel(config).to(dtype)
+
+
+def counting_sequences(n: int, length: int = 16, vocab: int = 32, seed: int = 0, pad_some: bool = True):
+    """Learnable LM data (each token is the previous plus one), some rows padded with -100 labels."""
+    from datasets import Dataset
+
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, vocab, (n, 1), generator=generator)
+    ids = (starts + torch.arange(length)) % vocab
+    labels = ids.clone()
+    if pad_some:
+        lengths = torch.randint(length // 2, length + 1, (n,), generator=generator)
+        labels[torch.arange(length) >= lengths[:, None]] = -100
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})

@@ -53,6 +53,11 @@ def check_noise(group: dict) -> None:
     check_range("alpha_r", group["alpha_r"], 0.0, 1.0, high_open=True)
 
 
+def _is_sharded(p: torch.Tensor) -> bool:
+    """FSDP2/tensor-parallel DTensors and FSDP1's FlatParameter hold parts or concatenations of tensors."""
+    return type(p).__name__ in ("DTensor", "FlatParameter")
+
+
 class KoalaOptimizer(torch.optim.Optimizer):
     """Base class of the KOALA optimizers; subclasses implement ``_update``.
 
@@ -83,6 +88,13 @@ class KoalaOptimizer(torch.optim.Optimizer):
         for p in group["params"]:
             if torch.is_complex(p):
                 raise ValueError(f"{type(self).__name__} does not support complex parameters; use torch.view_as_real")
+            if _is_sharded(p):
+                raise ValueError(
+                    f"{type(self).__name__} got a sharded or flattened parameter ({type(p).__name__}). KOALA computes "
+                    "dot products over each whole parameter tensor (E11-E15); on shards or flattened groups of "
+                    "tensors they would silently compute a different algorithm. Train with DDP (one full copy of "
+                    "the model per process) instead of FSDP or DeepSpeed ZeRO."
+                )
         self.check_group(group)
         first = self.param_groups[0]
         for name in self._shared_hyperparameters:
@@ -91,6 +103,27 @@ class KoalaOptimizer(torch.optim.Optimizer):
                     f"{type(self).__name__}'s {name} belongs to the whole filter and must be equal in every "
                     f"parameter group (got {first[name]!r} and {group[name]!r}); set it once in the constructor"
                 )
+
+    # ----------------------------------------------------------- diagnostics
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, float]:
+        """KOALA's own signals for logs: noise estimate ``R``, skipped steps, and the variant's.
+
+        Reads values back from the device: call it when logging, not every step.
+        """
+        state = self.state.get(GLOBAL_STATE)
+        if state is None:
+            return {}
+        signals = {
+            "koala/R": state["R"].mean().item(),
+            "koala/measured_loss": state["loss"].item(),
+            "koala/skipped_steps": float(state["skipped_steps"].item()),
+        }
+        signals.update({key: value.item() for key, value in self._signals(state).items()})
+        return signals
+
+    def _signals(self, state: dict) -> dict[str, torch.Tensor]:
+        return {}
 
     # ----------------------------------------------------------- measurement
     def observe(self, loss, per_sample_losses: torch.Tensor | None = None) -> None:
@@ -197,6 +230,11 @@ class KoalaOptimizer(torch.optim.Optimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
+            if _is_sharded(p):
+                raise RuntimeError(
+                    f"{type(self).__name__} is stepping a sharded or flattened parameter ({type(p).__name__}): "
+                    "KOALA needs whole parameter tensors (E11-E15); use DDP instead of FSDP / DeepSpeed ZeRO"
+                )
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             if torch.is_complex(p.grad):

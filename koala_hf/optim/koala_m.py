@@ -122,6 +122,9 @@ class KOALAM(KoalaOptimizer):
             state["w_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
+    def _signals(self, state: dict) -> dict:
+        return {"koala/P_weights": state["P"][0, 0], "koala/P_velocity": state["P"][1, 1], "koala/qw_avg": state["qw_avg"]}
+
     def _update(self, loss, noise, ok):
         state = self.global_state()
         if not state["training"]:

@@ -87,6 +87,20 @@ class KOALAPlusPlus(KoalaOptimizer):
             state["filter"] = torch.zeros(4, dtype=reduction_dtype(p.dtype), device=p.device)
         return state
 
+    def _signals(self, state: dict) -> dict:
+        """Innovation variance ``S`` (E15) and effective step size ``lr L / S`` (E16), averaged over layers."""
+        variances, steps = [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                filt = self.state.get(p, {}).get("filter")
+                if filt is not None:
+                    s = filt[S_PREV].to(state["loss"].device, state["loss"].dtype)
+                    variances.append(s)
+                    steps.append(group["lr"] * state["loss"] / s)
+        if not variances:
+            return {}
+        return {"koala/innovation_variance": torch.stack(variances).mean(), "koala/effective_step": torch.stack(steps).mean()}
+
     def _update(self, loss, noise, ok):
         device, dtype = loss.device, loss.dtype
         measured = []

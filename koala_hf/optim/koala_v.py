@@ -51,6 +51,9 @@ class KOALAV(KoalaOptimizer):
     def _init_global_state(self, options: dict) -> dict:
         return {"P": torch.full((), float(self.defaults["sigma"]), **options)}
 
+    def _signals(self, state: dict) -> dict:
+        return {"koala/P": state["P"]}
+
     def _update(self, loss, noise, ok):
         state = self.global_state()
         device, dtype = loss.device, loss.dtype

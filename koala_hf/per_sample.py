@@ -1,0 +1,75 @@
+"""Per-sample losses from model outputs and labels: the noise measurement's raw material (E1).
+
+The loss a Hugging Face model returns is a mean over tokens or examples; KOALA
+also needs the individual terms of that mean. :func:`per_sample_losses`
+recomputes them from the logits and labels, the same way the models and the
+Trainer's label smoother compute the mean, for these families:
+
+* causal LM: per token, labels shifted by one, ``-100`` ignored;
+* masked LM and token classification: per token, ``-100`` ignored;
+* sequence and image classification: per example (cross-entropy, or binary
+  cross-entropy averaged over the labels for multi-label problems);
+* regression: per example, squared error averaged over the outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def _logits(outputs) -> torch.Tensor | None:
+    if isinstance(outputs, dict):
+        return outputs.get("logits")
+    if isinstance(outputs, (tuple, list)) and len(outputs) > 1:
+        return outputs[1]
+    return None
+
+
+@torch.no_grad()
+def per_sample_losses(
+    outputs,
+    labels: torch.Tensor | None,
+    *,
+    shift_labels: bool = False,
+    problem_type: str | None = None,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor | None:
+    """The losses whose mean is the model's loss, one per token or example (float32 or wider).
+
+    Returns ``None`` when they cannot be derived (no logits or no labels).
+    ``shift_labels``: causal LM (position ``i`` predicts label ``i + 1``).
+    ``problem_type``: the config's ``problem_type``; float labels also mean
+    regression. ``label_smoothing``: the Trainer's ``label_smoothing_factor``.
+    """
+    logits = _logits(outputs)
+    if logits is None or labels is None:
+        return None
+    logits = logits.detach()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    labels = labels.to(logits.device)
+    if shift_labels:
+        logits, labels = logits[..., :-1, :], labels[..., 1:]
+
+    if problem_type == "regression" or labels.is_floating_point() and problem_type != "multi_label_classification":
+        predictions = logits.reshape(labels.shape) if logits.numel() == labels.numel() else logits
+        errors = (predictions - labels.to(logits.dtype)) ** 2
+        return errors.reshape(errors.shape[0], -1).mean(dim=1)
+    if problem_type == "multi_label_classification":
+        losses = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
+        return losses.reshape(losses.shape[0], -1).mean(dim=1)
+
+    # Cross-entropy per token (labels shaped like the logits without the class axis) or per example.
+    logits = logits.reshape(-1, logits.shape[-1])
+    labels = labels.reshape(-1)
+    keep = labels != IGNORE_INDEX
+    log_probs = F.log_softmax(logits[keep], dim=-1)
+    targets = labels[keep]
+    nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if label_smoothing == 0:
+        return nll
+    # The Trainer's LabelSmoother: (1 - eps) nll + eps * mean over classes of -log p.
+    uniform = -log_probs.mean(dim=-1)
+    return (1 - label_smoothing) * nll + label_smoothing * uniform

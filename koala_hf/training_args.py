@@ -1,0 +1,61 @@
+"""``KoalaTrainingArguments``: ``TrainingArguments`` plus the KOALA variant and its hyperparameters."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from koala_hf.registry import optimizer_entry
+
+
+@dataclass
+class KoalaTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` for :class:`koala_hf.KoalaTrainer`.
+
+    ``learning_rate`` left unset means the variant's own default (KOALA++ 1.0,
+    KOALA-V 0.1, KOALA-M 1.0), not the Trainer's 5e-5. ``weight_decay`` is the
+    Trainer's (biases and norm weights get none) and enters KOALA as E3.
+    """
+
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate; unset: the KOALA variant's own default."}
+    )
+    koala_optimizer: str = field(
+        default="koala++", metadata={"help": "koala++, koala++ns, koala-v or koala-m (timm spellings accepted)."}
+    )
+    koala_sigma: float | None = field(default=None, metadata={"help": "Initial uncertainty sigma (KOALA++, KOALA-V)."})
+    koala_q: float | None = field(default=None, metadata={"help": "Process noise q (KOALA++, KOALA-V)."})
+    koala_r: float | None = field(default=None, metadata={"help": "Fixed measurement noise r; unset: estimated (E2)."})
+    koala_alpha_r: float | None = field(default=None, metadata={"help": "Running-average factor of the noise estimate (E2)."})
+    koala_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": 'Other optimizer arguments as JSON, e.g. KOALA-M\'s \'{"sw": 0.1, "a": 0.9}\'.'},
+    )
+
+    def __post_init__(self):
+        entry = optimizer_entry(self.koala_optimizer)  # refuses unknown names early
+        if self.learning_rate is None:
+            self.learning_rate = inspect.signature(entry.cls).parameters["lr"].default
+        if isinstance(self.koala_kwargs, str):
+            self.koala_kwargs = json.loads(self.koala_kwargs)
+        super().__post_init__()
+        self.koala_optimizer_kwargs()  # refuses arguments the variant does not take
+
+    def koala_optimizer_kwargs(self) -> dict:
+        """Keyword arguments for the chosen optimizer, without its ``params``."""
+        entry = optimizer_entry(self.koala_optimizer)
+        kwargs = dict(entry.defaults)
+        named = {"sigma": self.koala_sigma, "q": self.koala_q, "r": self.koala_r, "alpha_r": self.koala_alpha_r}
+        kwargs.update({k: v for k, v in named.items() if v is not None})
+        kwargs.update(self.koala_kwargs or {})
+        kwargs["lr"] = self.learning_rate
+        accepted = set(inspect.signature(entry.cls).parameters) - {"params"}
+        unknown = sorted(set(kwargs) - accepted)
+        if unknown:
+            raise ValueError(
+                f"{self.koala_optimizer} does not take {', '.join(unknown)}; its arguments are: {', '.join(sorted(accepted))}"
+            )
+        return kwargs

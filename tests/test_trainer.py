@@ -1,0 +1,370 @@
+"""KoalaTrainer: the loss reaches the step in every training setup (E1 through the Trainer)."""
+
+import copy
+
+import pytest
+import torch
+import transformers
+from datasets import Dataset
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    ViTConfig,
+    ViTForImageClassification,
+)
+from transformers.trainer_pt_utils import LabelSmoother
+
+from koala_hf import KOALAM, KOALAPlusPlus, KoalaTrainer, KoalaTrainingArguments, koala_optimizer
+from koala_hf.trainer import refuse_sharded_setups
+from tests.helpers import counting_sequences, tiny_gpt2
+
+transformers.logging.set_verbosity_error()
+
+
+class Recording(KOALAPlusPlus):
+    """KOALA++ that keeps every measurement (L_k, m_k) its steps consumed."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        self.measured = []
+        consume = self.measurement.consume
+
+        def recording_consume():
+            result = consume()
+            self.measured.append(tuple(t.detach().clone() for t in result))
+            return result
+
+        self.measurement.consume = recording_consume
+
+
+def arguments(tmp_path, **overrides):
+    settings = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=1, report_to=[], use_cpu=True,
+        save_strategy="no", disable_tqdm=True, logging_steps=1, seed=0,
+    )
+    settings.update(overrides)
+    return KoalaTrainingArguments(**settings)
+
+
+def flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+# --------------------------------------------------------------- per family
+BERT = dict(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=16)
+
+
+def token_batch(classes, n=8, length=12):
+    generator = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, classes, (n, length), generator=generator)
+    labels[:, ::4] = -100
+    return {"input_ids": torch.randint(0, 40, (n, length), generator=generator).tolist(), "labels": labels.tolist()}
+
+
+def causal_lm():
+    data = counting_sequences(8)
+    return tiny_gpt2(), data, True
+
+
+def masked_lm():
+    torch.manual_seed(0)
+    return BertForMaskedLM(BertConfig(**BERT)), Dataset.from_dict(token_batch(40)), False
+
+
+def token_classification():
+    torch.manual_seed(0)
+    return BertForTokenClassification(BertConfig(num_labels=5, **BERT)), Dataset.from_dict(token_batch(5)), False
+
+
+def sequence_classification():
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(num_labels=3, **BERT))
+    data = {"input_ids": torch.randint(0, 40, (8, 10)).tolist(), "labels": [0, 1, 2, 0, 1, 2, 2, 1]}
+    return model, Dataset.from_dict(data), False
+
+
+def regression():
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(num_labels=1, **BERT))
+    data = {"input_ids": torch.randint(0, 40, (8, 10)).tolist(), "labels": torch.randn(8).tolist()}
+    return model, Dataset.from_dict(data), False
+
+
+def image_classification():
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32, num_labels=4)
+    data = {"pixel_values": torch.randn(8, 3, 8, 8).tolist(), "labels": [0, 1, 2, 3, 3, 2, 1, 0]}
+    return ViTForImageClassification(config), Dataset.from_dict(data), False
+
+
+def hand_measurement(model, batch, shift):
+    """(L, m) computed term by term from the untrained model's logits."""
+    model.eval()
+    with torch.no_grad():
+        inputs = {k: torch.tensor(v) for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs).logits.double()
+    labels = torch.tensor(batch["labels"])
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    if labels.is_floating_point():
+        terms = (logits.squeeze(-1) - labels.double()) ** 2
+    else:
+        flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+        terms = torch.stack([-torch.log_softmax(row, -1)[y] for row, y in zip(flat_logits, flat_labels) if y != -100])
+    return terms.mean(), (terms**2).mean()
+
+
+@pytest.mark.parametrize(
+    "family",
+    [causal_lm, masked_lm, token_classification, sequence_classification, regression, image_classification],
+)
+def test_the_measurement_fed_to_the_optimizer_equals_a_hand_computation(family, tmp_path):
+    model, data, shift = family()
+    expected_loss, expected_noise = hand_measurement(copy.deepcopy(model), data[:8], shift)
+    optimizer = Recording(model.parameters())
+    KoalaTrainer(model=model, args=arguments(tmp_path), train_dataset=data, optimizers=(optimizer, None)).train()
+    (loss, noise), = optimizer.measured
+    torch.testing.assert_close(loss.double(), expected_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(noise.double(), expected_noise, rtol=1e-5, atol=1e-6)
+
+
+def test_label_smoothing_is_the_loss_measured(tmp_path):
+    model = tiny_gpt2()
+    data = counting_sequences(8)
+    batch = {k: torch.tensor(v) for k, v in data[:8].items()}
+    with torch.no_grad():
+        expected = LabelSmoother(epsilon=0.2)(copy.deepcopy(model)(input_ids=batch["input_ids"]), batch["labels"], shift_labels=True)
+    optimizer = Recording(model.parameters())
+    args = arguments(tmp_path, label_smoothing_factor=0.2)
+    KoalaTrainer(model=model, args=args, train_dataset=data, optimizers=(optimizer, None)).train()
+    torch.testing.assert_close(optimizer.measured[0][0], expected, rtol=1e-5, atol=1e-6)
+
+
+class DoubledLossTrainer(KoalaTrainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        return (2 * outputs.loss, outputs) if return_outputs else 2 * outputs.loss
+
+
+def test_a_custom_compute_loss_is_the_loss_measured_with_the_squared_loss_as_noise(tmp_path, caplog):
+    model = tiny_gpt2()
+    data = counting_sequences(8)
+    batch = {k: torch.tensor(v) for k, v in data[:8].items()}
+    with torch.no_grad():
+        expected = 2 * copy.deepcopy(model)(**batch).loss
+    optimizer = Recording(model.parameters())
+    DoubledLossTrainer(model=model, args=arguments(tmp_path), train_dataset=data, optimizers=(optimizer, None)).train()
+    (loss, noise), = optimizer.measured
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(noise, expected**2, rtol=1e-5, atol=1e-6)
+    notices = [r for r in caplog.records if "falls back to loss**2" in r.getMessage()]
+    assert len(notices) == 1
+
+
+def test_a_compute_loss_func_is_the_loss_measured(tmp_path):
+    model = tiny_gpt2()
+    data = counting_sequences(8, pad_some=False)
+
+    def half_loss(outputs, labels, num_items_in_batch=None):
+        logits = outputs.logits[:, :-1].reshape(-1, 32)
+        return 0.5 * torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), reduction="sum") / num_items_in_batch
+
+    optimizer = Recording(model.parameters())
+    trainer = KoalaTrainer(model=model, args=arguments(tmp_path), train_dataset=data, optimizers=(optimizer, None),
+                           compute_loss_func=half_loss)
+    trainer.train()
+    # What the Trainer back-propagated (normalised by its own token count) is what KOALA measured.
+    optimised = trainer.state.log_history[0]["loss"]
+    (loss, noise), = optimizer.measured
+    assert loss.item() == pytest.approx(optimised, rel=1e-6)
+    assert noise.item() == pytest.approx(optimised**2, rel=1e-6)
+
+
+# ------------------------------------------------------ training setups
+def test_gradient_accumulation_4_x_8_follows_batch_32(tmp_path):
+    data = counting_sequences(96)
+    runs = []
+    for batch, accumulation in ((32, 1), (8, 4)):
+        model = tiny_gpt2(torch.float64)
+        optimizer = Recording(model.parameters(), lr=0.5)
+        args = arguments(tmp_path, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, max_steps=3)
+        KoalaTrainer(model=model, args=args, train_dataset=data, optimizers=(optimizer, None)).train()
+        runs.append((flat(model), optimizer.measured))
+    (large, large_measured), (accumulated, accumulated_measured) = runs
+    assert not torch.equal(large, flat(tiny_gpt2(torch.float64)))
+    torch.testing.assert_close(accumulated, large, rtol=1e-10, atol=1e-12)
+    for (l1, m1), (l2, m2) in zip(accumulated_measured, large_measured):
+        torch.testing.assert_close((l1, m1), (l2, m2), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("variant", ["koala++", "koala-m"])
+def test_resuming_from_a_checkpoint_equals_the_uninterrupted_run(variant, tmp_path):
+    data = counting_sequences(64)
+    settings = dict(per_device_train_batch_size=8, max_steps=6, save_strategy="steps", save_steps=3,
+                    koala_optimizer=variant, lr_scheduler_type="linear", eval_strategy="steps", eval_steps=3)
+    whole = tiny_gpt2()
+    KoalaTrainer(model=whole, args=arguments(tmp_path / "a", **settings), train_dataset=data, eval_dataset=data.select(range(8))).train()
+
+    resumed = tiny_gpt2(seed=99)
+    trainer = KoalaTrainer(model=resumed, args=arguments(tmp_path / "b", **settings), train_dataset=data, eval_dataset=data.select(range(8)))
+    trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    assert torch.equal(flat(resumed), flat(whole))
+
+
+class InfGradientAt(TrainerCallback):
+    """Makes one step's gradients overflow, as fp16 does, and snapshots the optimizer around it."""
+
+    def __init__(self, step, model):
+        self.step, self.armed, self.snapshots = step, False, {}
+        next(model.parameters()).register_hook(lambda g: g * float("inf") if self.armed else g)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.armed = state.global_step == self.step
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self.armed:
+            self.snapshots["before"] = copy.deepcopy(koala_optimizer(optimizer).state_dict())
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self.armed:
+            self.snapshots["after"] = copy.deepcopy(koala_optimizer(optimizer).state_dict())
+
+
+def test_a_step_the_grad_scaler_skips_leaves_the_state_and_does_not_leak_its_loss(tmp_path):
+    # A classifier: the Trainer's logged step loss is exactly the per-example mean KOALA measures.
+    model, _, _ = sequence_classification()
+    data = Dataset.from_dict({"input_ids": torch.randint(0, 40, (64, 10)).tolist(), "labels": (torch.arange(64) % 3).tolist()})
+    optimizer = Recording(model.parameters())
+    watcher = InfGradientAt(step=2, model=model)
+    trainer = KoalaTrainer(model=model, args=arguments(tmp_path, max_steps=5), train_dataset=data,
+                           optimizers=(optimizer, None), callbacks=[watcher])
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)  # what fp16 brings on a GPU
+    trainer.train()
+
+    assert trainer.scaler_skipped_steps == 1 and len(optimizer.measured) == 4
+    before, after = watcher.snapshots["before"]["state"], watcher.snapshots["after"]["state"]
+    for key in before:
+        for name, value in before[key].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(after[key][name])), (key, name)
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    taken = [logged[i] for i in (0, 1, 3, 4)]  # the third step (index 2) was skipped
+    assert [pytest.approx(loss.item(), rel=1e-5) for loss, _ in optimizer.measured] == taken
+
+
+def test_a_plain_trainer_points_to_koala_trainer(tmp_path):
+    model = tiny_gpt2()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=counting_sequences(8), optimizers=(KOALAPlusPlus(model.parameters()), None))
+    with pytest.raises(RuntimeError, match="KoalaTrainer"):
+        trainer.train()
+
+
+def test_koala_signals_reach_the_logs(tmp_path):
+    trainer = KoalaTrainer(model=tiny_gpt2(), args=arguments(tmp_path, max_steps=4, logging_steps=2),
+                           train_dataset=counting_sequences(64))
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2
+    for key in ("koala/R", "koala/innovation_variance", "koala/effective_step", "koala/skipped_steps", "koala/scaler_skipped_steps"):
+        assert all(key in entry for entry in logs), key
+    assert logs[0]["koala/R"] != 1.0
+
+
+def test_bf16_autocast_trains(tmp_path):
+    model = tiny_gpt2()
+    trainer = KoalaTrainer(model=model, args=arguments(tmp_path, bf16=True, max_steps=30, logging_steps=10),
+                           train_dataset=counting_sequences(128))
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[-1] < losses[0]
+    assert koala_optimizer(trainer.optimizer).state["koala"]["skipped_steps"].item() == 0
+
+
+def test_koala_m_evaluates_and_saves_the_posterior_weights(tmp_path):
+    model = tiny_gpt2()
+    modes = []
+
+    class WatchModes(TrainerCallback):
+        def on_evaluate(self, args, state, control, optimizer=None, **kwargs):
+            modes.append(koala_optimizer(optimizer).state["koala"]["training"])
+
+    trainer = KoalaTrainer(model=model, args=arguments(tmp_path, koala_optimizer="koala-m", max_steps=4, eval_strategy="steps", eval_steps=2),
+                           train_dataset=counting_sequences(64), eval_dataset=counting_sequences(8), callbacks=[WatchModes()])
+    trainer.train()
+    assert modes == [False, False]  # evaluated in eval mode, at steps 2 and 4
+    optimizer = koala_optimizer(trainer.optimizer)
+    optimizer.train()
+    predicted = flat(model).clone()
+    trainer.save_model(str(tmp_path / "final"))
+    saved = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "final"))
+    optimizer.eval()
+    torch.testing.assert_close(flat(saved), flat(model))
+    assert not torch.equal(flat(saved), predicted)
+    assert torch.equal(flat(model) + 0, flat(model))
+
+
+# ---------------------------------------------------- arguments and setups
+@pytest.mark.parametrize("variant, lr", [("koala++", 1.0), ("koala++ns", 1.0), ("koala-v", 0.1), ("koala-m", 1.0)])
+def test_an_unset_learning_rate_is_the_variants_default(variant, lr, tmp_path):
+    trainer = KoalaTrainer(model=tiny_gpt2(), args=arguments(tmp_path, koala_optimizer=variant), train_dataset=counting_sequences(8))
+    trainer.create_optimizer()
+    assert {group["lr"] for group in trainer.optimizer.param_groups} == {lr}
+
+
+def test_arguments_reach_the_optimizer(tmp_path):
+    args = arguments(tmp_path, koala_optimizer="koala-m", learning_rate=0.3, weight_decay=1e-4, koala_r=0.5,
+                     koala_kwargs='{"a": 0.8, "sw": 0.2}')
+    trainer = KoalaTrainer(model=tiny_gpt2(), args=args, train_dataset=counting_sequences(8))
+    optimizer = trainer.create_optimizer()
+    assert isinstance(optimizer, KOALAM)
+    assert {(g["lr"], g["a"], g["sw"], g["r"]) for g in optimizer.param_groups} == {(0.3, 0.8, 0.2, 0.5)}
+    assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, 1e-4]
+
+
+def test_arguments_a_variant_does_not_take_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="koala-m does not take sigma"):
+        arguments(tmp_path, koala_optimizer="koala-m", koala_sigma=0.1)
+    with pytest.raises(ValueError, match="Unknown KOALA optimizer"):
+        arguments(tmp_path, koala_optimizer="adamw")
+
+
+def test_koala_trainer_without_an_optimizer_says_how_to_give_one(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    with pytest.raises(TypeError, match="KoalaTrainingArguments"):
+        KoalaTrainer(model=tiny_gpt2(), args=args, train_dataset=counting_sequences(8))
+
+
+def test_other_optimizers_train_untouched_for_baselines(tmp_path):
+    model = tiny_gpt2()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    trainer = KoalaTrainer(model=model, args=arguments(tmp_path, max_steps=3), train_dataset=counting_sequences(32), optimizers=(optimizer, None))
+    trainer.train()
+    assert trainer.state.global_step == 3
+
+
+@pytest.mark.parametrize("setup", ["fsdp", "deepspeed"])
+def test_sharding_setups_are_refused_at_start(setup):
+    with pytest.raises(ValueError, match="DDP"):
+        refuse_sharded_setups(**{"fsdp": False, "deepspeed": False, setup: True})
+
+
+def test_sharded_parameters_are_refused_by_the_optimizer(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = torch.nn.Parameter(distribute_tensor(torch.zeros(4, 4), mesh))
+        with pytest.raises(ValueError, match="sharded or flattened"):
+            KOALAPlusPlus([sharded])
+    finally:
+        dist.destroy_process_group()
