@@ -62,14 +62,10 @@ def per_sample_losses(
         return losses.reshape(losses.shape[0], -1).mean(dim=1)
 
     # Cross-entropy per token (labels shaped like the logits without the class axis) or per example.
-    logits = logits.reshape(-1, logits.shape[-1])
+    # With smoothing eps, (1 - eps) nll + eps * mean over classes of -log p: the Trainer's LabelSmoother.
     labels = labels.reshape(-1)
-    keep = labels != IGNORE_INDEX
-    log_probs = F.log_softmax(logits[keep], dim=-1)
-    targets = labels[keep]
-    nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    if label_smoothing == 0:
-        return nll
-    # The Trainer's LabelSmoother: (1 - eps) nll + eps * mean over classes of -log p.
-    uniform = -log_probs.mean(dim=-1)
-    return (1 - label_smoothing) * nll + label_smoothing * uniform
+    losses = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels, reduction="none",
+        ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing,
+    )
+    return losses[labels != IGNORE_INDEX]

@@ -1,0 +1,269 @@
+"""GPT-style language modelling on WikiText-2 with KOALA++ and its baselines.
+
+    python recipes/wikitext2_gpt.py --preset smoke --optimizer koala++ --output_dir runs/smoke-koala
+    accelerate launch recipes/wikitext2_gpt.py --preset paper --optimizer adamw --output_dir runs/paper-adamw
+
+Data: the Hub's WikiText-2 through ``datasets`` (default), or ``--data_dir`` with
+``train.txt`` / ``valid.txt`` / ``test.txt`` in the classic tokenised format, or
+with the Hub's parquet files. Without a training text (as in
+``../shared/data/wikitext-2``) train on the validation text and halve the test
+text: ``--train_split validation --halve_test_split``.
+
+Tokenizer: a word-level vocabulary built from the training text (the classic
+setting), saved with the model; or ``--tokenizer_name`` for any tokenizer.
+
+Every optimizer runs with its papers' settings (``OPTIMIZER_SETTINGS``), the
+same data order, schedule and seed. Outputs in ``--output_dir``: the model and
+tokenizer of the best-validation epoch, ``results.json`` (validation perplexity
+per epoch, test perplexity of the best-validation model, tokens/s, seconds per
+epoch, the command, device and date) and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import DatasetDict, load_dataset
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    HfArgumentParser,
+    PreTrainedTokenizerFast,
+    default_data_collator,
+    set_seed,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_support import (  # noqa: E402
+    OPTIMIZER_CHOICES,
+    EpochTimer,
+    RecipeTrainingArguments,
+    command_line,
+    epoch_metrics,
+    optimizer_cls_and_kwargs,
+    perplexity,
+    plot_curves,
+    train_losses,
+    write_results,
+)
+
+from koala_hf import KoalaTrainer  # noqa: E402
+
+# Model shape and schedule per preset; "paper" is the scale of the papers' benchmark.
+PRESETS = {
+    "paper": dict(n_layer=4, n_head=12, n_embd=768, block_size=256, batch_size=32, epochs=50),
+    "small": dict(n_layer=2, n_head=8, n_embd=256, block_size=128, batch_size=32, epochs=10),
+    "smoke": dict(n_layer=1, n_head=2, n_embd=64, block_size=64, batch_size=16, epochs=2,
+                  max_train_blocks=320, max_eval_blocks=64),
+}
+
+# The papers' settings for this task (spec, "Paper settings"). KOALA-V and KOALA-M keep
+# their official defaults; AdamW and SGD use the papers' baseline settings.
+OPTIMIZER_SETTINGS = {
+    "koala++": dict(lr=2e-3, sigma=0.1, q=0.1, weight_decay=1e-4),
+    "koala++ns": dict(lr=2e-3, sigma=0.1, q=0.1, weight_decay=1e-4),
+    "koala-v": dict(lr=0.1, sigma=0.1, q=1.0, weight_decay=1e-4),
+    "koala-m": dict(lr=1.0, weight_decay=1e-4),
+    "adamw": dict(lr=3e-4, weight_decay=5e-4),
+    "adam": dict(lr=3e-4, weight_decay=5e-4),
+    "sgd": dict(lr=0.1, momentum=0.9, weight_decay=5e-4),
+}
+LOCAL_FILES = {"train": "train.txt", "validation": "valid.txt", "test": "test.txt"}
+EOS = "<eos>"
+UNK = "<unk>"
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str = field(default="Salesforce/wikitext", metadata={"help": "Hub dataset (used without --data_dir)."})
+    dataset_config: str = field(default="wikitext-2-v1", metadata={"help": "Hub config: the classic tokenised text."})
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "Local folder: train.txt/valid.txt/test.txt (classic format) or the Hub's parquet files."},
+    )
+    train_split: str = field(default="train", metadata={"help": "Split to train on (train, validation or test)."})
+    halve_test_split: bool = field(
+        default=False,
+        metadata={"help": "Validate on the first half of the test text and test on the second half."},
+    )
+    max_train_blocks: int | None = field(default=None, metadata={"help": "Keep only this many training blocks."})
+    max_eval_blocks: int | None = field(default=None, metadata={"help": "Keep only this many validation/test blocks."})
+
+
+@dataclass
+class ModelArguments:
+    preset: str = field(default="small", metadata={"help": f"One of {', '.join(PRESETS)}."})
+    optimizer: str = field(default="koala++", metadata={"help": f"One of {', '.join(OPTIMIZER_CHOICES)}."})
+    optimizer_kwargs: str | None = field(default=None, metadata={"help": "JSON overriding optimizer settings."})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Any tokenizer; default: word level from the training text."})
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    block_size: int | None = field(default=None, metadata={"help": "Context length."})
+
+
+def read_splits(data: DataArguments) -> DatasetDict:
+    """The three splits as ``text`` datasets (one line per row), from the Hub or a local folder."""
+    if data.data_dir is None:
+        try:
+            raw = load_dataset(data.dataset_name, data.dataset_config)
+        except Exception as error:  # offline, or the Hub unreachable
+            raise SystemExit(
+                f"Could not load {data.dataset_name}/{data.dataset_config} from the Hub ({type(error).__name__}: "
+                f"{error}). Offline? Pass --data_dir with train.txt/valid.txt/test.txt or the Hub's parquet files."
+            ) from error
+    else:
+        raw = read_local(Path(data.data_dir))
+    if data.halve_test_split:
+        test = raw["test"]
+        half = len(test) // 2
+        raw = DatasetDict(train=raw[data.train_split], validation=test.select(range(half)),
+                          test=test.select(range(half, len(test))))
+    elif data.train_split != "train":
+        raw = DatasetDict(train=raw[data.train_split], validation=raw["validation"], test=raw["test"])
+    return raw
+
+
+def read_local(folder: Path) -> DatasetDict:
+    if not folder.is_dir():
+        raise SystemExit(f"--data_dir {folder} is not a folder")
+    text_files = {split: folder / name for split, name in LOCAL_FILES.items() if (folder / name).exists()}
+    if text_files:
+        return load_dataset("text", data_files={k: str(v) for k, v in text_files.items()}, keep_linebreaks=True)
+    parquet = {split: sorted(str(p) for p in folder.rglob(f"{split}-*.parquet")) for split in LOCAL_FILES}
+    parquet = {split: files for split, files in parquet.items() if files}
+    if parquet:
+        return load_dataset("parquet", data_files=parquet)
+    raise SystemExit(
+        f"--data_dir {folder} holds neither {', '.join(LOCAL_FILES.values())} nor the Hub's "
+        "<split>-*.parquet files"
+    )
+
+
+def word_level_tokenizer(lines) -> PreTrainedTokenizerFast:
+    """The classic WikiText-2 vocabulary: every whitespace-separated word of the training text, plus <eos>."""
+    vocabulary = {UNK: 0, EOS: 1}
+    for line in lines:
+        for word in line.split():
+            vocabulary.setdefault(word, len(vocabulary))
+    backend = Tokenizer(models.WordLevel(vocab=vocabulary, unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=UNK, eos_token=EOS, pad_token=EOS)
+
+
+def blocks(split, tokenizer, block_size: int, limit: int | None):
+    """Every non-empty line plus <eos>, concatenated and cut into blocks of ``block_size`` tokens."""
+    def tokenize(batch):
+        texts = [line.strip() + f" {EOS}" if tokenizer.eos_token == EOS else line.strip() + tokenizer.eos_token
+                 for line in batch["text"] if line.strip()]
+        return {"input_ids": tokenizer(texts, add_special_tokens=False)["input_ids"]}
+
+    def group(batch):
+        ids = [token for row in batch["input_ids"] for token in row]
+        usable = len(ids) // block_size * block_size
+        chunks = [ids[i : i + block_size] for i in range(0, usable, block_size)]
+        return {"input_ids": chunks, "labels": [list(c) for c in chunks]}
+
+    tokens = split.map(tokenize, batched=True, remove_columns=split.column_names)
+    grouped = tokens.map(group, batched=True, batch_size=100_000)
+    return grouped.select(range(min(limit, len(grouped)))) if limit else grouped
+
+
+def main(argv=None) -> dict:
+    parser = HfArgumentParser((DataArguments, ModelArguments, RecipeTrainingArguments))
+    data, model_args, training = parser.parse_args_into_dataclasses(args=argv)
+    if model_args.preset not in PRESETS:
+        raise SystemExit(f"--preset must be one of {', '.join(PRESETS)}")
+    preset = PRESETS[model_args.preset]
+    shape = {k: getattr(model_args, k) or preset[k] for k in ("n_layer", "n_head", "n_embd", "block_size")}
+    data.max_train_blocks = data.max_train_blocks or preset.get("max_train_blocks")
+    data.max_eval_blocks = data.max_eval_blocks or preset.get("max_eval_blocks")
+    training.apply_preset(batch_size=preset["batch_size"], epochs=preset["epochs"])
+    optimizer_cls, optimizer_kwargs = training.resolve_optimizer(
+        model_args.optimizer, OPTIMIZER_SETTINGS, json.loads(model_args.optimizer_kwargs or "{}")
+    )
+    set_seed(training.seed)
+
+    raw = read_splits(data)
+    if model_args.tokenizer_name:
+        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    else:
+        tokenizer = word_level_tokenizer(raw["train"]["text"])
+    splits = {
+        "train": blocks(raw["train"], tokenizer, shape["block_size"], data.max_train_blocks),
+        "validation": blocks(raw["validation"], tokenizer, shape["block_size"], data.max_eval_blocks),
+        "test": blocks(raw["test"], tokenizer, shape["block_size"], data.max_eval_blocks),
+    }
+
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=shape["block_size"], n_embd=shape["n_embd"],
+        n_layer=shape["n_layer"], n_head=shape["n_head"],
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = GPT2LMHeadModel(config)
+    timer = EpochTimer(items_per_epoch=len(splits["train"]) * shape["block_size"])
+    trainer = KoalaTrainer(
+        model=model,
+        args=training,
+        train_dataset=splits["train"],
+        eval_dataset=splits["validation"],
+        data_collator=default_data_collator,
+        processing_class=tokenizer,
+        optimizer_cls_and_kwargs=(optimizer_cls, optimizer_kwargs),
+        callbacks=[timer],
+    )
+    initial = None if training.resume_from_checkpoint else trainer.evaluate()["eval_loss"]  # epoch 0
+    trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
+    trainer.save_model()  # the best-validation model (load_best_model_at_end), posterior weights for KOALA-M
+    tokenizer.save_pretrained(training.output_dir)
+    test = trainer.evaluate(splits["test"], metric_key_prefix="test")
+
+    validation = epoch_metrics(trainer.state.log_history)
+    epochs = [] if initial is None else [{"epoch": 0, "validation_loss": initial, "validation_perplexity": perplexity(initial)}]
+    for timing in timer.epochs:
+        entry = dict(timing)  # validation_* of epoch k are logged after training epoch k
+        entry["tokens_per_second"] = entry.pop("items_per_second")
+        if timing["epoch"] in validation:
+            loss = validation[timing["epoch"]]["loss"]
+            entry.update(validation_loss=loss, validation_perplexity=perplexity(loss))
+        epochs.append(entry)
+    best = min((e for e in epochs if e["epoch"] > 0 and "validation_loss" in e), key=lambda e: e["validation_loss"], default=None)
+    results = {
+        "task": "wikitext2_gpt",
+        "preset": model_args.preset,
+        "optimizer": model_args.optimizer,
+        "optimizer_kwargs": optimizer_kwargs,
+        "learning_rate": training.learning_rate,
+        "weight_decay": training.weight_decay,
+        "model": {**shape, "vocab_size": len(tokenizer), "parameters": sum(p.numel() for p in model.parameters())},
+        "data": {"source": data.data_dir or f"{data.dataset_name}/{data.dataset_config}", "train_split": data.train_split,
+                 "halve_test_split": data.halve_test_split, **{f"{k}_blocks": len(v) for k, v in splits.items()}},
+        "batch_size": training.per_device_train_batch_size * training.gradient_accumulation_steps * training.world_size,
+        "num_epochs": training.num_train_epochs,
+        "lr_scheduler": str(training.lr_scheduler_type.value if hasattr(training.lr_scheduler_type, "value") else training.lr_scheduler_type),
+        "seed": training.seed,
+        "epochs": epochs,
+        "best_epoch": best["epoch"] if best else None,
+        "best_validation_perplexity": best["validation_perplexity"] if best else None,
+        "test_loss": test["test_loss"],
+        "test_perplexity": perplexity(test["test_loss"]),
+        "seconds_per_epoch": sum(e["seconds"] for e in timer.epochs) / max(len(timer.epochs), 1),
+        "tokens_per_second": sum(e["items_per_second"] for e in timer.epochs) / max(len(timer.epochs), 1),
+        "train_loss_curve": train_losses(trainer.state.log_history),
+    }
+    if trainer.is_world_process_zero():
+        write_results(training.output_dir, results, command_line(__file__, argv))
+        plot_curves([results], "validation_perplexity", Path(training.output_dir) / "curves.png", "validation perplexity")
+    return results
+
+
+if __name__ == "__main__":
+    main()

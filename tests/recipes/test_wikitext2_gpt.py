@@ -1,0 +1,110 @@
+"""The WikiText-2 GPT recipe: real text, both on-disk layouts, saved runs that load and generate."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import compare
+import wikitext2_gpt
+from tests.recipes.conftest import ROOT
+
+
+def smoke(wikitext_dir, output_dir, *extra):
+    return wikitext2_gpt.main([
+        "--preset", "smoke", "--data_dir", str(wikitext_dir), "--train_split", "validation", "--halve_test_split",
+        "--output_dir", str(output_dir), "--disable_tqdm", "true", "--report_to", "none", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def koala_run(tmp_path_factory):
+    from tests.recipes.conftest import SHARED_DATA
+
+    output = tmp_path_factory.mktemp("smoke-koala")
+    # lr=1.0 (KOALA++'s default) rather than the paper's WikiText-2 setting of 2e-3, which moves a
+    # 2-epoch smoke model too little to show learning (see README, results).
+    return smoke(SHARED_DATA / "wikitext-2", output, "--optimizer", "koala++", "--learning_rate", "1.0"), output
+
+
+def test_smoke_preset_trains_on_real_wikitext_and_perplexity_falls(koala_run):
+    results, output = koala_run
+    perplexities = [e["validation_perplexity"] for e in results["epochs"]]
+    assert results["epochs"][0]["epoch"] == 0 and len(perplexities) == 3
+    assert perplexities[-1] < 0.5 * perplexities[0], perplexities
+    assert perplexities[2] < perplexities[1]
+    assert results["test_perplexity"] < 0.5 * perplexities[0]
+    assert results["data"]["train_blocks"] == 320 and results["model"]["vocab_size"] > 10_000
+    written = json.loads((output / "results.json").read_text())
+    assert written["optimizer"] == "koala++" and "wikitext2_gpt.py" in written["command"]
+    assert all(e["seconds"] > 0 and e["tokens_per_second"] > 0 for e in written["epochs"] if e["epoch"] > 0)
+    assert (output / "curves.png").stat().st_size > 10_000
+
+
+def test_the_saved_run_loads_back_and_generates(koala_run):
+    _, output = koala_run
+    model = AutoModelForCausalLM.from_pretrained(output)
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    prompt = tokenizer("The lobster is a", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    text = tokenizer.decode(generated[0][prompt["input_ids"].shape[1]:])
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 8
+    assert len(text.split()) >= 1
+    assert tokenizer.convert_ids_to_tokens(tokenizer("zyzzyva-unknown")["input_ids"]) == ["<unk>"]
+
+
+def test_baselines_run_the_same_way_and_compare(koala_run, wikitext_dir, tmp_path, capsys):
+    koala, koala_output = koala_run
+    adamw = smoke(wikitext_dir, tmp_path / "adamw", "--optimizer", "adamw")
+    assert adamw["optimizer_kwargs"] == {"lr": 3e-4} and adamw["weight_decay"] == 5e-4
+    assert adamw["data"] == koala["data"] and adamw["seed"] == koala["seed"]
+    text = compare.main([str(koala_output), str(tmp_path / "adamw"), "--output", str(tmp_path / "compare.png")])
+    assert "| koala++ (" in text and "| adamw (" in text and "test PPL" in text
+    assert (tmp_path / "compare.png").stat().st_size > 10_000
+
+
+def write_parquet_layout(folder, lines_per_split):
+    config = folder / "wikitext-2-v1"
+    config.mkdir(parents=True)
+    for split, lines in lines_per_split.items():
+        pq.write_table(pa.table({"text": lines}), config / f"{split}-00000-of-00001.parquet")
+
+
+def test_the_hub_parquet_layout_reads_like_the_text_files(tmp_path):
+    lines = {"train": [" = Title = \n", " a b c <unk> d \n", ""], "validation": [" b c \n"], "test": [" c d \n", " a \n"]}
+    write_parquet_layout(tmp_path, lines)
+    splits = wikitext2_gpt.read_splits(wikitext2_gpt.DataArguments(data_dir=str(tmp_path)))
+    assert {k: list(v["text"]) for k, v in splits.items()} == lines
+    tokenizer = wikitext2_gpt.word_level_tokenizer(splits["train"]["text"])
+    blocks = wikitext2_gpt.blocks(splits["train"], tokenizer, block_size=4, limit=None)
+    words = "= Title = <eos> a b c <unk> d <eos>".split()
+    assert [tokenizer.convert_ids_to_tokens(b) for b in blocks["input_ids"]] == [words[:4], words[4:8]]
+
+
+def test_a_folder_without_wikitext_files_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="holds neither train.txt"):
+        wikitext2_gpt.read_splits(wikitext2_gpt.DataArguments(data_dir=str(tmp_path)))
+
+
+def test_offline_without_a_local_folder_names_the_option():
+    code = "import wikitext2_gpt as w; w.read_splits(w.DataArguments())"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT / "recipes")}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "Pass --data_dir" in result.stderr
+
+
+def test_halving_the_test_text(wikitext_dir):
+    splits = wikitext2_gpt.read_splits(
+        wikitext2_gpt.DataArguments(data_dir=str(wikitext_dir), train_split="validation", halve_test_split=True)
+    )
+    test_lines = (wikitext_dir / "test.txt").read_text().splitlines(keepends=True)
+    assert len(splits["validation"]) + len(splits["test"]) == len(test_lines)
+    assert splits["validation"][0]["text"] == test_lines[0]
+    assert len(splits["train"]) == len((wikitext_dir / "valid.txt").read_text().splitlines())
