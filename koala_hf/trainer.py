@@ -168,6 +168,13 @@ class _FeedTheStep(TrainerCallback):
     def __init__(self, trainer: KoalaTrainer):
         self.trainer = trainer
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        optimizer = koala_optimizer(self.trainer.optimizer)
+        if optimizer is not None:
+            # Sum the measurement over exactly the processes whose gradients DDP averages: none when the
+            # Trainer runs each process on its own (e.g. a process group it does not use).
+            optimizer.measurement.process_group = None if args.world_size > 1 else False
+
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         trainer = self.trainer
         if trainer._backpropagated is not None:

@@ -368,3 +368,10 @@ def test_sharded_parameters_are_refused_by_the_optimizer(tmp_path):
             KOALAPlusPlus([sharded])
     finally:
         dist.destroy_process_group()
+
+
+def test_a_single_process_trainer_does_not_reduce_the_measurement(tmp_path):
+    """Only processes whose gradients DDP averages may share a measurement."""
+    trainer = KoalaTrainer(model=tiny_gpt2(), args=arguments(tmp_path), train_dataset=counting_sequences(8))
+    trainer.train()
+    assert koala_optimizer(trainer.optimizer).measurement.process_group is False

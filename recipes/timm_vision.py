@@ -1,0 +1,363 @@
+"""timm vision models on CIFAR-10, CIFAR-100 and ImageNet32 with KOALA++ and its baselines.
+
+    python recipes/timm_vision.py --preset smoke --data_dir data/cifar --optimizer koala++ --output_dir runs/smoke
+    accelerate launch recipes/timm_vision.py --preset koala_cifar100 --optimizer sgd --output_dir runs/c100-sgd
+
+Data: CIFAR from the Hub through ``datasets`` (default), or ``--data_dir`` holding
+the original python-pickle archives (``cifar-10-batches-py``,
+``cifar-100-python``); ImageNet32 from ``--data_dir`` holding the official
+downsampled batches (``train_data_batch_1..10``, ``val_data``) or from the Hub
+copy named by ``--hub_dataset``.
+
+Presets are the papers' protocols (spec, last section); every optimizer runs
+with its papers' settings (``optimizer_settings``), the same data order,
+schedule and seed. Outputs: ``results.json`` (top-1/top-5 error per epoch
+through ``evaluate``, images/s of the data pipeline and of training, seconds
+per epoch, the command, device and date), ``curves.png`` and the checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import evaluate
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+from transformers import HfArgumentParser, set_seed
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_support import (  # noqa: E402
+    OPTIMIZER_CHOICES,
+    EpochTimer,
+    RecipeTrainingArguments,
+    command_line,
+    epoch_metrics,
+    plot_curves,
+    train_losses,
+    write_results,
+)
+
+from koala_hf import KoalaTrainer  # noqa: E402
+from koala_hf.metrics import TOP_K_ERROR  # noqa: E402
+from koala_hf.vision import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, ImageClassifier, create_model  # noqa: E402
+
+DATASETS = {
+    # name: (classes, Hub id, image column, label column, normalisation)
+    "cifar10": (10, "uoft-cs/cifar10", "img", "label", (CIFAR_MEAN, CIFAR_STD)),
+    "cifar100": (100, "uoft-cs/cifar100", "img", "fine_label", (CIFAR_MEAN, CIFAR_STD)),
+    "imagenet32": (1000, "benjamin-paine/imagenet-1k-32x32", "image", "label", (IMAGENET_MEAN, IMAGENET_STD)),
+}
+
+# The papers' protocols. milestones: LR x gamma at these epochs (MultiStep); else the named schedule.
+PRESETS = {
+    "koala_cifar10": dict(dataset="cifar10", model="resnet18_cifar", batch_size=128, epochs=200, milestones=(100, 150)),
+    "koala_cifar100": dict(dataset="cifar100", model="resnet50_cifar", batch_size=128, epochs=100, milestones=(30, 60, 90)),
+    "adafisher_cifar10": dict(dataset="cifar10", model="resnet50_cifar", batch_size=256, epochs=200, schedule="cosine", cutout=True),
+    "imagenet32": dict(dataset="imagenet32", model="resnet18_cifar", batch_size=128, epochs=100, milestones=(30, 60, 90)),
+    "smoke": dict(dataset="cifar10", model="resnet18_cifar", batch_size=32, epochs=2, milestones=(1,),
+                  max_train_samples=128, max_eval_samples=32),
+}
+
+
+def optimizer_settings(dataset: str) -> dict:
+    """The papers' settings per optimizer (spec: "Paper settings" and "Baseline settings")."""
+    wd = 1e-4 if dataset == "imagenet32" else 5e-4
+    koala = dict(lr=2.0, sigma=0.2, q=0.2) if dataset == "cifar100" else dict(lr=1.0, sigma=0.1, q=0.1)
+    return {
+        "koala++": dict(koala, weight_decay=wd),
+        "koala++ns": dict(koala, weight_decay=wd),
+        "koala-v": dict(lr=0.1, sigma=0.1, q=1.0, weight_decay=wd),
+        "koala-m": dict(lr=1.0, weight_decay=wd),
+        "sgd": dict(lr=0.1, momentum=0.9, weight_decay=wd),
+        "adam": dict(lr=3e-4, weight_decay=wd),
+        "adamw": dict(lr=3e-4, weight_decay=wd),
+    }
+
+
+@dataclass
+class DataArguments:
+    data_dir: str | None = field(default=None, metadata={"help": "Folder with the CIFAR pickles or ImageNet32 batches."})
+    hub_dataset: str | None = field(default=None, metadata={"help": "Override the Hub dataset id."})
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    measure_batches: int = field(default=20, metadata={"help": "Batches timed to measure the data pipeline alone."})
+
+
+@dataclass
+class ModelArguments:
+    preset: str = field(default="smoke", metadata={"help": f"One of {', '.join(PRESETS)}."})
+    dataset: str | None = field(default=None, metadata={"help": f"Override the preset's: {', '.join(DATASETS)}."})
+    model: str | None = field(default=None, metadata={"help": "A 32x32 timm model (resnet18_cifar, ... or its timm name)."})
+    optimizer: str = field(default="koala++", metadata={"help": f"One of {', '.join(OPTIMIZER_CHOICES)}."})
+    optimizer_kwargs: str | None = field(default=None, metadata={"help": "JSON overriding optimizer settings."})
+    cutout: bool | None = field(default=None, metadata={"help": "Cutout 16x16 (the AdaFisher protocol)."})
+
+
+@dataclass
+class VisionTrainingArguments(RecipeTrainingArguments):
+    load_best_model_at_end: bool = False  # the papers report the final model
+    metric_for_best_model: str | None = "eval_top1_error"
+    greater_is_better: bool | None = False
+
+
+# ------------------------------------------------------------------ data
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+
+
+def _as_images(rows) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(rows, dtype=np.uint8).reshape(-1, 3, 32, 32))
+
+
+def read_cifar(folder: Path, dataset: str) -> dict:
+    """The original python-pickle archives: ``{split: (uint8 N x 3 x 32 x 32, int64 labels)}``."""
+    if dataset == "cifar10":
+        root = folder / "cifar-10-batches-py" if (folder / "cifar-10-batches-py").is_dir() else folder
+        files = {"train": [root / f"data_batch_{i}" for i in range(1, 6)], "test": [root / "test_batch"]}
+        key = "labels"
+    else:
+        root = folder / "cifar-100-python" if (folder / "cifar-100-python").is_dir() else folder
+        files = {"train": [root / "train"], "test": [root / "test"]}
+        key = "fine_labels"
+    missing = [str(p) for paths in files.values() for p in paths if not p.exists()]
+    if missing:
+        raise SystemExit(f"--data_dir {folder}: missing {', '.join(missing)} (the original {dataset} python archives)")
+    splits = {}
+    for split, paths in files.items():
+        batches = [_unpickle(p) for p in paths]
+        splits[split] = (_as_images(np.concatenate([b["data"] for b in batches])),
+                         torch.tensor(np.concatenate([b[key] for b in batches]), dtype=torch.int64))
+    return splits
+
+
+def read_imagenet32(folder: Path) -> dict:
+    """The official downsampled ImageNet batches; their labels 1..1000 become 0..999."""
+    train = sorted(folder.rglob("train_data_batch_*"), key=lambda p: int(p.name.rsplit("_", 1)[1]))
+    val = sorted(folder.rglob("val_data"))
+    if not train or not val:
+        raise SystemExit(f"--data_dir {folder}: expected train_data_batch_1..10 and val_data (ImageNet32)")
+    splits = {}
+    for split, paths in (("train", train), ("test", val[:1])):
+        batches = [_unpickle(p) for p in paths]
+        splits[split] = (_as_images(np.concatenate([b["data"] for b in batches])),
+                         torch.tensor(np.concatenate([b["labels"] for b in batches]), dtype=torch.int64) - 1)
+    return splits
+
+
+def read_hub(name: str, image_column: str, label_column: str) -> dict:
+    from datasets import load_dataset
+
+    try:
+        raw = load_dataset(name)
+    except Exception as error:  # offline, or the Hub unreachable
+        raise SystemExit(
+            f"Could not load {name} from the Hub ({type(error).__name__}: {error}). "
+            "Offline? Pass --data_dir with the original archives."
+        ) from error
+    splits = {}
+    for split, target in (("train", "train"), ("test", "test"), ("validation", "test")):
+        if split in raw and target not in splits:
+            part = raw[split].with_format("numpy", columns=[image_column, label_column])
+            images = np.stack([np.asarray(img, dtype=np.uint8) for img in part[image_column]])
+            splits[target] = (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+                              torch.as_tensor(part[label_column], dtype=torch.int64))
+    return splits
+
+
+def read_splits(dataset: str, data: DataArguments) -> dict:
+    if data.data_dir is not None:
+        folder = Path(data.data_dir)
+        return read_imagenet32(folder) if dataset == "imagenet32" else read_cifar(folder, dataset)
+    _, hub_id, image_column, label_column, _ = DATASETS[dataset]
+    return read_hub(data.hub_dataset or hub_id, image_column, label_column)
+
+
+class Cutout(torch.nn.Module):
+    """Zero a ``size`` x ``size`` square at a uniformly random centre, clipped at the borders (DeVries & Taylor)."""
+
+    def __init__(self, size: int = 16):
+        super().__init__()
+        self.size = size
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        h, w = image.shape[-2:]
+        y, x = torch.randint(h, ()).item(), torch.randint(w, ()).item()
+        half = self.size // 2
+        image = image.clone()
+        image[..., max(0, y - half) : y + half, max(0, x - half) : x + half] = 0
+        return image
+
+
+def transforms(train: bool, normalisation, cutout: bool) -> v2.Compose:
+    steps = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()] if train else []
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(*normalisation)]
+    if train and cutout:
+        steps.append(Cutout(16))
+    return v2.Compose(steps)
+
+
+class ImageTensors(Dataset):
+    """uint8 images held in memory, transformed per sample in the DataLoader's workers."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform, limit: int | None = None):
+        if limit:
+            images, labels = images[:limit], labels[:limit]
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return {"pixel_values": self.transform(self.images[index]), "labels": self.labels[index]}
+
+
+def data_throughput(loader, batches: int) -> float:
+    """Images per second of loading plus augmentation alone (the model does not run)."""
+    seen, start = 0, None
+    for i, batch in enumerate(loader):
+        if i == 1:  # the first batch pays for starting the workers
+            start, seen = time.perf_counter(), 0
+        if i > batches:
+            break
+        seen += len(batch["labels"])
+    return seen / (time.perf_counter() - start) if start and seen else float("nan")
+
+
+# --------------------------------------------------------------- training
+class VisionTrainer(KoalaTrainer):
+    """KoalaTrainer with the papers' MultiStep schedule (LR x gamma at given epochs)."""
+
+    def __init__(self, *args, milestones=None, gamma: float = 0.1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.milestones, self.gamma = milestones, gamma
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if not self.milestones:
+            return super().create_scheduler(num_training_steps, optimizer)
+        steps_per_epoch = num_training_steps / self.args.num_train_epochs
+        self.lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            optimizer or self.optimizer, [round(m * steps_per_epoch) for m in self.milestones], gamma=self.gamma
+        )
+        return self.lr_scheduler
+
+
+def top_k_metrics():
+    metric = evaluate.load(TOP_K_ERROR)
+
+    def compute(eval_pred):
+        return metric.compute(predictions=eval_pred.predictions, references=eval_pred.label_ids)
+
+    return compute
+
+
+def top5_indices(logits, labels):
+    return logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+
+
+def main(argv=None) -> dict:
+    return run(argv)[0]
+
+
+def run(argv=None):
+    """Train and evaluate; return ``(results, trainer)``."""
+    parser = HfArgumentParser((DataArguments, ModelArguments, VisionTrainingArguments))
+    data, model_args, training = parser.parse_args_into_dataclasses(args=argv)
+    if model_args.preset not in PRESETS:
+        raise SystemExit(f"--preset must be one of {', '.join(PRESETS)}")
+    preset = PRESETS[model_args.preset]
+    dataset = model_args.dataset or preset["dataset"]
+    if dataset not in DATASETS:
+        raise SystemExit(f"--dataset must be one of {', '.join(DATASETS)}")
+    classes, *_, normalisation = DATASETS[dataset]
+    architecture = model_args.model or preset["model"]
+    cutout = preset.get("cutout", False) if model_args.cutout is None else model_args.cutout
+    data.max_train_samples = data.max_train_samples or preset.get("max_train_samples")
+    data.max_eval_samples = data.max_eval_samples or preset.get("max_eval_samples")
+    if preset.get("schedule"):
+        training.lr_scheduler_type = type(training.lr_scheduler_type)(preset["schedule"])
+    training.apply_preset(batch_size=preset["batch_size"], epochs=preset["epochs"])
+    optimizer_cls, optimizer_kwargs = training.resolve_optimizer(
+        model_args.optimizer, optimizer_settings(dataset), json.loads(model_args.optimizer_kwargs or "{}")
+    )
+    set_seed(training.seed)
+
+    splits = read_splits(dataset, data)
+    train = ImageTensors(*splits["train"], transforms(True, normalisation, cutout), data.max_train_samples)
+    test = ImageTensors(*splits["test"], transforms(False, normalisation, False), data.max_eval_samples)
+    model = ImageClassifier(create_model(architecture, num_classes=classes))
+    timer = EpochTimer(items_per_epoch=len(train))
+    trainer = VisionTrainer(
+        model=model,
+        args=training,
+        train_dataset=train,
+        eval_dataset=test,
+        optimizer_cls_and_kwargs=(optimizer_cls, optimizer_kwargs),
+        callbacks=[timer],
+        compute_metrics=top_k_metrics(),
+        preprocess_logits_for_metrics=top5_indices,
+        milestones=None if preset.get("schedule") else preset.get("milestones"),
+    )
+    loading = data_throughput(trainer.get_train_dataloader(), data.measure_batches)
+    trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
+    trainer.save_model()
+    final = trainer.evaluate()
+
+    evaluated = epoch_metrics(trainer.state.log_history)
+    epochs = []
+    for timing in timer.epochs:
+        entry = {"epoch": timing["epoch"], "seconds": timing["seconds"], "images_per_second": timing["items_per_second"]}
+        metrics = evaluated.get(timing["epoch"], {})
+        entry.update({f"validation_{k}": metrics[k] for k in ("loss", "top1_error", "top5_error") if k in metrics})
+        epochs.append(entry)
+    best = min((e for e in epochs if "validation_top1_error" in e), key=lambda e: e["validation_top1_error"], default=None)
+    training_speed = sum(e["images_per_second"] for e in epochs) / max(len(epochs), 1)
+    results = {
+        "task": "timm_vision",
+        "preset": model_args.preset,
+        "dataset": dataset,
+        "model": architecture,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "optimizer": model_args.optimizer,
+        "optimizer_kwargs": optimizer_kwargs,
+        "learning_rate": training.learning_rate,
+        "weight_decay": training.weight_decay,
+        "batch_size": training.per_device_train_batch_size * training.gradient_accumulation_steps * training.world_size,
+        "num_epochs": training.num_train_epochs,
+        "schedule": preset.get("schedule") or f"multistep {list(preset.get('milestones', ()))} x0.1",
+        "augmentation": "random crop 32 (padding 4) + horizontal flip" + (" + cutout 16" if cutout else ""),
+        "seed": training.seed,
+        "train_samples": len(train),
+        "test_samples": len(test),
+        "epochs": epochs,
+        "best_epoch": best["epoch"] if best else None,
+        "best_validation_top1_error": best["validation_top1_error"] if best else None,
+        "test_top1_error": final["eval_top1_error"],
+        "test_top5_error": final["eval_top5_error"],
+        "test_loss": final["eval_loss"],
+        "seconds_per_epoch": sum(e["seconds"] for e in epochs) / max(len(epochs), 1),
+        "images_per_second": training_speed,
+        "data_images_per_second": loading,
+        "data_pipeline_headroom": loading / training_speed if training_speed else None,
+        "train_loss_curve": train_losses(trainer.state.log_history),
+    }
+    if trainer.is_world_process_zero():
+        write_results(training.output_dir, results, command_line(__file__, argv))
+        plot_curves([results], "validation_top1_error", Path(training.output_dir) / "curves.png", "top-1 error (%)")
+    if math.isfinite(loading) and loading < training_speed:
+        print(f"warning: the data pipeline ({loading:,.0f} images/s) is slower than training "
+              f"({training_speed:,.0f} images/s); raise --dataloader_num_workers")
+    return results, trainer
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The timm vision recipe: real archive formats, the papers' architectures at 32x32, smoke training, DDP."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import compare
+import timm_vision
+from koala_hf import KOALAPlusPlus
+from koala_hf.vision import ARCHITECTURES, CIFAR_MEAN, CIFAR_STD, ImageClassifier, create_model
+from tests.recipes.archives import learnable_images, write_cifar10, write_cifar100, write_imagenet32
+from tests.recipes.conftest import ROOT
+from tests.test_trainer_distributed import free_port
+
+
+def test_cifar10_archives_read_as_written(tmp_path):
+    write_cifar10(tmp_path, per_batch=12, test=7)
+    splits = timm_vision.read_cifar(tmp_path, "cifar10")
+    images, labels = splits["train"]
+    assert images.shape == (60, 3, 32, 32) and images.dtype == torch.uint8 and labels.dtype == torch.int64
+    data, written = learnable_images(12, 10, seed=1)
+    assert torch.equal(images[0], torch.from_numpy(data[0].reshape(3, 32, 32)))
+    assert labels[:12].tolist() == written.tolist()
+    assert splits["test"][0].shape == (7, 3, 32, 32)
+
+
+def test_cifar100_archives_use_the_fine_labels(tmp_path):
+    write_cifar100(tmp_path, train=30, test=10)
+    images, labels = timm_vision.read_cifar(tmp_path, "cifar100")["train"]
+    assert images.shape == (30, 3, 32, 32)
+    assert labels.tolist() == learnable_images(30, 100, seed=1)[1].tolist() and labels.max() < 100
+
+
+def test_imagenet32_batches_read_with_zero_based_labels(tmp_path):
+    write_imagenet32(tmp_path, per_batch=5, val=6)
+    splits = timm_vision.read_imagenet32(tmp_path)
+    images, labels = splits["train"]
+    assert images.shape == (50, 3, 32, 32)
+    expected = np.concatenate([learnable_images(5, 1000, seed=i)[1] for i in range(1, 11)])
+    assert labels.tolist() == expected.tolist() and labels.min() >= 0 and labels.max() <= 999
+    assert splits["test"][1].tolist() == learnable_images(6, 1000, seed=0)[1].tolist()
+
+
+def test_missing_archives_are_named(tmp_path):
+    with pytest.raises(SystemExit, match="data_batch_1"):
+        timm_vision.read_cifar(tmp_path, "cifar10")
+    with pytest.raises(SystemExit, match="train_data_batch_1..10"):
+        timm_vision.read_imagenet32(tmp_path)
+
+
+def test_evaluation_images_are_normalised_with_the_papers_statistics():
+    image = torch.full((3, 32, 32), 200, dtype=torch.uint8)
+    out = timm_vision.transforms(False, (CIFAR_MEAN, CIFAR_STD), cutout=False)(image)
+    expected = (200 / 255 - torch.tensor(CIFAR_MEAN)) / torch.tensor(CIFAR_STD)
+    torch.testing.assert_close(out[:, 0, 0], expected)
+    train = timm_vision.transforms(True, (CIFAR_MEAN, CIFAR_STD), cutout=True)(image)
+    assert train.shape == (3, 32, 32) and (train == 0).sum() >= 3 * 8 * 8  # padding and the cutout square
+
+
+def test_offline_without_a_local_folder_names_the_option():
+    code = "import timm_vision as t; t.read_splits('cifar10', t.DataArguments())"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": f"{ROOT / 'recipes'}:{ROOT}"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Pass --data_dir" in result.stderr
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_every_architecture_builds_for_32x32_and_takes_a_training_step(name):
+    torch.manual_seed(0)
+    model = ImageClassifier(create_model(name, num_classes=10))
+    optimizer = KOALAPlusPlus(model.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    outputs = model(torch.randn(2, 3, 32, 32), labels=torch.tensor([1, 7]))
+    assert outputs["logits"].shape == (2, 10)
+    outputs["loss"].backward()
+    optimizer.observe(outputs["loss"])
+    optimizer.step()
+    # timm zero-initialises each residual block's last norm, so some branches get no gradient yet
+    for old, p in zip(before, model.parameters()):
+        if p.grad is not None and p.grad.norm() > 1e-9:
+            assert not torch.equal(old, p.detach())
+    assert not torch.equal(before[0], next(model.parameters()).detach())  # the stem learnt
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert model.model.pretrained_cfg["input_size"] == (3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory):
+    return write_cifar10(tmp_path_factory.mktemp("cifar"))
+
+
+@pytest.mark.parametrize("optimizer", ["koala++", "sgd"])
+def test_smoke_preset_trains_and_the_loss_falls(optimizer, cifar_dir, tmp_path):
+    results = timm_vision.main([
+        "--preset", "smoke", "--data_dir", str(cifar_dir), "--optimizer", optimizer, "--output_dir", str(tmp_path),
+        "--logging_steps", "2", "--disable_tqdm", "true", "--measure_batches", "3",
+    ])
+    losses = [loss for _, loss in results["train_loss_curve"]]
+    assert losses[-1] < losses[0], losses
+    assert len(results["epochs"]) == 2 and 0 <= results["test_top1_error"] <= 100
+    assert results["test_top5_error"] <= results["test_top1_error"]
+    assert results["data_images_per_second"] > 0 and results["images_per_second"] > 0
+    assert (tmp_path / "results.json").exists() and (tmp_path / "curves.png").exists()
+    assert "--optimizer " + optimizer in compare.load(str(tmp_path))["command"]
+
+
+def test_two_process_smoke_ends_identical_on_both_ranks(cifar_dir, tmp_path):
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), str(ROOT / "tests" / "scripts" / "ddp_vision.py"), str(cifar_dir), str(tmp_path),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["world_size"] == 2
+    assert torch.equal(ranks[0]["params"], ranks[1]["params"])
