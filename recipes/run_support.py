@@ -64,6 +64,14 @@ class RecipeTrainingArguments(TrainingArguments):
     logging_steps: float = 10
     output_dir: str | None = "runs/latest"
 
+    def take_push_request(self) -> dict | None:
+        """``--push_to_hub``: push the finished run's model folder and card (koala_hf.hub), not the Trainer's checkpoints."""
+        if not self.push_to_hub:
+            return None
+        self.push_to_hub = False
+        repo_id = self.hub_model_id or Path(self.output_dir).resolve().name
+        return {"repo_id": repo_id, "private": self.hub_private_repo, "token": self.hub_token}
+
     def apply_preset(self, *, batch_size: int, epochs: float) -> None:
         if self.per_device_train_batch_size is None:
             self.per_device_train_batch_size = max(1, batch_size // (self.gradient_accumulation_steps * self.world_size))

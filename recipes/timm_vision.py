@@ -46,6 +46,7 @@ from run_support import (  # noqa: E402
 )
 
 from koala_hf import KoalaTrainer  # noqa: E402
+from koala_hf.hub import prepare_and_push  # noqa: E402
 from koala_hf.metrics import TOP_K_ERROR  # noqa: E402
 from koala_hf.vision import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, ImageClassifier, create_model  # noqa: E402
 
@@ -289,6 +290,7 @@ def run(argv=None):
     optimizer_cls, optimizer_kwargs = training.resolve_optimizer(
         model_args.optimizer, optimizer_settings(dataset), json.loads(model_args.optimizer_kwargs or "{}")
     )
+    push_request = training.take_push_request()
     set_seed(training.seed)
 
     splits = read_splits(dataset, data)
@@ -353,6 +355,8 @@ def run(argv=None):
     if trainer.is_world_process_zero():
         write_results(training.output_dir, results, command_line(__file__, argv))
         plot_curves([results], "validation_top1_error", Path(training.output_dir) / "curves.png", "top-1 error (%)")
+        if push_request:
+            print(f"pushed: {prepare_and_push(training.output_dir, **push_request)}")
     if math.isfinite(loading) and loading < training_speed:
         print(f"warning: the data pipeline ({loading:,.0f} images/s) is slower than training "
               f"({training_speed:,.0f} images/s); raise --dataloader_num_workers")

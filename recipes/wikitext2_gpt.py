@@ -54,6 +54,7 @@ from run_support import (  # noqa: E402
 )
 
 from koala_hf import KoalaTrainer  # noqa: E402
+from koala_hf.hub import prepare_and_push  # noqa: E402
 
 # Model shape and schedule per preset; "paper" is the scale of the papers' benchmark.
 PRESETS = {
@@ -188,6 +189,7 @@ def main(argv=None) -> dict:
     optimizer_cls, optimizer_kwargs = training.resolve_optimizer(
         model_args.optimizer, OPTIMIZER_SETTINGS, json.loads(model_args.optimizer_kwargs or "{}")
     )
+    push_request = training.take_push_request()
     set_seed(training.seed)
 
     raw = read_splits(data)
@@ -262,6 +264,8 @@ def main(argv=None) -> dict:
     if trainer.is_world_process_zero():
         write_results(training.output_dir, results, command_line(__file__, argv))
         plot_curves([results], "validation_perplexity", Path(training.output_dir) / "curves.png", "validation perplexity")
+        if push_request:
+            print(f"pushed: {prepare_and_push(training.output_dir, **push_request)}")
     return results
 
 

@@ -13,7 +13,7 @@ import timm_vision
 from koala_hf import KOALAPlusPlus
 from koala_hf.vision import ARCHITECTURES, CIFAR_MEAN, CIFAR_STD, ImageClassifier, create_model
 from tests.recipes.archives import learnable_images, write_cifar10, write_cifar100, write_imagenet32
-from tests.recipes.conftest import ROOT
+from tests.conftest import ROOT
 from tests.test_trainer_distributed import free_port
 
 
@@ -88,17 +88,15 @@ def test_every_architecture_builds_for_32x32_and_takes_a_training_step(name):
     assert model.model.pretrained_cfg["input_size"] == (3, 32, 32)
 
 
-@pytest.fixture(scope="module")
-def cifar_dir(tmp_path_factory):
-    return write_cifar10(tmp_path_factory.mktemp("cifar"))
-
-
 @pytest.mark.parametrize("optimizer", ["koala++", "sgd"])
-def test_smoke_preset_trains_and_the_loss_falls(optimizer, cifar_dir, tmp_path):
-    results = timm_vision.main([
-        "--preset", "smoke", "--data_dir", str(cifar_dir), "--optimizer", optimizer, "--output_dir", str(tmp_path),
-        "--logging_steps", "2", "--disable_tqdm", "true", "--measure_batches", "3",
-    ])
+def test_smoke_preset_trains_and_the_loss_falls(optimizer, vision_smoke_run, cifar_dir, tmp_path):
+    if optimizer == "koala++":
+        results, tmp_path = vision_smoke_run
+    else:
+        results = timm_vision.main([
+            "--preset", "smoke", "--data_dir", str(cifar_dir), "--optimizer", optimizer, "--output_dir", str(tmp_path),
+            "--logging_steps", "2", "--disable_tqdm", "true", "--measure_batches", "3",
+        ])
     losses = [loss for _, loss in results["train_loss_curve"]]
     assert losses[-1] < losses[0], losses
     assert len(results["epochs"]) == 2 and 0 <= results["test_top1_error"] <= 100

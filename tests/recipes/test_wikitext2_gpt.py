@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import compare
 import wikitext2_gpt
-from tests.recipes.conftest import ROOT
+from tests.conftest import ROOT
 
 
 def smoke(wikitext_dir, output_dir, *extra):
@@ -23,18 +23,8 @@ def smoke(wikitext_dir, output_dir, *extra):
     ])
 
 
-@pytest.fixture(scope="module")
-def koala_run(tmp_path_factory):
-    from tests.recipes.conftest import SHARED_DATA
-
-    output = tmp_path_factory.mktemp("smoke-koala")
-    # lr=1.0 (KOALA++'s default) rather than the paper's WikiText-2 setting of 2e-3, which moves a
-    # 2-epoch smoke model too little to show learning (see README, results).
-    return smoke(SHARED_DATA / "wikitext-2", output, "--optimizer", "koala++", "--learning_rate", "1.0"), output
-
-
-def test_smoke_preset_trains_on_real_wikitext_and_perplexity_falls(koala_run):
-    results, output = koala_run
+def test_smoke_preset_trains_on_real_wikitext_and_perplexity_falls(lm_smoke_run):
+    results, output = lm_smoke_run
     perplexities = [e["validation_perplexity"] for e in results["epochs"]]
     assert results["epochs"][0]["epoch"] == 0 and len(perplexities) == 3
     assert perplexities[-1] < 0.5 * perplexities[0], perplexities
@@ -47,8 +37,8 @@ def test_smoke_preset_trains_on_real_wikitext_and_perplexity_falls(koala_run):
     assert (output / "curves.png").stat().st_size > 10_000
 
 
-def test_the_saved_run_loads_back_and_generates(koala_run):
-    _, output = koala_run
+def test_the_saved_run_loads_back_and_generates(lm_smoke_run):
+    _, output = lm_smoke_run
     model = AutoModelForCausalLM.from_pretrained(output)
     tokenizer = AutoTokenizer.from_pretrained(output)
     prompt = tokenizer("The lobster is a", return_tensors="pt")
@@ -59,8 +49,8 @@ def test_the_saved_run_loads_back_and_generates(koala_run):
     assert tokenizer.convert_ids_to_tokens(tokenizer("zyzzyva-unknown")["input_ids"]) == ["<unk>"]
 
 
-def test_baselines_run_the_same_way_and_compare(koala_run, wikitext_dir, tmp_path, capsys):
-    koala, koala_output = koala_run
+def test_baselines_run_the_same_way_and_compare(lm_smoke_run, wikitext_dir, tmp_path, capsys):
+    koala, koala_output = lm_smoke_run
     adamw = smoke(wikitext_dir, tmp_path / "adamw", "--optimizer", "adamw")
     assert adamw["optimizer_kwargs"] == {"lr": 3e-4} and adamw["weight_decay"] == 5e-4
     assert adamw["data"] == koala["data"] and adamw["seed"] == koala["seed"]

@@ -1,0 +1,223 @@
+"""Share a recipe's run on the Hugging Face Hub: the folder users load, with a model card.
+
+    python -m koala_hf.hub prepare runs/koala                         # writes runs/koala/hub, no network
+    python -m koala_hf.hub push runs/koala --hub_model_id me/gpt-koala [--hub_private_repo] [--hub_token T]
+
+``prepare`` assembles what a pushed repository holds: weights (safetensors) and
+config in the format users load (``AutoModelForCausalLM`` and the tokenizer for
+the language model; ``timm.create_model("hf-hub:<id>", pretrained=True)`` for
+vision models, after ``import koala_hf.vision``), ``results.json``,
+``curves.png`` and a model card rendered from ``model_cards/template.md``.
+``push`` uploads it with ``huggingface_hub`` (token from ``--hub_token``,
+``HF_TOKEN`` or ``huggingface-cli login``). The recipes do both after training
+when given ``--push_to_hub``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "template.md"
+TITLES = {
+    "koala++": "KOALA++", "koala++ns": "KOALA++ (NS)", "koala-v": "KOALA-V", "koala-m": "KOALA-M",
+    "adamw": "AdamW", "adam": "Adam", "sgd": "SGD",
+}
+HUB_DATASETS = {"cifar10": "uoft-cs/cifar10", "cifar100": "uoft-cs/cifar100", "imagenet32": "benjamin-paine/imagenet-1k-32x32"}
+LM_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+            "tokenizer_config.json", "special_tokens_map.json")
+
+
+def load_results(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / "results.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} has no results.json: pass the --output_dir of a finished recipe run")
+    return json.loads(path.read_text())
+
+
+def prepare(run_dir: str | Path, output: str | Path | None = None, repo_id: str | None = None) -> Path:
+    """Write the push folder for ``run_dir`` (default ``run_dir/hub``); return it."""
+    run_dir = Path(run_dir)
+    results = load_results(run_dir)
+    output = Path(output) if output else run_dir / "hub"
+    output.mkdir(parents=True, exist_ok=True)
+    if results["task"] == "wikitext2_gpt":
+        missing = [name for name in LM_FILES[:3] if not (run_dir / name).exists()]
+        if missing:
+            raise FileNotFoundError(f"{run_dir} lacks {', '.join(missing)}: was the model saved?")
+        for name in LM_FILES:
+            if (run_dir / name).exists():
+                shutil.copy2(run_dir / name, output / name)
+    elif results["task"] == "timm_vision":
+        _export_timm(run_dir, results, output)
+    else:
+        raise ValueError(f"unknown task {results['task']!r} in {run_dir}/results.json")
+    for name in ("results.json", "curves.png"):
+        if (run_dir / name).exists():
+            shutil.copy2(run_dir / name, output / name)
+    model_card(results, repo_id or f"koala-hf/{run_dir.resolve().name}").save(output / "README.md")
+    return output
+
+
+def _export_timm(run_dir: Path, results: dict, output: Path) -> None:
+    """The recipe's ``ImageClassifier`` weights as a timm model saved the way timm's Hub loader reads it."""
+    from safetensors.torch import load_file
+    from timm.models import save_for_hf
+
+    from koala_hf.vision import create_model
+
+    state = load_file(run_dir / "model.safetensors")
+    model = create_model(results["model"], num_classes=_num_classes(results))
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+    save_for_hf(model, str(output), safe_serialization=True)
+
+
+def _num_classes(results: dict) -> int:
+    return {"cifar10": 10, "cifar100": 100, "imagenet32": 1000}[results["dataset"]]
+
+
+def model_card(results: dict, repo_id: str) -> ModelCard:
+    """The model card of a run: Hub metadata (tags, datasets, model-index) and how it was trained."""
+    optimizer = results["optimizer"]
+    title = TITLES.get(optimizer, optimizer)
+    hyperparameters = {**results["optimizer_kwargs"], "lr": results["learning_rate"], "weight_decay": results["weight_decay"]}
+    common_tags = ["koala-hf", "kalman-filter-optimizer", optimizer, title]
+    if results["task"] == "wikitext2_gpt":
+        model = results["model"]
+        dataset_name = "WikiText-2"
+        split = "second half of test.txt" if results["data"]["halve_test_split"] else "test"
+        evals = [("perplexity", "Test perplexity", results["test_perplexity"], split)]
+        if results.get("best_validation_perplexity") is not None:
+            evals.append(("perplexity", "Best validation perplexity", results["best_validation_perplexity"], "validation"))
+        card_data = ModelCardData(
+            library_name="transformers", pipeline_tag="text-generation", model_name=repo_id,
+            tags=common_tags + ["gpt2", "wikitext-2", "causal-lm"], datasets=["Salesforce/wikitext"],
+            eval_results=[EvalResult(task_type="text-generation", dataset_type="Salesforce/wikitext",
+                                     dataset_name=dataset_name, dataset_config="wikitext-2-v1", dataset_split=s,
+                                     metric_type=t, metric_name=n, metric_value=v) for t, n, v, s in evals],
+        )
+        details = dict(
+            summary=f"A GPT-style decoder ({model['n_layer']} layers, width {model['n_embd']}, {model['n_head']} heads, "
+                    f"context {model['block_size']}) trained from scratch on WikiText-2 for word-level language modelling.",
+            model_description=f"GPT-2 architecture, {model['n_layer']} layers x {model['n_embd']}, {model['n_head']} heads, "
+                              f"context {model['block_size']}, word-level vocabulary of {model['vocab_size']:,}",
+            parameters=model["parameters"],
+            data_description=_lm_data(results["data"]),
+            schedule=f"{results['lr_scheduler']}",
+            metrics=[("test perplexity", f"{results['test_perplexity']:.2f}"),
+                     ("best validation perplexity", _fmt(results.get("best_validation_perplexity"))),
+                     ("tokens / s (training)", f"{results['tokens_per_second']:,.0f}")],
+            load_snippet=(f'from transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
+                          f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")\n'
+                          f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n'
+                          f'ids = tokenizer("The meaning of", return_tensors="pt")\n'
+                          f'print(tokenizer.decode(model.generate(**ids, max_new_tokens=20)[0]))'),
+            limitations="A small research model: word-level WikiText-2 text only (Wikipedia articles), no safety "
+                        "tuning; words outside its vocabulary become `<unk>`. Not for production text generation.",
+            recipe="recipes/wikitext2_gpt.py",
+        )
+    else:
+        dataset = results["dataset"]
+        evals = [("top1_error", "Top-1 error (%)", results["test_top1_error"]),
+                 ("top5_error", "Top-5 error (%)", results["test_top5_error"])]
+        card_data = ModelCardData(
+            library_name="timm", pipeline_tag="image-classification", model_name=repo_id,
+            tags=common_tags + ["image-classification", "timm", results["model"], dataset],
+            datasets=[HUB_DATASETS[dataset]],
+            eval_results=[EvalResult(task_type="image-classification", dataset_type=HUB_DATASETS[dataset],
+                                     dataset_name=dataset.upper(), dataset_split="test", metric_type=t, metric_name=n,
+                                     metric_value=v) for t, n, v in evals],
+        )
+        details = dict(
+            summary=f"timm `{results['model']}` (32x32 stem) trained from scratch on {dataset.upper()}.",
+            model_description=f"timm `{results['model']}` registered by `koala_hf.vision` (CIFAR stem for 32x32 inputs)",
+            parameters=results["parameters"],
+            data_description=f"{dataset.upper()}: {results['train_samples']:,} training and {results['test_samples']:,} "
+                             f"test images; {results['augmentation']}",
+            schedule=results["schedule"],
+            metrics=[("top-1 error (%)", f"{results['test_top1_error']:.2f}"),
+                     ("top-5 error (%)", f"{results['test_top5_error']:.2f}"),
+                     ("images / s (training)", f"{results['images_per_second']:,.0f}")],
+            load_snippet=(f'import timm\nimport koala_hf.vision  # registers the 32x32 architectures\n\n'
+                          f'model = timm.create_model("hf-hub:{repo_id}", pretrained=True).eval()\n'
+                          f'config = timm.data.resolve_data_config({{}}, model=model)  # 32x32, CIFAR normalisation'),
+            limitations=f"Trained on 32x32 {dataset.upper()} images; expects 32x32 inputs normalised as in its "
+                        "`pretrained_cfg`. Not for other resolutions or domains without fine-tuning.",
+            recipe="recipes/timm_vision.py",
+        )
+    epochs = [e for e in results["epochs"] if e.get("seconds")]
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE),
+        model_name=repo_id,
+        optimizer=optimizer,
+        optimizer_title=title,
+        hyperparameters=sorted(hyperparameters.items()),
+        preset=results["preset"],
+        epochs=len(epochs),
+        batch_size=results["batch_size"],
+        seed=results["seed"],
+        device=results["device"],
+        date=results["date"],
+        seconds_per_epoch=results["seconds_per_epoch"],
+        total_minutes=sum(e["seconds"] for e in epochs) / 60,
+        command=results["command"],
+        **details,
+    )
+
+
+def _lm_data(data: dict) -> str:
+    if data["halve_test_split"]:
+        split = (f"trained on the {data['train_split']} text, validated on the first half of the test text, "
+                 "tested on its second half")
+    else:
+        split = f"trained on the {data['train_split']} split, validated on validation, tested on test"
+    return (f"WikiText-2 (classic tokenised release) from `{data['source']}`: {split}; "
+            f"{data['train_blocks']:,} training blocks")
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def push(folder: str | Path, repo_id: str, private: bool | None = None, token: str | None = None) -> str:
+    """Create ``repo_id`` if needed and upload ``folder``; return the commit URL."""
+    folder = Path(folder)
+    if not (folder / "README.md").exists():
+        raise FileNotFoundError(f"{folder} has no model card: run `python -m koala_hf.hub prepare` first")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                               commit_message="Upload a koala_hf recipe run")
+    return str(getattr(commit, "commit_url", commit))
+
+
+def prepare_and_push(run_dir, repo_id: str, private: bool | None = None, token: str | None = None) -> str:
+    return push(prepare(run_dir, repo_id=repo_id), repo_id, private=private, token=token)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    prep = commands.add_parser("prepare", help="write the push folder and model card, without pushing")
+    prep.add_argument("run_dir")
+    prep.add_argument("--output", default=None, help="default: RUN_DIR/hub")
+    prep.add_argument("--hub_model_id", default=None, help="the repository id the card names")
+    up = commands.add_parser("push", help="prepare (if needed) and push a run folder")
+    up.add_argument("run_dir")
+    up.add_argument("--hub_model_id", required=True)
+    up.add_argument("--hub_private_repo", action="store_true")
+    up.add_argument("--hub_token", default=None)
+    args = parser.parse_args(argv)
+    if args.command == "prepare":
+        print(prepare(args.run_dir, args.output, args.hub_model_id))
+    else:
+        print(prepare_and_push(args.run_dir, args.hub_model_id, args.hub_private_repo or None, args.hub_token))
+
+
+if __name__ == "__main__":
+    main()
