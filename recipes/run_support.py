@@ -165,7 +165,8 @@ def plot_curves(results: list[dict], metric: str, path: str | Path, ylabel: str)
         right.set_yscale("log")
     for axis in (left, right):
         axis.grid(alpha=0.3)
-        axis.legend()
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

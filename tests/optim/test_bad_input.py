@@ -194,3 +194,18 @@ def test_a_layer_with_a_vanishing_gradient_is_not_updated(name):
     optimizer.step()
     assert torch.equal(last_bias.detach(), before)
     assert torch.isfinite(flat_parameters(model)).all()
+
+
+@pytest.mark.parametrize("poison", [poison_loss, poison_gradient], ids=["nan-loss", "inf-gradient"])
+def test_the_fused_path_skips_a_non_finite_step_too(poison):
+    model = tiny_network()
+    optimizer = KOALAPlusPlus(model.parameters(), fused=True, weight_decay=1e-3, lr=0.1)
+    batches = regression_batches(5)
+    for x, y in batches[:3]:
+        train_step(model, optimizer, x, y)
+    before = snapshot(model, optimizer)
+    optimizer.zero_grad()
+    poison(model, optimizer, *batches[3])
+    optimizer.step()
+    assert_same_state(before, snapshot(model, optimizer))
+    assert optimizer.state["koala"]["skipped_steps"].item() == 1

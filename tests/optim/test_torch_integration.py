@@ -93,3 +93,15 @@ def test_step_never_reads_a_device_value(name, foreach, monkeypatch):
             forbid_host_reads(patch)
             optimizer.step()
     assert torch.isfinite(flat_parameters(model)).all()
+
+
+def test_the_fused_path_trains_bfloat16_like_the_per_tensor_path():
+    runs = {}
+    for fused in (False, True):
+        model = tiny_network(torch.bfloat16)
+        optimizer = create_optimizer("koala++", model.parameters(), fused=fused, lr=0.2)
+        (x, y), = regression_batches(1, batch=64, dtype=torch.float32)
+        runs[fused] = torch.stack([train_step(model, optimizer, x.bfloat16(), y.bfloat16()).float() for _ in range(8)])
+        assert optimizer.state[next(iter(model.parameters()))]["v"].dtype == torch.bfloat16
+    assert (runs[True] - runs[False]).abs().max() < 0.02 * runs[False][0]
+    assert runs[True][-1] < runs[True][0]

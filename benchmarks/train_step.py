@@ -1,0 +1,125 @@
+"""End-to-end training-step time of the recipes' models: KOALA++ against AdamW.
+
+    python benchmarks/train_step.py                       # CPU: small batches
+    python benchmarks/train_step.py --lm_batch 32 --vision_batch 128 --bf16   # a GPU, the papers' batches
+
+A step is what KoalaTrainer does per optimizer step: forward, the per-sample
+losses KOALA measures (E1), backward, observe, step, zero_grad (AdamW skips the
+KOALA-only parts). Models: the WikiText-2 recipe's ``paper`` GPT (54M, context
+256) and the vision recipe's ResNet-50 (CIFAR stem, 100 classes), random data.
+Writes ``benchmarks/results/train_step_<device>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes"))
+
+from koala_hf import KOALAPlusPlus, per_sample_losses  # noqa: E402
+from run_support import describe_device  # noqa: E402
+
+
+def lm_workload(batch: int, device: str):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=33278, n_positions=256, n_embd=768, n_layer=4, n_head=12)).to(device)
+    ids = torch.randint(0, 33278, (batch, 256), device=device)
+    return model, {"input_ids": ids, "labels": ids}, True
+
+
+def vision_workload(batch: int, device: str):
+    from koala_hf.vision import ImageClassifier, create_model
+
+    model = ImageClassifier(create_model("resnet50_cifar", num_classes=100)).to(device)
+    inputs = {"pixel_values": torch.randn(batch, 3, 32, 32, device=device), "labels": torch.randint(0, 100, (batch,), device=device)}
+    return model, inputs, False
+
+
+def time_training(model, inputs, shift: bool, optimizer, device: str, steps: int, warmup: int, bf16: bool) -> float:
+    koala = hasattr(optimizer, "observe")
+    autocast = torch.autocast(device, dtype=torch.bfloat16) if bf16 else nullcontext()
+    times = []
+    for i in range(warmup + steps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with autocast:
+            outputs = model(**inputs)
+        loss = outputs["loss"]
+        loss.backward()
+        if koala:
+            optimizer.observe(loss, per_sample_losses(outputs, inputs["labels"], shift_labels=shift))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--lm_batch", type=int, default=32 if cuda else 2)
+    parser.add_argument("--vision_batch", type=int, default=128 if cuda else 16)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--koala_fused", action="store_true", help="KOALA++ with fused=True (torch.compile)")
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args(argv)
+
+    rows = []
+    for name, build, batch in (("LM paper GPT", lm_workload, args.lm_batch), ("ResNet-50 CIFAR", vision_workload, args.vision_batch)):
+        for optimizer_name in ("AdamW", "KOALA++"):
+            torch.manual_seed(0)
+            model, inputs, shift = build(batch, args.device)
+            if optimizer_name == "AdamW":
+                optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=5e-4, foreach=True)
+            else:
+                optimizer = KOALAPlusPlus(model.parameters(), lr=2e-3, weight_decay=1e-4, fused=args.koala_fused)
+            ms = time_training(model, inputs, shift, optimizer, args.device, args.steps, args.warmup, args.bf16)
+            rows.append({"workload": name, "batch": batch, "optimizer": optimizer_name, "median_ms": ms})
+            print(f"{name:16s} batch {batch:4d} {optimizer_name:8s} {ms:9.1f} ms")
+            del model, optimizer
+    for row in rows:
+        adamw = next(r for r in rows if r["workload"] == row["workload"] and r["optimizer"] == "AdamW")
+        row["vs_adamw"] = row["median_ms"] / adamw["median_ms"]
+    report = {
+        "benchmark": "train_step",
+        "device": describe_device() if args.device == "cpu" else torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "command": shlex.join(["python", "benchmarks/train_step.py"] + list(sys.argv[1:] if argv is None else argv)),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "bf16": args.bf16,
+        "koala_fused": args.koala_fused,
+        "rows": rows,
+    }
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"train_step_{args.device}"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    lines = [f"Training step, {report['device']} (torch {report['torch']}), {report['date']}: `{report['command']}`", "",
+             "| model | batch | optimizer | median ms | x AdamW |", "|---|---|---|---|---|"]
+    lines += [f"| {r['workload']} | {r['batch']} | {r['optimizer']} | {r['median_ms']:.1f} | {r['vs_adamw']:.3f} |" for r in rows]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return report
+
+
+if __name__ == "__main__":
+    main()
