@@ -26,7 +26,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from datasets import DatasetDict, load_dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
@@ -46,7 +45,6 @@ from run_support import (  # noqa: E402
     RecipeTrainingArguments,
     command_line,
     epoch_metrics,
-    optimizer_cls_and_kwargs,
     perplexity,
     plot_curves,
     train_losses,

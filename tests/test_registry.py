@@ -2,7 +2,6 @@
 
 import pytest
 import timm.optim
-import torch
 
 from koala_hf import KOALAM, KOALAV, KOALAPlusPlus, create_optimizer
 from tests.helpers import tiny_network

@@ -21,6 +21,7 @@ import torch
 from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from koala_hf.measurement import LossMeasurement
+from koala_hf.optim.layers import dot, measurement_jacobians
 
 GLOBAL_STATE = "koala"
 # A layer whose measurement Jacobian has a norm below this is not updated (official code).
@@ -44,6 +45,12 @@ def check_range(name: str, value, low=None, high=None, *, low_open=False, high_o
         low_text = "-inf" if low is None else low
         high_text = "inf" if high is None else high
         raise ValueError(f"Invalid {name}: {value!r}; it must be a finite number in {left}{low_text}, {high_text}{right}")
+
+
+def check_prior(group: dict) -> None:
+    """Validate the initial uncertainty ``sigma`` (``P_0 = sigma``) and process noise ``q``."""
+    check_range("sigma", group["sigma"], 0.0, low_open=True)
+    check_range("q", group["q"], 0.0)
 
 
 def check_noise(group: dict) -> None:
@@ -242,6 +249,29 @@ class KoalaOptimizer(torch.optim.Optimizer):
             params.append(p)
             grads.append(p.grad)
         return params, grads
+
+    def _jacobian_norms(self, ok: torch.Tensor, device, dtype):
+        """First pass of KOALA-V and KOALA-M: per group, ``H`` (E3) and ``[||H||^2, ||theta||^2]`` per layer.
+
+        Returns ``(measured, ok)``: ``(index, group, params, jacobians, norms, foreach)`` per group with
+        gradients, and ``ok`` cleared when any norm is not finite.
+        """
+        measured = []
+        for index, group in enumerate(self.param_groups):
+            params, grads = self._params_with_grad(group)
+            if not params:
+                continue
+            foreach = self._foreach(group, params)
+            wd = group["weight_decay"]
+            jacobians = measurement_jacobians(params, grads, wd, foreach)
+            zero = torch.zeros((), dtype=dtype, device=device)
+            norms = torch.stack(
+                [torch.stack([dot(h, h, dtype).to(device), dot(p, p, dtype).to(device) if wd else zero])
+                 for p, h in zip(params, jacobians)]
+            )
+            ok = ok & torch.isfinite(norms).all()
+            measured.append((index, group, params, jacobians, norms, foreach))
+        return measured, ok
 
     def _foreach(self, group: dict, params: list[torch.Tensor]) -> bool:
         if group["foreach"] is not None:

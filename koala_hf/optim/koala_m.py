@@ -9,7 +9,6 @@ from koala_hf.optim.layers import (
     dot,
     finite_mask,
     group_by_device_and_dtype,
-    measurement_jacobians,
     widen,
     write_back,
 )
@@ -131,22 +130,7 @@ class KOALAM(KoalaOptimizer):
             raise RuntimeError("KOALAM.step() was called in eval mode; call optimizer.train() first")
         device, dtype = loss.device, loss.dtype
         covariance = state["P"]
-        measured = []
-        for index, group in enumerate(self.param_groups):
-            params, grads = self._params_with_grad(group)
-            if not params:
-                continue
-            foreach = self._foreach(group, params)
-            wd = group["weight_decay"]
-            jacobians = measurement_jacobians(params, grads, wd, foreach)
-            norms = torch.stack(
-                [
-                    torch.stack([dot(h, h, dtype), dot(p, p, dtype) if wd else torch.zeros((), dtype=dtype, device=p.device)]).to(device)
-                    for p, h in zip(params, jacobians)
-                ]
-            )
-            ok = ok & torch.isfinite(norms).all()
-            measured.append((index, group, params, jacobians, norms, foreach))
+        measured, ok = self._jacobian_norms(ok, device, dtype)
 
         information = [torch.zeros(1, dtype=dtype, device=device)]  # ||H||^2 / S of updated layers (E35)
         for index, group, params, jacobians, norms, foreach in measured:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from koala_hf.optim.base import MIN_JACOBIAN_NORM, KoalaOptimizer, check_range
+from koala_hf.optim.base import MIN_JACOBIAN_NORM, KoalaOptimizer, check_prior
 from koala_hf.optim.layers import (
     dot,
     finite_mask,
@@ -81,8 +81,7 @@ class KOALAPlusPlus(KoalaOptimizer):
 
     def check_group(self, group: dict) -> None:
         super().check_group(group)
-        check_range("sigma", group["sigma"], 0.0, low_open=True)
-        check_range("q", group["q"], 0.0)
+        check_prior(group)
 
     def _layer_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]

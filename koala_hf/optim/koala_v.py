@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from koala_hf.optim.base import MIN_JACOBIAN_NORM, KoalaOptimizer, check_range
+from koala_hf.optim.base import MIN_JACOBIAN_NORM, KoalaOptimizer, check_prior
 from koala_hf.optim.layers import (
-    dot,
     finite_mask,
     group_by_device_and_dtype,
-    measurement_jacobians,
     widen,
     write_back,
 )
@@ -45,8 +43,7 @@ class KOALAV(KoalaOptimizer):
 
     def check_group(self, group: dict) -> None:
         super().check_group(group)
-        check_range("sigma", group["sigma"], 0.0, low_open=True)
-        check_range("q", group["q"], 0.0)
+        check_prior(group)
 
     def _init_global_state(self, options: dict) -> dict:
         return {"P": torch.full((), float(self.defaults["sigma"]), **options)}
@@ -58,22 +55,7 @@ class KOALAV(KoalaOptimizer):
         state = self.global_state()
         device, dtype = loss.device, loss.dtype
         p_hat = state["P"] + self.param_groups[0]["q"]  # E20
-        measured = []
-        for index, group in enumerate(self.param_groups):
-            params, grads = self._params_with_grad(group)
-            if not params:
-                continue
-            foreach = self._foreach(group, params)
-            wd = group["weight_decay"]
-            jacobians = measurement_jacobians(params, grads, wd, foreach)
-            norms = torch.stack(
-                [
-                    torch.stack([dot(h, h, dtype), dot(p, p, dtype) if wd else torch.zeros((), dtype=dtype, device=p.device)]).to(device)
-                    for p, h in zip(params, jacobians)
-                ]
-            )
-            ok = ok & torch.isfinite(norms).all()
-            measured.append((index, group, params, jacobians, norms, foreach))
+        measured, ok = self._jacobian_norms(ok, device, dtype)
 
         information = []  # ||H||^2 / s of every updated layer, for E22
         for index, group, params, jacobians, norms, foreach in measured:

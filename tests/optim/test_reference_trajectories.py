@@ -48,13 +48,17 @@ KOALA_PP_GROUPS = (
 )
 
 
-@pytest.mark.parametrize("foreach", [False, True], ids=["per-tensor", "foreach"])
+KOALA_PP_PATHS = {"per-tensor": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+
+
+@pytest.mark.parametrize("path", list(KOALA_PP_PATHS))
 @pytest.mark.parametrize("symmetric", [True, False], ids=["koala++", "koala++ns"])
-def test_koala_plus_plus_follows_the_spec(symmetric, foreach):
+def test_koala_plus_plus_follows_the_spec(symmetric, path):
+    """Every implementation path, the torch.compile'd fused kernels included."""
     model = tiny_network()
     reference_model = copy.deepcopy(model)
     optimizer = KOALAPlusPlus(
-        weight_and_bias_groups(model, *KOALA_PP_GROUPS), symmetric=symmetric, foreach=foreach
+        weight_and_bias_groups(model, *KOALA_PP_GROUPS), symmetric=symmetric, **KOALA_PP_PATHS[path]
     )
     reference = KoalaPlusPlusReference(
         reference_layers(reference_model, weight_and_bias_groups(reference_model, *KOALA_PP_GROUPS)),
@@ -143,18 +147,3 @@ def test_first_koala_plus_plus_step_has_its_closed_form():
         expected = theta0 - lr * L * ((1 - lam) * c + q) / S * H
         assert relative_error(p.detach(), expected) < 1e-13
 
-
-@pytest.mark.parametrize("symmetric", [True, False], ids=["koala++", "koala++ns"])
-def test_the_fused_compiled_path_follows_the_spec(symmetric):
-    """torch.compile'd kernels (the fused path) give the per-tensor trajectory, in float64."""
-    model = tiny_network()
-    reference_model = copy.deepcopy(model)
-    optimizer = KOALAPlusPlus(weight_and_bias_groups(model, *KOALA_PP_GROUPS), symmetric=symmetric, fused=True)
-    reference = KoalaPlusPlusReference(
-        reference_layers(reference_model, weight_and_bias_groups(reference_model, *KOALA_PP_GROUPS)),
-        symmetric=symmetric,
-    )
-    for x, y in regression_batches(STEPS):
-        train_step(model, optimizer, x, y)
-        reference.step(*reference_step_inputs(reference_model, x, y))
-    assert relative_error(flat_parameters(model), flat_parameters(reference_model)) < TOLERANCE
