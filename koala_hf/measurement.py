@@ -80,7 +80,7 @@ class LossMeasurement:
                 [
                     loss.to(dtype) * count,
                     torch.dot(samples, samples),
-                    torch.tensor(float(count), dtype=dtype, device=loss.device),
+                    torch.full((), float(count), dtype=dtype, device=loss.device),  # a fill, not a host copy
                     torch.zeros((), dtype=dtype, device=loss.device),
                 ]
             )

@@ -197,7 +197,9 @@ class KOALAM(KoalaOptimizer):
 def _predict_covariance(covariance, qw_avg, distance, hp):
     """E30's running ``qw_avg`` and E32's ``P = F P F^T + diag(qw_avg, qv)``."""
     qw_avg = 0.9 * qw_avg + 0.1 * distance
-    transition = torch.tensor([[1.0, 1.0], [0.0, hp["a"]]], dtype=covariance.dtype, device=covariance.device)
+    transition = torch.eye(2, dtype=covariance.dtype, device=covariance.device)  # [[1, 1], [0, a]], built on the device
+    transition[0, 1] = 1.0
+    transition[1, 1] = hp["a"]
     noise = torch.diag(torch.stack([qw_avg, torch.full_like(qw_avg, hp["qv"])]))
     return qw_avg, transition @ covariance @ transition.T + noise
 

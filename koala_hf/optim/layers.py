@@ -35,13 +35,6 @@ def dot(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.dot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype))
 
 
-def squared_norms(tensors: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``||t||^2`` of every tensor, as one vector on ``device``."""
-    if not tensors:
-        return torch.zeros(0, dtype=dtype, device=device)
-    return torch.stack([dot(t, t, dtype).to(device) for t in tensors])
-
-
 def finite_mask(
     jacobians: list[torch.Tensor], ok: torch.Tensor, owned: bool
 ) -> list[torch.Tensor]:
