@@ -50,9 +50,12 @@ def table(runs: list[dict]) -> str:
     head = ["run", "optimizer", "preset", "epochs"] + [heading for _, heading, _ in columns]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in runs:
-        cells = [run["label"], run["optimizer"], run["preset"], str(len(run["epochs"]))]
+        trained = [e for e in run["epochs"] if e["epoch"] > 0]  # epoch 0: the untrained model
+        cells = [run["label"], run["optimizer"], run["preset"], str(len(trained))]
         cells += [fmt.format(run[key]) if run.get(key) is not None else "-" for key, _, fmt in columns]
         rows.append("| " + " | ".join(cells) + " |")
+    rows.append("")
+    rows += [f"- {run['label']}: {run.get('device', '?')}, {run.get('date', '?')}: `{run.get('command', '?')}`" for run in runs]
     return "\n".join(rows)
 
 
