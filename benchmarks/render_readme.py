@@ -3,14 +3,19 @@
     python benchmarks/render_readme.py
 
 performance: every ``*_step_*.md`` table (benchmarks/optimizer_step.py, train_step.py);
-wikitext2: ``wikitext2_small_cpu/compare.md`` (benchmarks/run_wikitext2_small_cpu.sh).
+wikitext2: ``wikitext2_small_cpu/compare.md`` (benchmarks/run_wikitext2_small_cpu.sh);
+vision: ``vision_smoke_cpu/compare.md`` (benchmarks/run_vision_smoke_cpu.sh).
 """
 
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-SECTIONS = {"performance": "*_step_*.md", "wikitext2": "wikitext2_small_cpu/compare.md"}
+SECTIONS = {
+    "performance": "*_step_*.md",
+    "wikitext2": "wikitext2_small_cpu/compare.md",
+    "vision": "vision_smoke_cpu/compare.md",
+}
 
 
 def render(text: str, section: str, body: str) -> str:

@@ -30,7 +30,8 @@ from transformers.utils import logging
 
 from koala_hf.loops import koala_optimizer
 from koala_hf.per_sample import per_sample_losses
-from koala_hf.registry import OPTIMIZERS, optimizer_entry
+from koala_hf.optim.base import KoalaOptimizer
+from koala_hf.registry import optimizer_entry
 from koala_hf.training_args import KoalaTrainingArguments
 
 logger = logging.get_logger(__name__)
@@ -81,9 +82,7 @@ class KoalaTrainer(Trainer):
     def _uses_koala(self) -> bool:
         if self.optimizer is not None:
             return koala_optimizer(self.optimizer) is not None
-        return self.optimizer_cls_and_kwargs is not None and issubclass(
-            self.optimizer_cls_and_kwargs[0], tuple(entry.cls for entry in OPTIMIZERS.values())
-        )
+        return self.optimizer_cls_and_kwargs is not None and issubclass(self.optimizer_cls_and_kwargs[0], KoalaOptimizer)
 
     # ------------------------------------------------------- measurement
     def per_sample_losses(self, model, outputs, labels, inputs) -> torch.Tensor | None:
@@ -91,15 +90,15 @@ class KoalaTrainer(Trainer):
 
         Override for models whose loss :func:`koala_hf.per_sample_losses` does not know.
         """
+        unwrapped = self.accelerator.unwrap_model(model)
         if "shift_labels" in inputs:
             labels, shift = inputs["shift_labels"], False
         else:
             # A causal LM by its class (as the Trainer's label smoothing decides) or by its loss_type; a model
             # built from a config may lack the loss_type the Trainer's own flag reads.
-            unwrapped = self.accelerator.unwrap_model(model)
             causal = unwrapped._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
             shift = causal or bool(getattr(self, "_loss_shifts_labels", False))
-        config = getattr(self.accelerator.unwrap_model(model), "config", None)
+        config = getattr(unwrapped, "config", None)
         smoothing = self.args.label_smoothing_factor if self.label_smoother is not None else 0.0
         return per_sample_losses(
             outputs,
