@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import shlex
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -33,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 
 from koala_hf import KOALAM, KOALAV, KOALAPlusPlus  # noqa: E402
-from run_support import describe_device  # noqa: E402
+from run_support import provenance, write_report  # noqa: E402
 
 # Tensor passes per element of a step at the memory-traffic floor (spec, cost notes; issue 7).
 KOALA_PP_PASSES = 11
@@ -166,19 +163,13 @@ def main(argv=None) -> dict:
         row["vs_adamw_fused"] = row["median_ms"] / fused["median_ms"] if fused else None
     report = {
         "benchmark": "optimizer_step",
-        "device": describe_device() if args.device == "cpu" else torch.cuda.get_device_name(0),
         "torch": torch.__version__,
-        "command": shlex.join(["python", "benchmarks/optimizer_step.py"] + list(sys.argv[1:] if argv is None else argv)),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **provenance(__file__, argv, args.device),
         "copy_bandwidth_gb_s": bandwidth / 1e9,
         "steps": args.steps,
         "rows": rows,
     }
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"optimizer_step_{args.device}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    (out / f"{stem}.md").write_text(markdown(report))
+    write_report(args.output, f"optimizer_step_{args.device}", report, markdown(report))
     print(markdown(report))
     return report
 

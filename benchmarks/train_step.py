@@ -13,13 +13,10 @@ Writes ``benchmarks/results/train_step_<device>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import statistics
 import sys
 import time
 from contextlib import nullcontext
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -28,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 
 from koala_hf import KOALAPlusPlus, per_sample_losses  # noqa: E402
-from run_support import describe_device  # noqa: E402
+from run_support import provenance, write_report  # noqa: E402
 
 
 def lm_workload(batch: int, device: str):
@@ -101,22 +98,16 @@ def main(argv=None) -> dict:
         row["vs_adamw"] = row["median_ms"] / adamw["median_ms"]
     report = {
         "benchmark": "train_step",
-        "device": describe_device() if args.device == "cpu" else torch.cuda.get_device_name(0),
         "torch": torch.__version__,
-        "command": shlex.join(["python", "benchmarks/train_step.py"] + list(sys.argv[1:] if argv is None else argv)),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **provenance(__file__, argv, args.device),
         "bf16": args.bf16,
         "koala_fused": args.koala_fused,
         "rows": rows,
     }
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"train_step_{args.device}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     lines = [f"Training step, {report['device']} (torch {report['torch']}), {report['date']}: `{report['command']}`", "",
              "| model | batch | optimizer | median ms | x AdamW |", "|---|---|---|---|---|"]
     lines += [f"| {r['workload']} | {r['batch']} | {r['optimizer']} | {r['median_ms']:.1f} | {r['vs_adamw']:.3f} |" for r in rows]
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    write_report(args.output, f"train_step_{args.device}", report, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return report
 

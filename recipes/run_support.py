@@ -91,8 +91,12 @@ class RecipeTrainingArguments(TrainingArguments):
         return optimizer_cls_and_kwargs(name, {}, kwargs)
 
 
-def describe_device() -> str:
-    if torch.cuda.is_available():
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def describe_device(device: str | None = None) -> str:
+    """The hardware a run measured: the GPUs when it ran on CUDA, else the CPU and its threads."""
+    if (device is None or device.startswith("cuda")) and torch.cuda.is_available():
         return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
@@ -127,18 +131,31 @@ def train_losses(log_history: list[dict]) -> list[tuple[float, float]]:
 
 
 def command_line(script: str, argv: list[str] | None) -> str:
-    """The command that reproduces a run: the recipe script and the arguments it parsed."""
-    return shlex.join(["python", f"recipes/{Path(script).name}"] + list(sys.argv[1:] if argv is None else argv))
+    """The command that reproduces a run: the script (relative to the repository) and its arguments."""
+    relative = Path(script).resolve().relative_to(ROOT)
+    return shlex.join(["python", str(relative)] + list(sys.argv[1:] if argv is None else argv))
 
 
-def write_results(output_dir: str | Path, results: dict, command: str) -> Path:
-    """``results.json`` with the run's metrics plus the exact command, device and date."""
-    results = {
-        **results,
-        "command": command,
-        "device": describe_device(),
+def provenance(script: str, argv: list[str] | None, device: str | None = None) -> dict:
+    """What stamps every results file: the exact command, the device and the date."""
+    return {
+        "command": command_line(script, argv),
+        "device": describe_device(device),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def write_report(output_dir: str | Path, stem: str, report: dict, markdown: str) -> None:
+    """A benchmark's ``<stem>.json`` and ``<stem>.md`` in ``output_dir``."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{stem}.md").write_text(markdown)
+
+
+def write_results(output_dir: str | Path, results: dict, stamp: dict) -> Path:
+    """``results.json`` with the run's metrics plus its :func:`provenance`."""
+    results = {**results, **stamp}
     path = Path(output_dir) / "results.json"
     path.write_text(json.dumps(results, indent=2, default=str))
     return path

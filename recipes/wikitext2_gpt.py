@@ -43,10 +43,10 @@ from run_support import (  # noqa: E402
     OPTIMIZER_CHOICES,
     EpochTimer,
     RecipeTrainingArguments,
-    command_line,
     epoch_metrics,
     perplexity,
     plot_curves,
+    provenance,
     train_losses,
     write_results,
 )
@@ -260,7 +260,7 @@ def main(argv=None) -> dict:
         "train_loss_curve": train_losses(trainer.state.log_history),
     }
     if trainer.is_world_process_zero():
-        write_results(training.output_dir, results, command_line(__file__, argv))
+        write_results(training.output_dir, results, provenance(__file__, argv))
         plot_curves([results], "validation_perplexity", Path(training.output_dir) / "curves.png", "validation perplexity")
         if push_request:
             print(f"pushed: {prepare_and_push(training.output_dir, **push_request)}")
