@@ -27,7 +27,6 @@ TITLES = {
     "koala++": "KOALA++", "koala++ns": "KOALA++ (NS)", "koala-v": "KOALA-V", "koala-m": "KOALA-M",
     "adamw": "AdamW", "adam": "Adam", "sgd": "SGD",
 }
-HUB_DATASETS = {"cifar10": "uoft-cs/cifar10", "cifar100": "uoft-cs/cifar100", "imagenet32": "benjamin-paine/imagenet-1k-32x32"}
 LM_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
             "tokenizer_config.json", "special_tokens_map.json")
 
@@ -71,13 +70,9 @@ def _export_timm(run_dir: Path, results: dict, output: Path) -> None:
     from koala_hf.vision import create_model
 
     state = load_file(run_dir / "model.safetensors")
-    model = create_model(results["model"], num_classes=_num_classes(results))
+    model = create_model(results["model"], num_classes=results["num_classes"])
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
     save_for_hf(model, str(output), safe_serialization=True)
-
-
-def _num_classes(results: dict) -> int:
-    return {"cifar10": 10, "cifar100": 100, "imagenet32": 1000}[results["dataset"]]
 
 
 def model_card(results: dict, repo_id: str) -> ModelCard:
@@ -127,8 +122,8 @@ def model_card(results: dict, repo_id: str) -> ModelCard:
         card_data = ModelCardData(
             library_name="timm", pipeline_tag="image-classification", model_name=repo_id,
             tags=common_tags + ["image-classification", "timm", results["model"], dataset],
-            datasets=[HUB_DATASETS[dataset]],
-            eval_results=[EvalResult(task_type="image-classification", dataset_type=HUB_DATASETS[dataset],
+            datasets=[results["hub_dataset"]],
+            eval_results=[EvalResult(task_type="image-classification", dataset_type=results["hub_dataset"],
                                      dataset_name=dataset.upper(), dataset_split="test", metric_type=t, metric_name=n,
                                      metric_value=v) for t, n, v in evals],
         )

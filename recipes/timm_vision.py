@@ -279,7 +279,7 @@ def run(argv=None):
     dataset = model_args.dataset or preset["dataset"]
     if dataset not in DATASETS:
         raise SystemExit(f"--dataset must be one of {', '.join(DATASETS)}")
-    classes, *_, normalisation = DATASETS[dataset]
+    classes, hub_id, _, _, normalisation = DATASETS[dataset]
     architecture = model_args.model or preset["model"]
     cutout = preset.get("cutout", False) if model_args.cutout is None else model_args.cutout
     data.max_train_samples = data.max_train_samples or preset.get("max_train_samples")
@@ -327,6 +327,8 @@ def run(argv=None):
         "task": "timm_vision",
         "preset": model_args.preset,
         "dataset": dataset,
+        "num_classes": classes,
+        "hub_dataset": data.hub_dataset or hub_id,
         "model": architecture,
         "parameters": sum(p.numel() for p in model.parameters()),
         "optimizer": model_args.optimizer,
