@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -27,6 +28,9 @@ TITLES = {
     "koala++": "KOALA++", "koala++ns": "KOALA++ (NS)", "koala-v": "KOALA-V", "koala-m": "KOALA-M",
     "adamw": "AdamW", "adam": "Adam", "sgd": "SGD",
 }
+DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet32": "ImageNet32"}
+# The recipe scripts pushed beside the model, so that its card's reproduction runs from the repository alone.
+RECIPE_FILES = {"wikitext2_gpt": ("wikitext2_gpt.py", "run_support.py"), "timm_vision": ("timm_vision.py", "run_support.py")}
 LM_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
             "tokenizer_config.json", "special_tokens_map.json")
 
@@ -58,6 +62,11 @@ def prepare(run_dir: str | Path, output: str | Path | None = None, repo_id: str 
     for name in ("results.json", "curves.png"):
         if (run_dir / name).exists():
             shutil.copy2(run_dir / name, output / name)
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    if recipes.is_dir():
+        (output / "recipe").mkdir(exist_ok=True)
+        for name in RECIPE_FILES[results["task"]]:
+            shutil.copy2(recipes / name, output / "recipe" / name)
     model_card(results, repo_id or f"koala-hf/{run_dir.resolve().name}").save(output / "README.md")
     return output
 
@@ -75,75 +84,102 @@ def _export_timm(run_dir: Path, results: dict, output: Path) -> None:
     save_for_hf(model, str(output), safe_serialization=True)
 
 
+def _plural(count: int, noun: str, plural: str | None = None) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {plural or noun + 's'}"
+
+
+def _epochs_text(value) -> str:
+    return str(value) if value is not None else "?"
+
+
 def model_card(results: dict, repo_id: str) -> ModelCard:
-    """The model card of a run: Hub metadata (tags, datasets, model-index) and how it was trained."""
+    """The model card of a run: Hub metadata (tags, datasets, model-index) and how it was trained.
+
+    It states only what ``results.json`` records: the data's real source (a Hub
+    dataset, or a local folder), the splits as they were used, every optimizer
+    hyperparameter, and a reproduction from the files pushed with the card.
+    """
     optimizer = results["optimizer"]
     title = TITLES.get(optimizer, optimizer)
-    hyperparameters = {**results["optimizer_kwargs"], "lr": results["learning_rate"], "weight_decay": results["weight_decay"]}
+    hyperparameters = results.get("hyperparameters") or {
+        **results["optimizer_kwargs"], "lr": results["learning_rate"], "weight_decay": results["weight_decay"]}
     common_tags = ["koala-hf", "kalman-filter-optimizer", optimizer, title]
     if results["task"] == "wikitext2_gpt":
         model = results["model"]
-        dataset_name = "WikiText-2"
-        split = "second half of test.txt" if results["data"]["halve_test_split"] else "test"
-        evals = [("perplexity", "Test perplexity", results["test_perplexity"], split)]
+        data = results["data"]
+        hub_dataset = data.get("hub_dataset", "Salesforce/wikitext" if "/" in data["source"] else None)
+        halved = data["halve_test_split"]
+        test_split = "test (second half of test.txt)" if halved else "test"
+        validation_split = "test (first half of test.txt)" if halved else "validation"
+        dataset_name = "WikiText-2" if hub_dataset else f"WikiText-2 (local files, {data['source']})"
+        evals = [("perplexity", "Test perplexity", results["test_perplexity"], test_split)]
         if results.get("best_validation_perplexity") is not None:
-            evals.append(("perplexity", "Best validation perplexity", results["best_validation_perplexity"], "validation"))
+            evals.append(("perplexity", "Best validation perplexity", results["best_validation_perplexity"], validation_split))
         card_data = ModelCardData(
             library_name="transformers", pipeline_tag="text-generation", model_name=repo_id,
-            tags=common_tags + ["gpt2", "wikitext-2", "causal-lm"], datasets=["Salesforce/wikitext"],
-            eval_results=[EvalResult(task_type="text-generation", dataset_type="Salesforce/wikitext",
+            tags=common_tags + ["wikitext-2", "causal-lm"], datasets=[hub_dataset] if hub_dataset else None,
+            eval_results=[EvalResult(task_type="text-generation", dataset_type=hub_dataset or "wikitext",
                                      dataset_name=dataset_name, dataset_config="wikitext-2-v1", dataset_split=s,
                                      metric_type=t, metric_name=n, metric_value=v) for t, n, v, s in evals],
         )
+        layers = _plural(model["n_layer"], "layer")
+        architecture = model.get("architecture", "GPT2LMHeadModel")
         details = dict(
-            summary=f"A GPT-style decoder ({model['n_layer']} layers, width {model['n_embd']}, {model['n_head']} heads, "
-                    f"context {model['block_size']}) trained from scratch on WikiText-2 for word-level language modelling.",
-            model_description=f"GPT-2 architecture, {model['n_layer']} layers x {model['n_embd']}, {model['n_head']} heads, "
-                              f"context {model['block_size']}, word-level vocabulary of {model['vocab_size']:,}",
+            summary=f"A GPT-style decoder ({layers}, width {model['n_embd']}, {_plural(model['n_head'], 'head')}, "
+                    f"context {model['block_size']}) trained on WikiText-2 for language modelling.",
+            model_description=f"`{architecture}`, {layers} x {model['n_embd']}, {_plural(model['n_head'], 'head')}, "
+                              f"context {model['block_size']}, vocabulary of {model['vocab_size']:,}",
             parameters=model["parameters"],
-            data_description=_lm_data(results["data"]),
+            data_description=_lm_data(data),
             schedule=f"{results['lr_scheduler']}",
             metrics=[("test perplexity", f"{results['test_perplexity']:.2f}"),
                      ("best validation perplexity", _fmt(results.get("best_validation_perplexity"))),
-                     ("tokens / s (training)", f"{results['tokens_per_second']:,.0f}")],
+                     ("tokens / s (training)", _fmt(results.get("tokens_per_second"), "{:,.0f}"))],
             load_snippet=(f'from transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
                           f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")\n'
                           f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n'
                           f'ids = tokenizer("The meaning of", return_tensors="pt")\n'
                           f'print(tokenizer.decode(model.generate(**ids, max_new_tokens=20)[0]))'),
-            limitations="A small research model: word-level WikiText-2 text only (Wikipedia articles), no safety "
+            limitations="A small research model: WikiText-2 text only (Wikipedia articles), no safety "
                         "tuning; words outside its vocabulary become `<unk>`. Not for production text generation.",
             recipe="recipes/wikitext2_gpt.py",
+            data_flag="a folder with WikiText-2's `train.txt`/`valid.txt`/`test.txt`",
         )
     else:
         dataset = results["dataset"]
+        hub_dataset = results.get("hub_dataset")
+        source = results.get("data_source") or (f"Hub: {hub_dataset}" if hub_dataset else "a local folder")
+        pretty = DATASET_NAMES.get(dataset, dataset)
+        dataset_name = pretty if hub_dataset else f"{pretty} format, local files ({source})"
         evals = [("top1_error", "Top-1 error (%)", results["test_top1_error"]),
                  ("top5_error", "Top-5 error (%)", results["test_top5_error"])]
         card_data = ModelCardData(
             library_name="timm", pipeline_tag="image-classification", model_name=repo_id,
             tags=common_tags + ["image-classification", "timm", results["model"], dataset],
-            datasets=[results["hub_dataset"]],
-            eval_results=[EvalResult(task_type="image-classification", dataset_type=results["hub_dataset"],
-                                     dataset_name=dataset.upper(), dataset_split="test", metric_type=t, metric_name=n,
+            datasets=[hub_dataset] if hub_dataset else None,
+            eval_results=[EvalResult(task_type="image-classification", dataset_type=hub_dataset or dataset,
+                                     dataset_name=dataset_name, dataset_split="test", metric_type=t, metric_name=n,
                                      metric_value=v) for t, n, v in evals],
         )
         details = dict(
-            summary=f"timm `{results['model']}` (32x32 stem) trained from scratch on {dataset.upper()}.",
+            summary=f"timm `{results['model']}` (32x32 stem) trained from scratch on {dataset_name}.",
             model_description=f"timm `{results['model']}` registered by `koala_hf.vision` (CIFAR stem for 32x32 inputs)",
             parameters=results["parameters"],
-            data_description=f"{dataset.upper()}: {results['train_samples']:,} training and {results['test_samples']:,} "
+            data_description=f"{dataset_name}: {results['train_samples']:,} training and {results['test_samples']:,} "
                              f"test images; {results['augmentation']}",
             schedule=results["schedule"],
             metrics=[("top-1 error (%)", f"{results['test_top1_error']:.2f}"),
                      ("top-5 error (%)", f"{results['test_top5_error']:.2f}"),
-                     ("images / s (training)", f"{results['images_per_second']:,.0f}")],
+                     ("images / s (training)", _fmt(results.get("images_per_second"), "{:,.0f}"))],
             load_snippet=(f'import timm\nimport koala_hf.vision  # registers the 32x32 architectures\n\n'
                           f'model = timm.create_model("hf-hub:{repo_id}", pretrained=True).eval()\n'
                           f'config = timm.data.resolve_data_config({{}}, model=model)  # 32x32, CIFAR normalisation'),
-            limitations=f"Trained on 32x32 {dataset.upper()} images; expects 32x32 inputs normalised as in its "
+            limitations=f"Trained on 32x32 {pretty} images; expects 32x32 inputs normalised as in its "
                         "`pretrained_cfg`. Not for other resolutions or domains without fine-tuning.",
             recipe="recipes/timm_vision.py",
+            data_flag=f"a folder with the original {pretty} archives",
         )
+    data_flag = details.pop("data_flag")
     epochs = [e for e in results["epochs"] if e.get("seconds")]
     return ModelCard.from_template(
         card_data,
@@ -153,16 +189,58 @@ def model_card(results: dict, repo_id: str) -> ModelCard:
         optimizer_title=title,
         hyperparameters=sorted(hyperparameters.items()),
         preset=results["preset"],
-        epochs=len(epochs),
+        epochs=_epochs_text(results.get("num_epochs")),
+        steps=results.get("steps"),
         batch_size=results["batch_size"],
         seed=results["seed"],
         device=results["device"],
+        launch=_launch_text(results),
         date=results["date"],
-        seconds_per_epoch=results["seconds_per_epoch"],
+        seconds_per_epoch=results.get("seconds_per_epoch") or 0.0,
         total_minutes=sum(e["seconds"] for e in epochs) / 60,
         command=results["command"],
+        reproduce=reproduction(results, repo_id, data_flag),
         **details,
     )
+
+
+def _launch_text(results: dict) -> str:
+    launched = results.get("launcher", "python")
+    processes = results.get("processes", 1)
+    precision = results.get("mixed_precision", "no")
+    return f"{launched}, {_plural(processes, 'process', 'processes')}, mixed precision: {precision}"
+
+
+def reproduction(results: dict, repo_id: str, data_flag: str) -> str:
+    """Shell lines that rerun the run from what the Hub repository holds (its ``recipe/`` folder)."""
+    args = shlex.split(results["command"])[2:]  # drop "python recipes/<script>.py"
+    script = Path(shlex.split(results["command"])[1]).name
+    kept, skip = [], False
+    local_data = False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--output_dir", "--data_dir", "--resume_from_checkpoint"):
+            local_data |= arg == "--data_dir"
+            skip = True
+            continue
+        if arg.startswith(("--output_dir=", "--data_dir=", "--resume_from_checkpoint=")):
+            local_data |= arg.startswith("--data_dir=")
+            continue
+        kept.append(arg)
+    if local_data:
+        kept += ["--data_dir", "DATA_DIR"]
+    kept += ["--output_dir", "rerun"]
+    lines = [
+        'pip install koala_hf',
+        f'hf download {repo_id} --include "recipe/*" --local-dir {repo_id.split("/")[-1]}',
+        f'cd {repo_id.split("/")[-1]}',
+        shlex.join(["python", f"recipe/{script}"] + kept),
+    ]
+    if local_data:
+        lines.insert(0, f"# DATA_DIR: {data_flag} (the run read a local copy; without --data_dir the recipe loads the Hub's)")
+    return "\n".join(lines)
 
 
 def _lm_data(data: dict) -> str:
@@ -175,8 +253,8 @@ def _lm_data(data: dict) -> str:
             f"{data['train_blocks']:,} training blocks")
 
 
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.2f}"
+def _fmt(value, pattern: str = "{:.2f}") -> str:
+    return "-" if value is None else pattern.format(value)
 
 
 def push(folder: str | Path, repo_id: str, private: bool | None = None, token: str | None = None) -> str:

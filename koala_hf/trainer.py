@@ -51,14 +51,35 @@ def refuse_sharded_setups(*, fsdp: bool, deepspeed: bool) -> None:
         raise ValueError(SHARDED_SETUP_ERROR.format(setup="DeepSpeed ZeRO"))
 
 
+def is_causal_lm(model) -> bool:
+    """A causal LM by its class hierarchy (so also under wrappers that subclass it, e.g. FSDP's ``FSDP<Name>``)."""
+    names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    return any(cls.__name__ in names for cls in type(model).__mro__)
+
+
+def declare_causal_lm_loss(model) -> None:
+    """Give a causal LM without a ``loss_type`` (e.g. ``GPT2LMHeadModel(config)``) the one its loss uses anyway.
+
+    Its loss falls back to ``ForCausalLM`` with a warning, but the Trainer reads
+    ``loss_type`` to learn that labels are shifted: without it, it divides the
+    summed loss of ``T - 1`` predicted tokens by ``T`` labels per sequence, so
+    the loss it trains on and reports is too low by ``(T - 1) / T``.
+    """
+    if model is not None and is_causal_lm(model) and getattr(model, "loss_type", "") is None:
+        model.loss_type = "ForCausalLM"
+
+
 class KoalaTrainer(Trainer):
     """``transformers.Trainer`` for the KOALA optimizers (see the module docstring).
 
     Pass an optimizer (``optimizers=(KOALAPlusPlus(model.parameters(), lr=2e-3), None)``)
-    or :class:`KoalaTrainingArguments` naming the variant.
+    or :class:`KoalaTrainingArguments` naming the variant. A causal LM built
+    without a ``loss_type`` gets ``ForCausalLM`` (:func:`declare_causal_lm_loss`),
+    so the loss trained on and reported is the mean over the tokens predicted.
     """
 
     def __init__(self, *args, **kwargs):
+        declare_causal_lm_loss(kwargs.get("model", args[0] if args else None))
         super().__init__(*args, **kwargs)
         if self.optimizer is None and self.optimizer_cls_and_kwargs is None:
             if not isinstance(self.args, KoalaTrainingArguments):
@@ -96,8 +117,7 @@ class KoalaTrainer(Trainer):
         else:
             # A causal LM by its class (as the Trainer's label smoothing decides) or by its loss_type; a model
             # built from a config may lack the loss_type the Trainer's own flag reads.
-            causal = unwrapped._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
-            shift = causal or bool(getattr(self, "_loss_shifts_labels", False))
+            shift = is_causal_lm(unwrapped) or bool(getattr(self, "_loss_shifts_labels", False))
         config = getattr(unwrapped, "config", None)
         smoothing = self.args.label_smoothing_factor if self.label_smoother is not None else 0.0
         return per_sample_losses(
@@ -142,6 +162,14 @@ class KoalaTrainer(Trainer):
             )
 
     # ------------------------------------------------------ logs and saving
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """The Trainer's check, less tied weights: a checkpoint omits them by design (``lm_head`` = embeddings)."""
+        config = getattr(self.model, "config", None)
+        ties = getattr(config, "tie_word_embeddings", True) is not False
+        tied = (getattr(self.model, "_tied_weights_keys", None) or {}) if ties else {}
+        missing = [k for k in load_result.missing_keys if k not in tied]
+        super()._issue_warnings_after_load(type(load_result)(missing, load_result.unexpected_keys))
+
     def log(self, logs: dict, *args, **kwargs) -> None:
         optimizer = koala_optimizer(self.optimizer) if self.optimizer is not None else None
         if optimizer is not None and "loss" in logs:

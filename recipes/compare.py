@@ -50,8 +50,8 @@ def table(runs: list[dict]) -> str:
     head = ["run", "optimizer", "preset", "epochs"] + [heading for _, heading, _ in columns]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in runs:
-        trained = [e for e in run["epochs"] if e["epoch"] > 0]  # epoch 0: the untrained model
-        cells = [run["label"], run["optimizer"], run["preset"], str(len(trained))]
+        trained = run.get("num_epochs", len([e for e in run["epochs"] if e["epoch"] > 0]))  # epoch 0: untrained
+        cells = [run["label"], run["optimizer"], run["preset"], str(trained)]
         cells += [fmt.format(run[key]) if run.get(key) is not None else "-" for key, _, fmt in columns]
         rows.append("| " + " | ".join(cells) + " |")
     rows.append("")

@@ -18,7 +18,6 @@ per epoch, the command, device and date), ``curves.png`` and the checkpoints.
 
 from __future__ import annotations
 
-import json
 import math
 import pickle
 import sys
@@ -36,12 +35,18 @@ from transformers import HfArgumentParser, set_seed
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_support import (  # noqa: E402
     OPTIMIZER_CHOICES,
-    EpochTimer,
     RecipeTrainingArguments,
-    epoch_metrics,
+    RunHistory,
+    all_hyperparameters,
+    canonical_optimizer_name,
+    epoch_table,
+    parse_optimizer_kwargs,
     plot_curves,
     provenance,
+    require_hub,
+    run_record,
     train_losses,
+    use_the_machines_cores,
     write_results,
 )
 
@@ -99,7 +104,8 @@ class ModelArguments:
     model: str | None = field(default=None, metadata={"help": "A 32x32 timm model (resnet18_cifar, ... or its timm name)."})
     optimizer: str = field(default="koala++", metadata={"help": f"One of {', '.join(OPTIMIZER_CHOICES)}."})
     optimizer_kwargs: str | None = field(default=None, metadata={"help": "JSON overriding optimizer settings."})
-    cutout: bool | None = field(default=None, metadata={"help": "Cutout 16x16 (the AdaFisher protocol)."})
+    cutout: bool = field(default=False, metadata={"help": "Cutout 16x16 (on in the adafisher_cifar10 preset)."})
+    no_cutout: bool = field(default=False, metadata={"help": "No Cutout, even where the preset uses it."})
 
 
 @dataclass
@@ -110,10 +116,32 @@ class VisionTrainingArguments(RecipeTrainingArguments):
 
 
 # ------------------------------------------------------------------ data
-def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+def _unpickle(path: Path, keys: tuple[str, ...]) -> dict:
+    """One python-pickle batch, with ``keys`` checked: a damaged or foreign file is named, not a traceback."""
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as error:
+        raise SystemExit(f"{path} is not a readable python-pickle batch ({type(error).__name__}: {error}); "
+                         "it may be truncated: download and unpack the archive again") from None
+    if not isinstance(batch, dict):
+        raise SystemExit(f"{path} holds a {type(batch).__name__}, not a dataset batch")
+    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        hint = ""
+        if "fine_labels" in batch:
+            hint = " It looks like CIFAR-100: pass --dataset cifar100."
+        elif "labels" in batch and "fine_labels" in keys:
+            hint = " It looks like CIFAR-10 or ImageNet32: pass --dataset cifar10 or imagenet32."
+        raise SystemExit(f"{path} has no {', '.join(missing)} (keys: {', '.join(map(str, batch))}).{hint}")
+    return batch
+
+
+def _check_labels(path_hint: str, labels: np.ndarray, classes: int, first: int = 0) -> None:
+    if labels.size and (labels.min() < first or labels.max() >= classes + first):
+        raise SystemExit(f"{path_hint}: labels run from {labels.min()} to {labels.max()}, not {first}..{classes - 1 + first}: "
+                         "is this the right dataset for --dataset?")
 
 
 def _as_images(rows) -> torch.Tensor:
@@ -125,19 +153,21 @@ def read_cifar(folder: Path, dataset: str) -> dict:
     if dataset == "cifar10":
         root = folder / "cifar-10-batches-py" if (folder / "cifar-10-batches-py").is_dir() else folder
         files = {"train": [root / f"data_batch_{i}" for i in range(1, 6)], "test": [root / "test_batch"]}
-        key = "labels"
+        key, classes, other = "labels", 10, ("cifar-100-python", "cifar100")
     else:
         root = folder / "cifar-100-python" if (folder / "cifar-100-python").is_dir() else folder
         files = {"train": [root / "train"], "test": [root / "test"]}
-        key = "fine_labels"
+        key, classes, other = "fine_labels", 100, ("cifar-10-batches-py", "cifar10")
     missing = [str(p) for paths in files.values() for p in paths if not p.exists()]
     if missing:
-        raise SystemExit(f"--data_dir {folder}: missing {', '.join(missing)} (the original {dataset} python archives)")
+        hint = f" It holds {other[0]}: pass --dataset {other[1]}." if (folder / other[0]).is_dir() else ""
+        raise SystemExit(f"--data_dir {folder}: missing {', '.join(missing)} (the original {dataset} python archives).{hint}")
     splits = {}
     for split, paths in files.items():
-        batches = [_unpickle(p) for p in paths]
-        splits[split] = (_as_images(np.concatenate([b["data"] for b in batches])),
-                         torch.tensor(np.concatenate([b[key] for b in batches]), dtype=torch.int64))
+        batches = [_unpickle(p, ("data", key)) for p in paths]
+        labels = np.concatenate([b[key] for b in batches])
+        _check_labels(f"--data_dir {folder} ({split})", labels, classes)
+        splits[split] = (_as_images(np.concatenate([b["data"] for b in batches])), torch.tensor(labels, dtype=torch.int64))
     return splits
 
 
@@ -149,15 +179,17 @@ def read_imagenet32(folder: Path) -> dict:
         raise SystemExit(f"--data_dir {folder}: expected train_data_batch_1..10 and val_data (ImageNet32)")
     splits = {}
     for split, paths in (("train", train), ("test", val[:1])):
-        batches = [_unpickle(p) for p in paths]
-        splits[split] = (_as_images(np.concatenate([b["data"] for b in batches])),
-                         torch.tensor(np.concatenate([b["labels"] for b in batches]), dtype=torch.int64) - 1)
+        batches = [_unpickle(p, ("data", "labels")) for p in paths]
+        labels = np.concatenate([b["labels"] for b in batches])
+        _check_labels(f"--data_dir {folder} ({split})", labels, 1000, first=1)
+        splits[split] = (_as_images(np.concatenate([b["data"] for b in batches])), torch.tensor(labels, dtype=torch.int64) - 1)
     return splits
 
 
 def read_hub(name: str, image_column: str, label_column: str) -> dict:
     from datasets import load_dataset
 
+    require_hub(f"Loading {name}", "Pass --data_dir with the original archives.")
     try:
         raw = load_dataset(name)
     except Exception as error:  # offline, or the Hub unreachable
@@ -281,30 +313,32 @@ def run(argv=None):
         raise SystemExit(f"--dataset must be one of {', '.join(DATASETS)}")
     classes, hub_id, _, _, normalisation = DATASETS[dataset]
     architecture = model_args.model or preset["model"]
-    cutout = preset.get("cutout", False) if model_args.cutout is None else model_args.cutout
+    cutout = (preset.get("cutout", False) or model_args.cutout) and not model_args.no_cutout
     data.max_train_samples = data.max_train_samples or preset.get("max_train_samples")
     data.max_eval_samples = data.max_eval_samples or preset.get("max_eval_samples")
     if preset.get("schedule"):
         training.lr_scheduler_type = type(training.lr_scheduler_type)(preset["schedule"])
     training.apply_preset(batch_size=preset["batch_size"], epochs=preset["epochs"])
     optimizer_cls, optimizer_kwargs = training.resolve_optimizer(
-        model_args.optimizer, optimizer_settings(dataset), json.loads(model_args.optimizer_kwargs or "{}")
+        model_args.optimizer, optimizer_settings(dataset), parse_optimizer_kwargs(model_args.optimizer_kwargs)
     )
     push_request = training.take_push_request()
+    use_the_machines_cores()
     set_seed(training.seed)
 
     splits = read_splits(dataset, data)
     train = ImageTensors(*splits["train"], transforms(True, normalisation, cutout), data.max_train_samples)
     test = ImageTensors(*splits["test"], transforms(False, normalisation, False), data.max_eval_samples)
     model = ImageClassifier(create_model(architecture, num_classes=classes))
-    timer = EpochTimer(items_per_epoch=len(train))
+    global_batch = training.per_device_train_batch_size * training.world_size
+    training.scale_logging(math.ceil(len(train) / global_batch) // training.gradient_accumulation_steps)
     trainer = VisionTrainer(
         model=model,
         args=training,
         train_dataset=train,
         eval_dataset=test,
         optimizer_cls_and_kwargs=(optimizer_cls, optimizer_kwargs),
-        callbacks=[timer],
+        callbacks=[RunHistory(items_per_epoch=len(train))],
         compute_metrics=top_k_metrics(),
         preprocess_logits_for_metrics=top5_indices,
         milestones=None if preset.get("schedule") else preset.get("milestones"),
@@ -312,31 +346,28 @@ def run(argv=None):
     loading = data_throughput(trainer.get_train_dataloader(), data.measure_batches)
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     trainer.save_model()
-    final = trainer.evaluate()
+    final = trainer.evaluate(metric_key_prefix="test")
 
-    evaluated = epoch_metrics(trainer.state.log_history)
-    epochs = []
-    for timing in timer.epochs:
-        entry = {"epoch": timing["epoch"], "seconds": timing["seconds"], "images_per_second": timing["items_per_second"]}
-        metrics = evaluated.get(timing["epoch"], {})
-        entry.update({f"validation_{k}": metrics[k] for k in ("loss", "top1_error", "top5_error") if k in metrics})
-        epochs.append(entry)
+    epochs, totals = epoch_table(trainer.state.log_history, "images_per_second")
     best = min((e for e in epochs if "validation_top1_error" in e), key=lambda e: e["validation_top1_error"], default=None)
-    training_speed = sum(e["images_per_second"] for e in epochs) / max(len(epochs), 1)
+    training_speed = totals["images_per_second"]
+    source = f"--data_dir {data.data_dir}" if data.data_dir else f"Hub: {data.hub_dataset or hub_id}"
     results = {
         "task": "timm_vision",
         "preset": model_args.preset,
         "dataset": dataset,
         "num_classes": classes,
-        "hub_dataset": data.hub_dataset or hub_id,
+        "hub_dataset": None if data.data_dir else data.hub_dataset or hub_id,
+        "data_source": source,
         "model": architecture,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "optimizer": model_args.optimizer,
+        "optimizer": canonical_optimizer_name(model_args.optimizer),
         "optimizer_kwargs": optimizer_kwargs,
+        "hyperparameters": all_hyperparameters(optimizer_cls, {**optimizer_kwargs, "weight_decay": training.weight_decay}),
         "learning_rate": training.learning_rate,
         "weight_decay": training.weight_decay,
         "batch_size": training.per_device_train_batch_size * training.gradient_accumulation_steps * training.world_size,
-        "num_epochs": training.num_train_epochs,
+        **run_record(trainer, training),
         "schedule": preset.get("schedule") or f"multistep {list(preset.get('milestones', ()))} x0.1",
         "augmentation": "random crop 32 (padding 4) + horizontal flip" + (" + cutout 16" if cutout else ""),
         "seed": training.seed,
@@ -345,11 +376,10 @@ def run(argv=None):
         "epochs": epochs,
         "best_epoch": best["epoch"] if best else None,
         "best_validation_top1_error": best["validation_top1_error"] if best else None,
-        "test_top1_error": final["eval_top1_error"],
-        "test_top5_error": final["eval_top5_error"],
-        "test_loss": final["eval_loss"],
-        "seconds_per_epoch": sum(e["seconds"] for e in epochs) / max(len(epochs), 1),
-        "images_per_second": training_speed,
+        "test_top1_error": final["test_top1_error"],
+        "test_top5_error": final["test_top5_error"],
+        "test_loss": final["test_loss"],
+        **totals,
         "data_images_per_second": loading,
         "data_pipeline_headroom": loading / training_speed if training_speed else None,
         "train_loss_curve": train_losses(trainer.state.log_history),

@@ -21,7 +21,7 @@ epoch, the command, device and date) and ``curves.png``.
 
 from __future__ import annotations
 
-import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,13 +41,19 @@ from transformers import (
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_support import (  # noqa: E402
     OPTIMIZER_CHOICES,
-    EpochTimer,
     RecipeTrainingArguments,
-    epoch_metrics,
+    RunHistory,
+    all_hyperparameters,
+    canonical_optimizer_name,
+    epoch_table,
+    parse_optimizer_kwargs,
     perplexity,
     plot_curves,
     provenance,
+    require_hub,
+    run_record,
     train_losses,
+    use_the_machines_cores,
     write_results,
 )
 
@@ -110,6 +116,8 @@ class ModelArguments:
 def read_splits(data: DataArguments) -> DatasetDict:
     """The three splits as ``text`` datasets (one line per row), from the Hub or a local folder."""
     if data.data_dir is None:
+        require_hub(f"Loading {data.dataset_name}/{data.dataset_config}",
+                    "Pass --data_dir with train.txt/valid.txt/test.txt or the Hub's parquet files.")
         try:
             raw = load_dataset(data.dataset_name, data.dataset_config)
         except Exception as error:  # offline, or the Hub unreachable
@@ -119,6 +127,16 @@ def read_splits(data: DataArguments) -> DatasetDict:
             ) from error
     else:
         raw = read_local(Path(data.data_dir))
+    if data.train_split not in raw:
+        hint = " Without a training text, pass --train_split validation --halve_test_split." if data.train_split == "train" else ""
+        where = f"--data_dir {data.data_dir} has no {LOCAL_FILES.get(data.train_split, data.train_split)}" if data.data_dir \
+            else f"{data.dataset_name} has no {data.train_split!r} split"
+        raise SystemExit(f"{where} to train on (--train_split {data.train_split}).{hint}")
+    needed = ["test"] if data.halve_test_split else ["validation", "test"]
+    missing = [split for split in needed if split not in raw]
+    if missing:
+        raise SystemExit(f"--data_dir {data.data_dir} lacks {', '.join(LOCAL_FILES[m] for m in missing)}"
+                         + ("" if data.halve_test_split else " (or pass --halve_test_split to validate and test on test.txt)"))
     if data.halve_test_split:
         test = raw["test"]
         half = len(test) // 2
@@ -133,6 +151,9 @@ def read_local(folder: Path) -> DatasetDict:
     if not folder.is_dir():
         raise SystemExit(f"--data_dir {folder} is not a folder")
     text_files = {split: folder / name for split, name in LOCAL_FILES.items() if (folder / name).exists()}
+    for path in text_files.values():
+        if not path.read_text(encoding="utf-8", errors="replace").strip():
+            raise SystemExit(f"{path} is empty or blank: it must hold WikiText-2 text (one paragraph per line)")
     if text_files:
         return load_dataset("text", data_files={k: str(v) for k, v in text_files.items()}, keep_linebreaks=True)
     parquet = {split: sorted(str(p) for p in folder.rglob(f"{split}-*.parquet")) for split in LOCAL_FILES}
@@ -170,8 +191,21 @@ def blocks(split, tokenizer, block_size: int, limit: int | None):
         return {"input_ids": chunks, "labels": [list(c) for c in chunks]}
 
     tokens = split.map(tokenize, batched=True, remove_columns=split.column_names)
-    grouped = tokens.map(group, batched=True, batch_size=100_000)
+    grouped = tokens.map(group, batched=True, batch_size=100_000, remove_columns=tokens.column_names)
+    grouped = grouped.map(lambda batch: {"attention_mask": [[1] * len(ids) for ids in batch["input_ids"]]}, batched=True)
     return grouped.select(range(min(limit, len(grouped)))) if limit else grouped
+
+
+def require_blocks(splits: dict, block_size: int, data: DataArguments) -> None:
+    """Every split must give at least one block: say which text is too short, and what to do."""
+    for name, split in splits.items():
+        if len(split) == 0:
+            source = {"train": data.train_split, "validation": "validation", "test": "test"}[name]
+            if data.halve_test_split and name != "train":
+                source = "test"
+            where = f"{data.data_dir}/{LOCAL_FILES.get(source, source)}" if data.data_dir else f"the {source} split"
+            raise SystemExit(f"{where} is too short for the {name} split: it gives no block of {block_size} tokens. "
+                             "Use the full WikiText-2 file or a smaller --block_size.")
 
 
 def main(argv=None) -> dict:
@@ -185,9 +219,10 @@ def main(argv=None) -> dict:
     data.max_eval_blocks = data.max_eval_blocks or preset.get("max_eval_blocks")
     training.apply_preset(batch_size=preset["batch_size"], epochs=preset["epochs"])
     optimizer_cls, optimizer_kwargs = training.resolve_optimizer(
-        model_args.optimizer, OPTIMIZER_SETTINGS, json.loads(model_args.optimizer_kwargs or "{}")
+        model_args.optimizer, OPTIMIZER_SETTINGS, parse_optimizer_kwargs(model_args.optimizer_kwargs)
     )
     push_request = training.take_push_request()
+    use_the_machines_cores()
     set_seed(training.seed)
 
     raw = read_splits(data)
@@ -202,6 +237,7 @@ def main(argv=None) -> dict:
         "validation": blocks(raw["validation"], tokenizer, shape["block_size"], data.max_eval_blocks),
         "test": blocks(raw["test"], tokenizer, shape["block_size"], data.max_eval_blocks),
     }
+    require_blocks(splits, shape["block_size"], data)
 
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=shape["block_size"], n_embd=shape["n_embd"],
@@ -209,7 +245,8 @@ def main(argv=None) -> dict:
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     model = GPT2LMHeadModel(config)
-    timer = EpochTimer(items_per_epoch=len(splits["train"]) * shape["block_size"])
+    global_batch = training.per_device_train_batch_size * training.world_size
+    training.scale_logging(math.ceil(len(splits["train"]) / global_batch) // training.gradient_accumulation_steps)
     trainer = KoalaTrainer(
         model=model,
         args=training,
@@ -218,45 +255,43 @@ def main(argv=None) -> dict:
         data_collator=default_data_collator,
         processing_class=tokenizer,
         optimizer_cls_and_kwargs=(optimizer_cls, optimizer_kwargs),
-        callbacks=[timer],
     )
-    initial = None if training.resume_from_checkpoint else trainer.evaluate()["eval_loss"]  # epoch 0
+    initial = None if training.resume_from_checkpoint else trainer.evaluate()  # epoch 0: the untrained model
+    trainer.add_callback(RunHistory(items_per_epoch=len(splits["train"]) * shape["block_size"], initial_metrics=initial))
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
-    trainer.save_model()  # the best-validation model (load_best_model_at_end), posterior weights for KOALA-M
+    trainer.save_model()  # the best-validation model (or the final one without checkpoints); KOALA-M: posterior weights
     tokenizer.save_pretrained(training.output_dir)
     test = trainer.evaluate(splits["test"], metric_key_prefix="test")
 
-    validation = epoch_metrics(trainer.state.log_history)
-    epochs = [] if initial is None else [{"epoch": 0, "validation_loss": initial, "validation_perplexity": perplexity(initial)}]
-    for timing in timer.epochs:
-        entry = dict(timing)  # validation_* of epoch k are logged after training epoch k
-        entry["tokens_per_second"] = entry.pop("items_per_second")
-        if timing["epoch"] in validation:
-            loss = validation[timing["epoch"]]["loss"]
-            entry.update(validation_loss=loss, validation_perplexity=perplexity(loss))
-        epochs.append(entry)
+    epochs, totals = epoch_table(trainer.state.log_history, "tokens_per_second")
+    for entry in epochs:
+        if "validation_loss" in entry:
+            entry["validation_perplexity"] = perplexity(entry["validation_loss"])
     best = min((e for e in epochs if e["epoch"] > 0 and "validation_loss" in e), key=lambda e: e["validation_loss"], default=None)
     results = {
         "task": "wikitext2_gpt",
         "preset": model_args.preset,
-        "optimizer": model_args.optimizer,
+        "optimizer": canonical_optimizer_name(model_args.optimizer),
         "optimizer_kwargs": optimizer_kwargs,
+        "hyperparameters": all_hyperparameters(optimizer_cls, {**optimizer_kwargs, "weight_decay": training.weight_decay}),
         "learning_rate": training.learning_rate,
         "weight_decay": training.weight_decay,
-        "model": {**shape, "vocab_size": len(tokenizer), "parameters": sum(p.numel() for p in model.parameters())},
-        "data": {"source": data.data_dir or f"{data.dataset_name}/{data.dataset_config}", "train_split": data.train_split,
+        "model": {"architecture": type(model).__name__, **shape, "vocab_size": len(tokenizer),
+                  "parameters": sum(p.numel() for p in model.parameters()),
+                  "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)},
+        "data": {"source": data.data_dir or f"{data.dataset_name}/{data.dataset_config}",
+                 "hub_dataset": None if data.data_dir else data.dataset_name, "train_split": data.train_split,
                  "halve_test_split": data.halve_test_split, **{f"{k}_blocks": len(v) for k, v in splits.items()}},
         "batch_size": training.per_device_train_batch_size * training.gradient_accumulation_steps * training.world_size,
-        "num_epochs": training.num_train_epochs,
-        "lr_scheduler": str(training.lr_scheduler_type.value if hasattr(training.lr_scheduler_type, "value") else training.lr_scheduler_type),
+        **run_record(trainer, training),
+        "lr_scheduler": str(getattr(training.lr_scheduler_type, "value", training.lr_scheduler_type)),
         "seed": training.seed,
         "epochs": epochs,
         "best_epoch": best["epoch"] if best else None,
         "best_validation_perplexity": best["validation_perplexity"] if best else None,
         "test_loss": test["test_loss"],
         "test_perplexity": perplexity(test["test_loss"]),
-        "seconds_per_epoch": sum(e["seconds"] for e in timer.epochs) / max(len(timer.epochs), 1),
-        "tokens_per_second": sum(e["items_per_second"] for e in timer.epochs) / max(len(timer.epochs), 1),
+        **totals,
         "train_loss_curve": train_losses(trainer.state.log_history),
     }
     if trainer.is_world_process_zero():

@@ -10,6 +10,16 @@ sys.path.insert(0, str(ROOT / "recipes"))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+# Tests that use these fixtures train a recipe model: they belong to the slow set (pytest -m "not slow" skips them).
+SLOW_FIXTURES = {"lm_smoke_run", "vision_smoke_run"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def wikitext_dir() -> Path:
     folder = SHARED_DATA / "wikitext-2"
@@ -48,6 +58,6 @@ def vision_smoke_run(cifar_dir, tmp_path_factory):
     output = tmp_path_factory.mktemp("smoke-vision")
     results = timm_vision.main([
         "--preset", "smoke", "--data_dir", str(cifar_dir), "--optimizer", "koala++", "--output_dir", str(output),
-        "--logging_steps", "2", "--disable_tqdm", "true", "--measure_batches", "3",
+        "--disable_tqdm", "true", "--measure_batches", "3",
     ])
     return results, output

@@ -31,15 +31,20 @@ def test_the_language_model_folder_loads_and_its_card_says_how_it_was_trained(lm
     card = ModelCard.load(folder / "README.md")
     data = card.data
     assert data.library_name == "transformers" and data.pipeline_tag == "text-generation"
-    assert "koala++" in data.tags and "koala-hf" in data.tags and data.datasets == ["Salesforce/wikitext"]
+    # Trained on local files: the card names them and claims no Hub dataset.
+    assert "koala++" in data.tags and "koala-hf" in data.tags and not data.datasets
+    assert {r.dataset_split for r in data.eval_results} == {"test (second half of test.txt)", "test (first half of test.txt)"}
+    assert all("local files" in r.dataset_name for r in data.eval_results)
     metrics = card_metrics(card)
     assert metrics[("perplexity", "Test perplexity")] == results["test_perplexity"]
     assert metrics[("perplexity", "Best validation perplexity")] == results["best_validation_perplexity"]
     text = card.text
     for expected in (written["command"], "| `sigma` | 0.1 |", "| `lr` | 1.0 |", "| `weight_decay` | 0.0001 |",
+                     "| `alpha_r` | 0.9 |", "| `r` | None |", "| `symmetric` | True |", "1 layer,", "| epochs | 2 (40 optimizer steps) |",
                      "`smoke`", "AutoModelForCausalLM.from_pretrained(\"someone/gpt-koala\")", "## Limitations",
-                     "xia2025koalapp", "davtyan2022koala", written["device"]):
+                     "xia2025koalapp", "davtyan2022koala", written["device"], "python, 1 process, mixed precision: no"):
         assert expected in text, expected
+    assert "1 layers" not in text and "pip install koala_hf\n" + written["command"] not in text
 
 
 def test_the_timm_folder_loads_with_timm_and_its_card_parses(vision_smoke_run, tmp_path):
@@ -60,7 +65,8 @@ def test_the_timm_folder_loads_with_timm_and_its_card_parses(vision_smoke_run, t
         assert timm.data.resolve_data_config({}, model=model)["input_size"] == (3, 32, 32)
 
     card = ModelCard.load(folder / "README.md")
-    assert card.data.library_name == "timm" and "koala++" in card.data.tags and card.data.datasets == ["uoft-cs/cifar10"]
+    assert card.data.library_name == "timm" and "koala++" in card.data.tags and not card.data.datasets
+    assert all(r.dataset_name.startswith("CIFAR-10 format, local files (--data_dir") for r in card.data.eval_results)
     metrics = card_metrics(card)
     assert metrics[("top1_error", "Top-1 error (%)")] == results["test_top1_error"]
     assert metrics[("top5_error", "Top-5 error (%)")] == results["test_top5_error"]
@@ -106,6 +112,7 @@ def test_pushing_a_folder_without_a_card_is_refused(tmp_path):
         hub.prepare(tmp_path)
 
 
+@pytest.mark.slow
 def test_the_recipe_flag_pushes_the_finished_run(wikitext_dir, tmp_path, monkeypatch):
     import wikitext2_gpt
 
@@ -118,3 +125,24 @@ def test_the_recipe_flag_pushes_the_finished_run(wikitext_dir, tmp_path, monkeyp
     assert [call[:2] for call in recorder.calls] == [("create", "someone/flagged"), ("upload", "someone/flagged")]
     assert recorder.calls[0][2]["private"] is True
     assert "README.md" in recorder.calls[1][2]
+
+
+def test_the_cards_reproduction_runs_from_the_pushed_folder_alone(lm_smoke_run, wikitext_dir, tmp_path):
+    import re
+    import shlex
+    import subprocess
+    import sys
+
+    _, run_dir = lm_smoke_run
+    folder = hub.prepare(run_dir, tmp_path / "repo", repo_id="someone/gpt-koala")
+    assert sorted(p.name for p in (folder / "recipe").iterdir()) == ["run_support.py", "wikitext2_gpt.py"]
+    block = re.search(r"## How to reproduce.*?```bash\n(.*?)```", ModelCard.load(folder / "README.md").text, re.S).group(1)
+    lines = block.strip().splitlines()
+    assert lines[-4:-1] == ["pip install koala_hf", 'hf download someone/gpt-koala --include "recipe/*" --local-dir gpt-koala',
+                            "cd gpt-koala"]
+    command = shlex.split(lines[-1].replace("DATA_DIR", str(wikitext_dir))) + ["--max_steps", "2", "--save_strategy", "no"]
+    assert command[:2] == ["python", "recipe/wikitext2_gpt.py"]
+    done = subprocess.run([sys.executable] + command[1:], cwd=folder, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rerun = json.loads((folder / "rerun" / "results.json").read_text())
+    assert rerun["steps"] == 2 and rerun["data"]["train_blocks"] == json.loads((run_dir / "results.json").read_text())["data"]["train_blocks"]

@@ -1,5 +1,6 @@
 """A 2-process CPU data-parallel KoalaTrainer run, launched with torchrun as accelerate launch would."""
 
+import pytest
 import os
 import socket
 import subprocess
@@ -17,6 +18,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_end_identical_with_a_falling_loss(tmp_path):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",

@@ -1,5 +1,6 @@
 """Data parallelism: two gloo processes take identical steps, equal to one process on the whole batch."""
 
+import pytest
 import os
 import tempfile
 
@@ -40,6 +41,7 @@ def worker(rank, init_file, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_match_each_other_and_one_process_on_the_whole_batch():
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True)
