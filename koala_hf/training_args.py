@@ -30,6 +30,9 @@ class KoalaTrainingArguments(TrainingArguments):
     koala_q: float | None = field(default=None, metadata={"help": "Process noise q (KOALA++, KOALA-V)."})
     koala_r: float | None = field(default=None, metadata={"help": "Fixed measurement noise r; unset: estimated (E2)."})
     koala_alpha_r: float | None = field(default=None, metadata={"help": "Running-average factor of the noise estimate (E2)."})
+    koala_noise: str | None = field(
+        default=None, metadata={"help": "Loss-noise measurement: second_moment (E1a, default), variance (E1b) or none (E1c)."}
+    )
     koala_kwargs: dict | str | None = field(
         default=None,
         metadata={"help": 'Other optimizer arguments as JSON, e.g. KOALA-M\'s \'{"sw": 0.1, "a": 0.9}\'.'},
@@ -48,7 +51,8 @@ class KoalaTrainingArguments(TrainingArguments):
         """Keyword arguments for the chosen optimizer, without its ``params``."""
         entry = optimizer_entry(self.koala_optimizer)
         kwargs = dict(entry.defaults)
-        named = {"sigma": self.koala_sigma, "q": self.koala_q, "r": self.koala_r, "alpha_r": self.koala_alpha_r}
+        named = {"sigma": self.koala_sigma, "q": self.koala_q, "r": self.koala_r, "alpha_r": self.koala_alpha_r,
+                 "noise": self.koala_noise}
         kwargs.update({k: v for k, v in named.items() if v is not None})
         kwargs.update(self.koala_kwargs or {})
         kwargs["lr"] = self.learning_rate

@@ -28,10 +28,13 @@ from pathlib import Path
 
 from datasets import DatasetDict, load_dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
+import torch
 from transformers import (
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
+    OpenAIGPTConfig,
+    OpenAIGPTLMHeadModel,
     HfArgumentParser,
     PreTrainedTokenizerFast,
     default_data_collator,
@@ -46,6 +49,7 @@ from run_support import (  # noqa: E402
     all_hyperparameters,
     canonical_optimizer_name,
     epoch_table,
+    explicitly_given,
     parse_optimizer_kwargs,
     perplexity,
     plot_curves,
@@ -60,11 +64,20 @@ from run_support import (  # noqa: E402
 from koala_hf import KoalaTrainer  # noqa: E402
 from koala_hf.hub import prepare_and_push  # noqa: E402
 
-# Model shape and schedule per preset; "paper" is the scale of the papers' benchmark.
+# Model, data layout and schedule per preset.
+# "paper" is the papers' WikiText-2 run (spec, "What the papers' WikiText-2 run actually was"): GPT-1's
+# post-LayerNorm blocks with GPT-1's pretrained token and position embeddings, frozen, the output layer tied
+# to them; consecutive (context + 1)-token chunks, the last one padded and masked; constant lr, no clipping.
+# "paper_cpu" is the same protocol at a size a 2-core CPU trains in minutes (embeddings from --embeddings_from).
+# "small" and "smoke" train a GPT-2 from scratch on blocks of the word-level text.
 PRESETS = {
-    "paper": dict(n_layer=4, n_head=12, n_embd=768, block_size=256, batch_size=32, epochs=50),
-    "small": dict(n_layer=2, n_head=8, n_embd=256, block_size=128, batch_size=32, epochs=10),
-    "smoke": dict(n_layer=1, n_head=2, n_embd=64, block_size=64, batch_size=16, epochs=2,
+    "paper": dict(architecture="openai-gpt", n_layer=4, n_head=12, n_embd=768, block_size=256, batch_size=32,
+                  epochs=50, chunks="paper", schedule="constant", clip=False, freeze_embeddings=True,
+                  embeddings_from="openai-community/openai-gpt"),
+    "paper_cpu": dict(architecture="openai-gpt", n_layer=2, n_head=4, n_embd=128, block_size=64, batch_size=32,
+                      epochs=6, chunks="paper", schedule="constant", clip=False),
+    "small": dict(architecture="gpt2", n_layer=2, n_head=8, n_embd=256, block_size=128, batch_size=32, epochs=10),
+    "smoke": dict(architecture="gpt2", n_layer=1, n_head=2, n_embd=64, block_size=64, batch_size=16, epochs=2,
                   max_train_blocks=320, max_eval_blocks=64),
 }
 
@@ -79,9 +92,18 @@ OPTIMIZER_SETTINGS = {
     "adam": dict(lr=3e-4, weight_decay=5e-4),
     "sgd": dict(lr=0.1, momentum=0.9, weight_decay=5e-4),
 }
+# The official language-model scripts (spec): KOALA++ with the noise measurement they effectively ran (E1c),
+# AdamW with its script's lr and weight decay.
+PAPER_OPTIMIZER_SETTINGS = {
+    **OPTIMIZER_SETTINGS,
+    "koala++": dict(lr=2e-3, sigma=0.1, q=0.1, weight_decay=1e-4, noise="none"),
+    "koala++ns": dict(lr=2e-3, sigma=0.1, q=0.1, weight_decay=1e-4, noise="none"),
+    "adamw": dict(lr=1e-5, weight_decay=0.1),
+}
 LOCAL_FILES = {"train": "train.txt", "validation": "valid.txt", "test": "test.txt"}
 EOS = "<eos>"
 UNK = "<unk>"
+IGNORE_INDEX = -100
 
 
 @dataclass
@@ -111,6 +133,15 @@ class ModelArguments:
     n_head: int | None = None
     n_embd: int | None = None
     block_size: int | None = field(default=None, metadata={"help": "Context length."})
+    embeddings_from: str | None = field(
+        default=None,
+        metadata={"help": "Hub id or local folder of a checkpoint whose token and position embeddings (and tokenizer) "
+                          "the model starts from; the paper preset: openai-community/openai-gpt."},
+    )
+    freeze_embeddings: bool = field(
+        default=False, metadata={"help": "Freeze the token and position embeddings (and so the tied output layer)."}
+    )
+    trainable_embeddings: bool = field(default=False, metadata={"help": "Train the embeddings even where the preset freezes them."})
 
 
 def read_splits(data: DataArguments) -> DatasetDict:
@@ -177,12 +208,44 @@ def word_level_tokenizer(lines) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=UNK, eos_token=EOS, pad_token=EOS)
 
 
+def tokenize_lines(lines, tokenizer) -> list[list[int]]:
+    """Every non-empty line, followed by the end-of-sequence token when the tokenizer has one."""
+    suffix = f" {EOS}" if tokenizer.eos_token == EOS else (tokenizer.eos_token or "")
+    texts = [line.strip() + suffix for line in lines if line.strip()]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def paper_chunks(split, tokenizer, block_size: int, limit: int | None):
+    """The papers' layout: consecutive chunks of ``block_size + 1`` tokens, inputs ``chunk[:-1]`` and next-token
+    targets ``chunk[1:]`` (``shift_labels``); the last chunk is padded and its padding masked (spec)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    size = block_size + 1
+
+    def group(batch):
+        ids = [token for row in batch["input_ids"] for token in row]
+        out = {"input_ids": [], "attention_mask": [], "labels": [], "shift_labels": []}
+        for start in range(0, len(ids), size):
+            chunk = ids[start : start + size]
+            if len(chunk) < 2:
+                continue
+            missing = size - len(chunk)
+            padded = chunk + [pad] * missing
+            out["input_ids"].append(padded[:-1])
+            out["attention_mask"].append([1] * (len(chunk) - 1) + [0] * missing)
+            out["labels"].append(chunk[:-1] + [IGNORE_INDEX] * missing)  # the model needs labels to return a loss
+            out["shift_labels"].append(chunk[1:] + [IGNORE_INDEX] * missing)
+        return out
+
+    tokens = split.map(lambda batch: {"input_ids": tokenize_lines(batch["text"], tokenizer)}, batched=True,
+                       remove_columns=split.column_names)
+    grouped = tokens.map(group, batched=True, batch_size=None, remove_columns=tokens.column_names)
+    return grouped.select(range(min(limit, len(grouped)))) if limit else grouped
+
+
 def blocks(split, tokenizer, block_size: int, limit: int | None):
     """Every non-empty line plus <eos>, concatenated and cut into blocks of ``block_size`` tokens."""
-    def tokenize(batch):
-        texts = [line.strip() + f" {EOS}" if tokenizer.eos_token == EOS else line.strip() + tokenizer.eos_token
-                 for line in batch["text"] if line.strip()]
-        return {"input_ids": tokenizer(texts, add_special_tokens=False)["input_ids"]}
+    tokens = split.map(lambda batch: {"input_ids": tokenize_lines(batch["text"], tokenizer)}, batched=True,
+                       remove_columns=split.column_names)
 
     def group(batch):
         ids = [token for row in batch["input_ids"] for token in row]
@@ -190,7 +253,6 @@ def blocks(split, tokenizer, block_size: int, limit: int | None):
         chunks = [ids[i : i + block_size] for i in range(0, usable, block_size)]
         return {"input_ids": chunks, "labels": [list(c) for c in chunks]}
 
-    tokens = split.map(tokenize, batched=True, remove_columns=split.column_names)
     grouped = tokens.map(group, batched=True, batch_size=100_000, remove_columns=tokens.column_names)
     grouped = grouped.map(lambda batch: {"attention_mask": [[1] * len(ids) for ids in batch["input_ids"]]}, batched=True)
     return grouped.select(range(min(limit, len(grouped)))) if limit else grouped
@@ -208,6 +270,60 @@ def require_blocks(splits: dict, block_size: int, data: DataArguments) -> None:
                              "Use the full WikiText-2 file or a smaller --block_size.")
 
 
+def build_model(architecture: str, shape: dict, vocab_size: int, tokenizer):
+    """A GPT-1 (post-LayerNorm, ``OpenAIGPTLMHeadModel``) or GPT-2 decoder with the output layer tied to the tokens."""
+    common = dict(vocab_size=vocab_size, n_positions=shape["block_size"], n_embd=shape["n_embd"],
+                  n_layer=shape["n_layer"], n_head=shape["n_head"], bos_token_id=tokenizer.eos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if architecture == "openai-gpt":
+        return OpenAIGPTLMHeadModel(OpenAIGPTConfig(**common))
+    return GPT2LMHeadModel(GPT2Config(**common))
+
+
+def embedding_tables(model) -> tuple[torch.nn.Embedding, torch.nn.Embedding]:
+    """The token and position embeddings of a GPT-1 or GPT-2 style model."""
+    body = model.transformer
+    positions = getattr(body, "positions_embed", None) or getattr(body, "wpe", None)
+    if positions is None:
+        raise SystemExit(f"{type(model).__name__} has no position embeddings this recipe knows (GPT-1 or GPT-2 style)")
+    return model.get_input_embeddings(), positions
+
+
+def load_embedding_source(source: str):
+    """``(model, tokenizer)`` of ``--embeddings_from``: a local checkpoint folder, or a Hub id."""
+    from transformers import AutoModelForCausalLM
+
+    if not Path(source).is_dir():
+        require_hub(f"--embeddings_from {source}",
+                    "Pass --embeddings_from with a local folder holding that checkpoint (config, weights and tokenizer).")
+    try:
+        return AutoModelForCausalLM.from_pretrained(source), AutoTokenizer.from_pretrained(source)
+    except OSError as error:
+        raise SystemExit(f"--embeddings_from {source}: no checkpoint with a tokenizer there ({error}). "
+                         "Give a folder saved by this recipe or a Hub id such as openai-community/openai-gpt.") from None
+
+
+def copy_embeddings(model, source_model, source: str) -> None:
+    """Start from the source's token and position embeddings (the output layer is tied to the tokens)."""
+    tokens, positions = embedding_tables(model)
+    source_tokens, source_positions = embedding_tables(source_model)
+    if source_tokens.weight.shape[1] != tokens.weight.shape[1]:
+        raise SystemExit(f"--embeddings_from {source} has width {source_tokens.weight.shape[1]}, the model "
+                         f"{tokens.weight.shape[1]}: pass --n_embd {source_tokens.weight.shape[1]}")
+    if source_positions.weight.shape[0] < positions.weight.shape[0]:
+        raise SystemExit(f"--embeddings_from {source} has {source_positions.weight.shape[0]} positions, fewer than "
+                         f"the context {positions.weight.shape[0]}: pass a smaller --block_size")
+    with torch.no_grad():
+        tokens.weight.copy_(source_tokens.weight)
+        positions.weight.copy_(source_positions.weight[: positions.weight.shape[0]])
+    model.tie_weights()
+
+
+def freeze_embeddings(model) -> None:
+    for table in embedding_tables(model):
+        table.weight.requires_grad_(False)
+
+
 def main(argv=None) -> dict:
     parser = HfArgumentParser((DataArguments, ModelArguments, RecipeTrainingArguments))
     data, model_args, training = parser.parse_args_into_dataclasses(args=argv)
@@ -217,34 +333,50 @@ def main(argv=None) -> dict:
     shape = {k: getattr(model_args, k) or preset[k] for k in ("n_layer", "n_head", "n_embd", "block_size")}
     data.max_train_blocks = data.max_train_blocks or preset.get("max_train_blocks")
     data.max_eval_blocks = data.max_eval_blocks or preset.get("max_eval_blocks")
+    embeddings_from = model_args.embeddings_from or preset.get("embeddings_from")
+    frozen = (model_args.freeze_embeddings or preset.get("freeze_embeddings", False)) and not model_args.trainable_embeddings
     training.apply_preset(batch_size=preset["batch_size"], epochs=preset["epochs"])
+    if preset.get("schedule") and not explicitly_given(argv, "lr_scheduler_type"):
+        training.lr_scheduler_type = type(training.lr_scheduler_type)(preset["schedule"])
+    if preset.get("clip") is False and not explicitly_given(argv, "max_grad_norm"):
+        training.max_grad_norm = 0.0  # no gradient clipping
+    settings = PAPER_OPTIMIZER_SETTINGS if preset.get("chunks") == "paper" else OPTIMIZER_SETTINGS
     optimizer_cls, optimizer_kwargs = training.resolve_optimizer(
-        model_args.optimizer, OPTIMIZER_SETTINGS, parse_optimizer_kwargs(model_args.optimizer_kwargs)
+        model_args.optimizer, settings, parse_optimizer_kwargs(model_args.optimizer_kwargs)
     )
     push_request = training.take_push_request()
     use_the_machines_cores()
     set_seed(training.seed)
 
     raw = read_splits(data)
+    source_model = None
+    if embeddings_from:
+        source_model, tokenizer = load_embedding_source(embeddings_from)
     if model_args.tokenizer_name:
         tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-    else:
+    elif not embeddings_from:
         tokenizer = word_level_tokenizer(raw["train"]["text"])
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    layout = paper_chunks if preset.get("chunks") == "paper" else blocks
     splits = {
-        "train": blocks(raw["train"], tokenizer, shape["block_size"], data.max_train_blocks),
-        "validation": blocks(raw["validation"], tokenizer, shape["block_size"], data.max_eval_blocks),
-        "test": blocks(raw["test"], tokenizer, shape["block_size"], data.max_eval_blocks),
+        "train": layout(raw["train"], tokenizer, shape["block_size"], data.max_train_blocks),
+        "validation": layout(raw["validation"], tokenizer, shape["block_size"], data.max_eval_blocks),
+        "test": layout(raw["test"], tokenizer, shape["block_size"], data.max_eval_blocks),
     }
     require_blocks(splits, shape["block_size"], data)
 
-    config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=shape["block_size"], n_embd=shape["n_embd"],
-        n_layer=shape["n_layer"], n_head=shape["n_head"],
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    model = GPT2LMHeadModel(config)
+    vocab_size = len(tokenizer)
+    if source_model is not None:
+        vocab_size = max(vocab_size, embedding_tables(source_model)[0].weight.shape[0])
+    model = build_model(preset["architecture"], shape, vocab_size, tokenizer)
+    if source_model is not None:
+        copy_embeddings(model, source_model, embeddings_from)
+        del source_model
+    if frozen:
+        freeze_embeddings(model)
+    if preset.get("chunks") == "paper":
+        training.remove_unused_columns = False  # keep shift_labels: the targets of the papers' chunks
     global_batch = training.per_device_train_batch_size * training.world_size
     training.scale_logging(math.ceil(len(splits["train"]) / global_batch) // training.gradient_accumulation_steps)
     trainer = KoalaTrainer(
@@ -258,6 +390,7 @@ def main(argv=None) -> dict:
     )
     initial = None if training.resume_from_checkpoint else trainer.evaluate()  # epoch 0: the untrained model
     trainer.add_callback(RunHistory(items_per_epoch=len(splits["train"]) * shape["block_size"], initial_metrics=initial))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     trainer.save_model()  # the best-validation model (or the final one without checkpoints); KOALA-M: posterior weights
     tokenizer.save_pretrained(training.output_dir)
@@ -276,15 +409,19 @@ def main(argv=None) -> dict:
         "hyperparameters": all_hyperparameters(optimizer_cls, {**optimizer_kwargs, "weight_decay": training.weight_decay}),
         "learning_rate": training.learning_rate,
         "weight_decay": training.weight_decay,
-        "model": {"architecture": type(model).__name__, **shape, "vocab_size": len(tokenizer),
+        "model": {"architecture": type(model).__name__, **shape, "vocab_size": vocab_size,
                   "parameters": sum(p.numel() for p in model.parameters()),
-                  "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)},
+                  "trainable_parameters": trainable,
+                  "frozen_parameters": sum(p.numel() for p in model.parameters()) - trainable,
+                  "embeddings_from": embeddings_from, "frozen_embeddings": frozen},
         "data": {"source": data.data_dir or f"{data.dataset_name}/{data.dataset_config}",
                  "hub_dataset": None if data.data_dir else data.dataset_name, "train_split": data.train_split,
-                 "halve_test_split": data.halve_test_split, **{f"{k}_blocks": len(v) for k, v in splits.items()}},
+                 "halve_test_split": data.halve_test_split, "layout": preset.get("chunks", "blocks"),
+                 **{f"{k}_blocks": len(v) for k, v in splits.items()}},
         "batch_size": training.per_device_train_batch_size * training.gradient_accumulation_steps * training.world_size,
         **run_record(trainer, training),
         "lr_scheduler": str(getattr(training.lr_scheduler_type, "value", training.lr_scheduler_type)),
+        "max_grad_norm": training.max_grad_norm,
         "seed": training.seed,
         "epochs": epochs,
         "best_epoch": best["epoch"] if best else None,

@@ -10,11 +10,25 @@ Scalar state that belongs to the whole filter (the noise estimate ``R`` of each
 parameter group (E2), step and skip counters, KOALA-V's ``P``, KOALA-M's ``P``
 and ``qw_avg``) lives in ``self.state["koala"]``, so ``state_dict()`` carries it
 next to the per-parameter state.
+
+Like every torch optimizer, a KOALA optimizer pickles and deep-copies with its
+pending measurement (and KOALA-M its train/eval mode), loads state dicts whose
+parameter groups lack a key added in a later version (filled with this
+optimizer's defaults, as torch's ``__setstate__`` does), loads what the
+``load_state_dict`` pre-hooks return, and refuses, naming both, the state of
+another KOALA variant or of another optimizer.
+
+KOALA measures the loss against a target of 0 (E1), so a loss must not be
+negative: a step whose measured loss is negative is skipped like a non-finite
+one and counted in ``state["koala"]["negative_loss_steps"]``, with a one-time
+warning (at once when the loss is on the CPU, else when the signals are read).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections import OrderedDict
 from typing import Callable
 
 import torch
@@ -53,8 +67,13 @@ def check_prior(group: dict) -> None:
     check_range("q", group["q"], 0.0)
 
 
+NOISE_MODES = ("second_moment", "variance", "none")
+
+
 def check_noise(group: dict) -> None:
-    """Validate the measurement-noise hyperparameters ``r`` and ``alpha_r`` (E2)."""
+    """Validate the measurement-noise hyperparameters ``noise`` (E1a-E1c), ``r`` and ``alpha_r`` (E2)."""
+    if group["noise"] not in NOISE_MODES:
+        raise ValueError(f"Invalid noise: {group['noise']!r}; it must be one of {', '.join(NOISE_MODES)} (spec E1a-E1c)")
     if group["r"] is not None:
         check_range("r", group["r"], 0.0, low_open=True)
     check_range("alpha_r", group["alpha_r"], 0.0, 1.0, high_open=True)
@@ -77,10 +96,27 @@ class KoalaOptimizer(torch.optim.Optimizer):
 
     _shared_hyperparameters: tuple[str, ...] = ()
     _float_state_keys: tuple[str, ...] = ()
+    # Attributes that pickling and deepcopy carry besides torch's defaults, state and param_groups.
+    _carried_attributes: tuple[str, ...] = ("_measurement",)
 
     def __init__(self, params, defaults: dict) -> None:
         self._measurement = LossMeasurement()
+        self._warned_negative_loss = False
         super().__init__(params, defaults)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.update({name: self.__dict__[name] for name in self._carried_attributes if name in self.__dict__})
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "_measurement" not in self.__dict__:
+            self._measurement = LossMeasurement()
+        self.__dict__.setdefault("_warned_negative_loss", False)
+        for group in self.param_groups:  # groups saved before a hyperparameter existed get this optimizer's default
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
 
     # ----------------------------------------------------------------- groups
     def check_group(self, group: dict) -> None:
@@ -125,7 +161,10 @@ class KoalaOptimizer(torch.optim.Optimizer):
             "koala/R": state["R"].mean().item(),
             "koala/measured_loss": state["loss"].item(),
             "koala/skipped_steps": float(state["skipped_steps"].item()),
+            "koala/negative_loss_steps": float(state["negative_loss_steps"].item()) if "negative_loss_steps" in state else 0.0,
         }
+        if signals["koala/negative_loss_steps"] > 0 and not self._warned_negative_loss:
+            self._warn_negative_loss()
         signals.update({key: value.item() for key, value in self._signals(state).items()})
         return signals
 
@@ -135,7 +174,19 @@ class KoalaOptimizer(torch.optim.Optimizer):
     # ----------------------------------------------------------- measurement
     def observe(self, loss, per_sample_losses: torch.Tensor | None = None) -> None:
         """Record the measurement for the next ``step()`` (E1). See :class:`LossMeasurement`."""
+        on_host = not isinstance(loss, torch.Tensor) or (loss.device.type == "cpu" and loss.numel() == 1)
+        if on_host and not self._warned_negative_loss and float(loss.detach() if isinstance(loss, torch.Tensor) else loss) < 0:  # free on the CPU; never a device sync
+            self._warn_negative_loss()
         self._measurement.observe(loss, per_sample_losses, device=self._device())
+
+    def _warn_negative_loss(self) -> None:
+        self._warned_negative_loss = True
+        warnings.warn(
+            f"{type(self).__name__} was given a negative loss. KOALA measures the loss against a target of 0 (E1), "
+            "so a step with a negative loss is skipped and counted in state['koala']['negative_loss_steps']. "
+            "Shift the loss so that it cannot be negative (e.g. subtract its lower bound).",
+            stacklevel=3,
+        )
 
     @property
     def measurement(self) -> LossMeasurement:
@@ -177,12 +228,14 @@ class KoalaOptimizer(torch.optim.Optimizer):
         noise_measurement = noise_measurement.to(device=device, dtype=state["R"].dtype)
 
         previous_noise = state["R"]
-        noise = self._noise_estimate(previous_noise, noise_measurement)
-        finite = torch.isfinite(mean_loss) & torch.isfinite(noise_measurement)
+        noise = self._noise_estimate(previous_noise, noise_measurement, mean_loss)
+        negative = mean_loss < 0  # E1 measures against a target of 0: a negative loss would climb
+        finite = torch.isfinite(mean_loss) & torch.isfinite(noise_measurement) & ~negative
         ok = self._update(mean_loss, noise, finite)
 
         state["R"] = torch.where(ok, noise, previous_noise)
         state["skipped_steps"].add_(~ok)
+        state["negative_loss_steps"].add_(negative)
         state["step"].add_(ok)  # steps taken; skipped ones are counted apart
         state["loss"] = torch.where(ok, mean_loss, state["loss"])
         return loss
@@ -191,15 +244,25 @@ class KoalaOptimizer(torch.optim.Optimizer):
         """Apply one step; ``noise[i]`` is ``R_k`` of group ``i``. Return the device flag "step taken"."""
         raise NotImplementedError
 
-    def _noise_estimate(self, previous: torch.Tensor, measurement: torch.Tensor) -> torch.Tensor:
-        """``R_k`` of every group: fixed ``r``, or ``alpha_r R_{k-1} + (1 - alpha_r) m_k`` (E2)."""
+    def _noise_estimate(self, previous: torch.Tensor, second_moment: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        """``R_k`` of every group: fixed ``r``, or ``alpha_r R_{k-1} + (1 - alpha_r) m_k`` (E2).
+
+        ``m_k`` by the group's ``noise`` mode: ``second_moment`` ``mean(l_i^2)`` (E1a), ``variance``
+        ``mean(l_i^2) - L_k^2`` over the step's whole sample set (E1b; 0 without per-sample losses), or
+        ``none``, 0 (E1c).
+        """
+        measurements = {
+            "second_moment": second_moment,
+            "variance": torch.clamp(second_moment - loss * loss, min=0.0),
+            "none": torch.zeros_like(second_moment),
+        }
         estimates = []
         for index, group in enumerate(self.param_groups):
             if group["r"] is not None:
-                estimates.append(torch.full_like(measurement, group["r"]))
+                estimates.append(torch.full_like(second_moment, group["r"]))
             else:
                 alpha = group["alpha_r"]
-                estimates.append(alpha * previous[index] + (1.0 - alpha) * measurement)
+                estimates.append(alpha * previous[index] + (1.0 - alpha) * measurements[group["noise"]])
         return torch.stack(estimates)
 
     # ----------------------------------------------------------------- state
@@ -219,12 +282,15 @@ class KoalaOptimizer(torch.optim.Optimizer):
             state = {
                 "step": torch.zeros((), dtype=torch.int64, device=options["device"]),
                 "skipped_steps": torch.zeros((), dtype=torch.int64, device=options["device"]),
+                "negative_loss_steps": torch.zeros((), dtype=torch.int64, device=options["device"]),
                 "R": torch.ones(len(self.param_groups), **options),  # R_0 = 1 (E2)
                 "loss": torch.full((), float("nan"), **options),
             }
             state.update(self._init_global_state(options))
             self.state[GLOBAL_STATE] = state
-        elif state["R"].numel() < len(self.param_groups):  # groups added since
+        if "negative_loss_steps" not in state:  # state saved before the counter existed
+            state["negative_loss_steps"] = torch.zeros_like(state["skipped_steps"])
+        if state["R"].numel() < len(self.param_groups):  # groups added since
             extra = torch.ones(len(self.param_groups) - state["R"].numel(), dtype=state["R"].dtype, device=state["R"].device)
             state["R"] = torch.cat([state["R"], extra])
         return state
@@ -281,12 +347,25 @@ class KoalaOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load state as torch does, then put KOALA's scalar state back on the right device and dtype.
 
-        torch casts every floating per-parameter tensor to the parameter's dtype
-        and keeps state that is not keyed by a parameter as is (on the device it
-        was saved from, and shared with ``state_dict``). KOALA's scalar state
-        stays in float32 or wider and moves to the parameters' device.
+        The ``load_state_dict`` pre-hooks run first and what they return is
+        loaded. The state of another KOALA variant or another optimizer is
+        refused. torch casts every floating per-parameter tensor to the
+        parameter's dtype and keeps state that is not keyed by a parameter as is
+        (on the device it was saved from, and shared with ``state_dict``).
+        KOALA's scalar state stays in float32 or wider, moves to the parameters'
+        device, and counters saved as Python numbers become tensors again.
         """
-        super().load_state_dict(state_dict)
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._refuse_foreign_state(state_dict)
+        hooks, self._optimizer_load_state_dict_pre_hooks = self._optimizer_load_state_dict_pre_hooks, OrderedDict()
+        try:  # the hooks have run: torch must not run them a second time
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = hooks
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
@@ -296,8 +375,56 @@ class KoalaOptimizer(torch.optim.Optimizer):
                     dtype = torch.promote_types(saved[key].dtype, torch.float32)
                     self.state[p][key] = saved[key].to(device=p.device, dtype=dtype, copy=True)
         if GLOBAL_STATE in self.state:
-            device = self._device()
-            self.state[GLOBAL_STATE] = {
-                key: value.to(device=device, copy=True) if isinstance(value, torch.Tensor) else value
-                for key, value in self.state[GLOBAL_STATE].items()
-            }
+            self.state[GLOBAL_STATE] = self._restore_global_state(self.state[GLOBAL_STATE])
+
+    def _restore_global_state(self, saved: dict) -> dict:
+        device, dtype = self._device(), self._scalar_dtype()
+        restored = {}
+        for key, value in saved.items():
+            if isinstance(value, torch.Tensor):
+                restored[key] = value.to(device=device, copy=True)
+            elif key in ("step", "skipped_steps", "negative_loss_steps"):  # counters handed back as Python numbers
+                restored[key] = torch.tensor(int(value), dtype=torch.int64, device=device)
+            elif isinstance(value, (int, float, list, tuple)) and not isinstance(value, bool):
+                restored[key] = torch.tensor(value, dtype=dtype, device=device)
+            else:
+                restored[key] = value
+        return restored
+
+    def _refuse_foreign_state(self, state_dict: dict) -> None:
+        """Raise ``ValueError`` naming both when ``state_dict`` is another variant's or another optimizer's."""
+        saved = saved_variant(state_dict)
+        if saved is not None and saved not in {cls.__name__ for cls in type(self).__mro__}:
+            raise ValueError(
+                f"This optimizer state was saved by {saved}; it cannot be loaded into {type(self).__name__}, whose "
+                f"state differs. Load it into a {saved} built over the same parameters, or start {type(self).__name__} "
+                "from fresh state (leave the optimizer state out of the checkpoint you load)."
+            )
+
+
+# The variants by the state they keep: per parameter, filter-wide, and (for state dicts without any state yet)
+# a hyperparameter only their parameter groups have.
+_VARIANTS = (
+    ("KOALAM", {"u", "w_avg"}, {"qw_avg"}, "sw"),
+    ("KOALAPlusPlus", {"v", "H_prev", "filter"}, set(), "symmetric"),
+    ("KOALAV", set(), {"P"}, "sigma"),
+)
+
+
+def saved_variant(state_dict: dict) -> str | None:
+    """The class that saved ``state_dict``: a KOALA variant's name, a description of another optimizer, or ``None``."""
+    state = state_dict.get("state", {})
+    layer_keys = set().union(*(set(v) for k, v in state.items() if k != GLOBAL_STATE))
+    global_keys = set(state.get(GLOBAL_STATE, {}))
+    for name, layer, filter_wide, _ in _VARIANTS:
+        if layer_keys & layer or global_keys & filter_wide:
+            return name
+    if layer_keys:
+        return f"another optimizer (state {', '.join(sorted(layer_keys))})"
+    groups = state_dict.get("param_groups", [])
+    if groups:
+        for name, _, _, marker in _VARIANTS:
+            if all(marker in g for g in groups):
+                return name
+        return f"another optimizer (hyperparameters {', '.join(sorted(set(groups[0]) - {'params'}))})"
+    return None

@@ -35,9 +35,20 @@ class KOALAM(KoalaOptimizer):
     ``sw, sc, sv, a, qw, qv`` describe the shared filter and must be equal in
     every parameter group; ``lr``, ``weight_decay``, ``r`` and ``alpha_r`` may
     differ.
+
+    A parameter whose ``grad`` is ``None`` at a step (frozen, or unused) is
+    skipped altogether at that step, as torch documents: no update (E33) and
+    no predict (E31) for it; it keeps its ``u`` and ``w_avg`` and is left out
+    of E30's distance and E35's max (spec, under E31). Parameters added with
+    ``add_param_group`` after steps start with ``u = w_avg = 0``.
+
+    ``noise`` chooses the loss-noise measurement (E1a ``"second_moment"``, the
+    default; E1b ``"variance"``; E1c ``"none"``), per group, as in
+    :class:`KOALAPlusPlus`.
     """
 
     _shared_hyperparameters = ("sw", "sc", "sv", "a", "qw", "qv")
+    _carried_attributes = ("_measurement", "_training")
 
     def __init__(
         self,
@@ -51,12 +62,13 @@ class KOALAM(KoalaOptimizer):
         qv: float = 0.01,
         r: float | None = None,
         alpha_r: float = 0.9,
+        noise: str = "second_moment",
         weight_decay: float = 0.0,
         foreach: bool | None = None,
     ) -> None:
         self._training = True
         defaults = dict(
-            lr=lr, sw=sw, sc=sc, sv=sv, a=a, qw=qw, qv=qv, r=r, alpha_r=alpha_r,
+            lr=lr, sw=sw, sc=sc, sv=sv, a=a, qw=qw, qv=qv, r=r, alpha_r=alpha_r, noise=noise,
             weight_decay=weight_decay, foreach=foreach,
         )
         super().__init__(params, defaults)
@@ -107,9 +119,10 @@ class KOALAM(KoalaOptimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         for p in params:
             self._layer_state(p)
-        theta_sq = sum(dot(p, p, options["dtype"]).to(options["device"]) for p in params)
+        stepped = [p for p in params if p.grad is not None] or params  # E30's distance: the parameters stepped
+        theta_sq = sum(dot(p, p, options["dtype"]).to(options["device"]) for p in stepped)
         qw_avg = torch.full((), float(hp["qw"]), **options)
-        distance = torch.sqrt(theta_sq) / sum(p.numel() for p in params)  # w_avg = 0, u = 0
+        distance = torch.sqrt(theta_sq) / sum(p.numel() for p in stepped)  # w_avg = 0, u = 0
         covariance = torch.tensor([[hp["sw"], hp["sc"]], [hp["sc"], hp["sv"]]], **options)
         qw_avg, covariance = _predict_covariance(covariance, qw_avg, distance, hp)
         return {"P": covariance, "qw_avg": qw_avg, "training": self._training}
@@ -151,28 +164,34 @@ class KOALAM(KoalaOptimizer):
                 dim=-1,
             )
             jacobians = finite_mask(jacobians, ok, owned=group["weight_decay"] != 0)
-            states = [self.state[p] for p in params]
+            states = [self._layer_state(p) for p in params]  # parameters added since the first step start at 0
             _update_layers(params, jacobians, [s["u"] for s in states], [s["w_avg"] for s in states], coefficients, foreach)
 
         h = torch.cat(information).max()  # E35
         column = covariance[:, 0]
         posterior = covariance - h * torch.outer(column, column)  # E36
 
-        distance_sq = self._predict_weights(ok, dtype, device)
-        n_params = sum(p.numel() for group in self.param_groups for p in group["params"])
-        qw_avg, predicted = _predict_covariance(posterior, state["qw_avg"], torch.sqrt(distance_sq) / n_params, self.defaults)
+        distance_sq, n_params = self._predict_weights(ok, dtype, device)
+        qw_avg, predicted = _predict_covariance(posterior, state["qw_avg"], torch.sqrt(distance_sq) / max(n_params, 1), self.defaults)
         state["P"] = torch.where(ok, predicted, covariance)
         state["qw_avg"] = torch.where(ok, qw_avg, state["qw_avg"])
         return ok
 
-    def _predict_weights(self, ok, dtype, device) -> torch.Tensor:
-        """E30's distance, then E31 for every layer; both masked by ``ok``. Returns ``sum ||w_avg - theta||^2``."""
+    def _predict_weights(self, ok, dtype, device) -> tuple[torch.Tensor, int]:
+        """E30's distance, then E31 for every layer stepped (its grad is not ``None``); both masked by ``ok``.
+
+        Returns ``sum ||w_avg - theta||^2`` and the number of elements, over the layers stepped.
+        """
         a = self.defaults["a"]
         distance_sq = torch.zeros((), dtype=dtype, device=device)
+        n_params = 0
         take = ok.to(dtype)
         decay = torch.where(ok, a, torch.ones((), dtype=dtype, device=device))
         for group in self.param_groups:
-            params = group["params"]
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            n_params += sum(p.numel() for p in params)
             states = [self._layer_state(p) for p in params]
             us = [s["u"] for s in states]
             averages = [s["w_avg"] for s in states]
@@ -191,7 +210,7 @@ class KOALAM(KoalaOptimizer):
                     p_w.addcmul_(u_w, take.to(p.device))
                     u_w.mul_(decay.to(p.device))
                     write_back([p, u], [p_w, u_w])
-        return distance_sq
+        return distance_sq, n_params
 
 
 def _predict_covariance(covariance, qw_avg, distance, hp):

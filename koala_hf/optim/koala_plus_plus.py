@@ -42,6 +42,11 @@ class KOALAPlusPlus(KoalaOptimizer):
         q: process noise, ``Q = q I``.
         r: fixed measurement-noise variance; ``None`` estimates it (E2).
         alpha_r: running-average factor of the noise estimate (E2).
+        noise: what measures the loss noise ``m_k`` (E1a-E1c): ``"second_moment"``
+            ``mean(l_i^2)`` (the KOALA paper's, default), ``"variance"``
+            ``mean(l_i^2) - L^2``, or ``"none"`` (0: ``R`` fades from ``R_0 = 1``
+            to about 0, what the papers' language-model run did). A fixed ``r``
+            overrides it.
         weight_decay: L2 regularisation folded into the measured loss (E3).
         symmetric: the symmetric least-squares covariance estimate (KOALA++);
             ``False`` gives the vanilla estimate, KOALA++ (NS) (E13).
@@ -68,13 +73,14 @@ class KOALAPlusPlus(KoalaOptimizer):
         q: float = 0.1,
         r: float | None = None,
         alpha_r: float = 0.9,
+        noise: str = "second_moment",
         weight_decay: float = 0.0,
         symmetric: bool = True,
         foreach: bool | None = None,
         fused: bool = False,
     ) -> None:
         defaults = dict(
-            lr=lr, sigma=sigma, q=q, r=r, alpha_r=alpha_r, weight_decay=weight_decay,
+            lr=lr, sigma=sigma, q=q, r=r, alpha_r=alpha_r, noise=noise, weight_decay=weight_decay,
             symmetric=symmetric, foreach=foreach, fused=fused,
         )
         super().__init__(params, defaults)
@@ -92,18 +98,26 @@ class KOALAPlusPlus(KoalaOptimizer):
         return state
 
     def _signals(self, state: dict) -> dict:
-        """Innovation variance ``S`` (E15) and effective step size ``lr L / S`` (E16), averaged over layers."""
-        variances, steps = [], []
+        """Innovation variance ``S`` (E15) and effective step size ``lr L / S`` (E16), averaged over the layers
+        that have taken a step (a layer with an all-zero gradient has ``S = 0`` and takes none)."""
+        variances, rates = [], []
         for group in self.param_groups:
             for p in group["params"]:
                 filt = self.state.get(p, {}).get("filter")
                 if filt is not None:
-                    s = filt[S_PREV].to(state["loss"].device, state["loss"].dtype)
-                    variances.append(s)
-                    steps.append(group["lr"] * state["loss"] / s)
+                    variances.append(torch.where(filt[READY] > 0, filt[S_PREV], 0.0).to(state["loss"].device, state["loss"].dtype))
+                    rates.append(float(group["lr"]))
         if not variances:
             return {}
-        return {"koala/innovation_variance": torch.stack(variances).mean(), "koala/effective_step": torch.stack(steps).mean()}
+        s = torch.stack(variances)
+        stepped = (s > 0) & torch.isfinite(s)
+        count = stepped.sum()
+        if count.item() == 0:  # diagnostics() reads values back anyway
+            return {}
+        lr = torch.tensor(rates, dtype=s.dtype, device=s.device)
+        steps = torch.where(stepped, lr * state["loss"] / torch.where(stepped, s, 1.0), 0.0)
+        return {"koala/innovation_variance": torch.where(stepped, s, 0.0).sum() / count,
+                "koala/effective_step": steps.sum() / count}
 
     def _update(self, loss, noise, ok):
         device, dtype = loss.device, loss.dtype
@@ -117,9 +131,9 @@ class KOALAPlusPlus(KoalaOptimizer):
             if group["fused"]:
                 jacobians = grads  # H is recomputed inside the fused kernels, never stored
                 reduce = fused_kernels()[0]
+                flats = [_flat_views([p, g, s["v"], s["H_prev"]])[0] for p, g, s in zip(params, grads, states)]
                 products = torch.stack(
-                    [reduce(_flat(g), _flat(p), _flat(s["H_prev"]), _flat(s["v"]), wd).to(device, dtype)
-                     for p, g, s in zip(params, grads, states)]
+                    [reduce(g, p, h_prev, v, wd).to(device, dtype) for p, g, v, h_prev in flats]
                 )
             else:
                 jacobians = measurement_jacobians(params, grads, wd, self._foreach(group, params))
@@ -244,8 +258,23 @@ def _foreach_update(params, jacobians, vs, h_prevs, coefficients):
 
 
 # ---------------------------------------------------------------- fused path
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().view(-1)
+def _flat_views(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """One layer's tensors as flat vectors in one common element order, and the copies to write back (or ``None``).
+
+    Dot products and elementwise updates do not depend on the element order, only
+    on every tensor using the same one. Tensors that share one dense layout
+    (contiguous, ``channels_last``, any permutation) are viewed in memory order;
+    others are copied to contiguous tensors, which the update writes back.
+    """
+    first = tensors[0]
+    strides = first.stride()
+    if all(t.stride() == strides for t in tensors):
+        order = sorted(range(first.dim()), key=lambda d: -strides[d])
+        views = [t.detach().permute(order) for t in tensors]
+        if views[0].is_contiguous():
+            return [v.view(-1) for v in views], None
+    copies = [t.detach().contiguous() for t in tensors]
+    return [c.view(-1) for c in copies], copies
 
 
 def _fused_products(g, p, h_prev, v_prev, weight_decay: float):
@@ -281,4 +310,8 @@ def fused_kernels():
 def _fused_update(params, grads, vs, h_prevs, coefficients, ok, weight_decay: float):
     update = fused_kernels()[1]
     for i, (p, g, v, h_prev) in enumerate(zip(params, grads, vs, h_prevs)):
-        update(_flat(p), _flat(g), _flat(v), _flat(h_prev), coefficients[i].to(p.device), ok.to(p.device), weight_decay)
+        flats, copies = _flat_views([p, g, v, h_prev])
+        update(*flats, coefficients[i].to(p.device), ok.to(p.device), weight_decay)
+        if copies is not None:  # a layout that cannot be viewed flat: store the results
+            for original, copy in zip((p, v, h_prev), (copies[0], copies[2], copies[3])):
+                original.detach().copy_(copy)

@@ -23,6 +23,10 @@ class KOALAV(KoalaOptimizer):
     ``sigma`` and ``q`` belong to the shared ``P`` and so must be equal in every
     parameter group; ``lr``, ``weight_decay``, ``r`` and ``alpha_r`` may differ.
     The official training script uses ``sigma=0.1, q=1, lr=0.1``.
+
+    ``noise`` chooses the loss-noise measurement (E1a ``"second_moment"``, the
+    default; E1b ``"variance"``; E1c ``"none"``), per group, as in
+    :class:`KOALAPlusPlus`.
     """
 
     _shared_hyperparameters = ("sigma", "q")
@@ -35,10 +39,11 @@ class KOALAV(KoalaOptimizer):
         q: float = 1.0,
         r: float | None = None,
         alpha_r: float = 0.9,
+        noise: str = "second_moment",
         weight_decay: float = 0.0,
         foreach: bool | None = None,
     ) -> None:
-        defaults = dict(lr=lr, sigma=sigma, q=q, r=r, alpha_r=alpha_r, weight_decay=weight_decay, foreach=foreach)
+        defaults = dict(lr=lr, sigma=sigma, q=q, r=r, alpha_r=alpha_r, noise=noise, weight_decay=weight_decay, foreach=foreach)
         super().__init__(params, defaults)
 
     def check_group(self, group: dict) -> None:
