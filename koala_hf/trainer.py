@@ -10,9 +10,11 @@ the per-sample losses of all micro-batches that contributed gradient to it.
   Their mean over the whole step is exactly the Trainer's token-count
   normalised objective, across micro-batches and data-parallel ranks;
 * a custom ``compute_loss`` or ``compute_loss_func`` (unless
-  ``per_sample_losses`` is overridden too), or a model it cannot read: the loss
-  the Trainer back-propagated, summed over the step's micro-batches; the noise
-  measurement then falls back to ``L^2`` (a one-time notice says so).
+  ``per_sample_losses`` is overridden too), a model it cannot read, or a model
+  whose own loss is not what the per-sample losses average to (checked once, on
+  the first step: a custom L1 or class-weighted loss, an auxiliary term): the
+  loss the Trainer back-propagated, summed over the step's micro-batches; the
+  noise measurement then falls back to ``L^2`` (a one-time notice says so).
 
 Everything else is the Trainer's: gradient accumulation, DDP, autocast, grad
 scaling (a step the scaler skips drops its measurement), clipping, schedulers,
@@ -97,6 +99,7 @@ class KoalaTrainer(Trainer):
         self._in_training_step = self._observed_micro_batch = False
         self._backpropagated = None  # fallback measurement: the step's summed back-propagated loss
         self._fallback_noticed = False
+        self._measurement_checked = False
         self.scaler_skipped_steps = 0
         self.add_callback(_FeedTheStep(self))
 
@@ -135,10 +138,39 @@ class KoalaTrainer(Trainer):
         labels = inputs.get("labels")  # the Trainer may pop it
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         losses = self.per_sample_losses(model, outputs, labels, inputs)
+        if losses is not None and losses.numel() > 0 and not self._measurement_checked:
+            self._measurement_checked = True
+            if not self._matches_the_models_loss(outputs, losses, num_items_in_batch):
+                self._derive_per_sample, losses = False, None  # measure what is back-propagated from now on
         if losses is not None and losses.numel() > 0:
             optimizer.observe(losses.mean(), losses)
             self._observed_micro_batch = True
         return (loss, outputs) if return_outputs else loss
+
+    def _matches_the_models_loss(self, outputs, losses: torch.Tensor, num_items_in_batch) -> bool:
+        """Whether the derived per-sample losses average to the loss the model returned (first step only).
+
+        A custom model whose loss is not the plain cross-entropy or squared error of its logits (an L1 loss,
+        class weights, an auxiliary term) would otherwise be filtered on a wrong measurement. The one host
+        read of the whole run happens here.
+        """
+        reported = outputs.get("loss") if isinstance(outputs, dict) else None
+        if reported is None:  # the Trainer computed the loss (label smoothing) the way per_sample_losses does
+            return True
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            derived = losses.sum() / num_items_in_batch  # the model divides its sum by the step's token count
+        else:
+            derived = losses.mean()
+        derived, reported = torch.stack([derived.float(), reported.detach().float().to(derived.device)]).tolist()
+        if abs(derived - reported) <= 1e-3 * abs(reported) + 1e-6:
+            return True
+        self._fallback_noticed = True
+        logger.warning(
+            f"KoalaTrainer: the per-sample losses derived from the logits average {derived:.6g}, but the model's "
+            f"loss is {reported:.6g} (a custom loss?). KOALA measures the back-propagated loss instead and its noise "
+            "measurement falls back to loss**2 (E1). Override KoalaTrainer.per_sample_losses to provide the right ones."
+        )
+        return False
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._in_training_step, self._observed_micro_batch = True, False

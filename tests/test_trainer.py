@@ -204,18 +204,22 @@ def test_gradient_accumulation_4_x_8_follows_batch_32(tmp_path):
         torch.testing.assert_close((l1, m1), (l2, m2), rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("variant", ["koala++", "koala-m"])
-def test_resuming_from_a_checkpoint_equals_the_uninterrupted_run(variant, tmp_path):
+@pytest.mark.parametrize("variant, noise", [("koala++", None), ("koala-m", None), ("koala++", "none"), ("koala-v", "variance")])
+def test_resuming_from_a_checkpoint_equals_the_uninterrupted_run(variant, noise, tmp_path):
     data = counting_sequences(64)
     settings = dict(per_device_train_batch_size=8, max_steps=6, save_strategy="steps", save_steps=3,
                     koala_optimizer=variant, lr_scheduler_type="linear", eval_strategy="steps", eval_steps=3)
     whole = tiny_gpt2()
-    KoalaTrainer(model=whole, args=arguments(tmp_path / "a", **settings), train_dataset=data, eval_dataset=data.select(range(8))).train()
+    first = KoalaTrainer(model=whole, args=arguments(tmp_path / "a", koala_noise=noise, **settings), train_dataset=data,
+                         eval_dataset=data.select(range(8)))
+    first.train()
 
+    # Resumed with the default arguments: the checkpoint's noise mode is the one that continues (E1a-E1c).
     resumed = tiny_gpt2(seed=99)
     trainer = KoalaTrainer(model=resumed, args=arguments(tmp_path / "b", **settings), train_dataset=data, eval_dataset=data.select(range(8)))
     trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
     assert torch.equal(flat(resumed), flat(whole))
+    assert {g["noise"] for g in koala_optimizer(trainer.optimizer).param_groups} == {noise or "second_moment"}
 
 
 class InfGradientAt(TrainerCallback):
@@ -375,3 +379,55 @@ def test_a_single_process_trainer_does_not_reduce_the_measurement(tmp_path):
     trainer = KoalaTrainer(model=tiny_gpt2(), args=arguments(tmp_path), train_dataset=counting_sequences(8))
     trainer.train()
     assert koala_optimizer(trainer.optimizer).measurement.process_group is False
+
+
+class CustomLossModel(torch.nn.Module):
+    """A model returning ``{"loss", "logits"}`` whose loss is not the plain loss of its logits."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind = kind
+        self.net = torch.nn.Linear(6, 3 if kind == "weighted_ce" else 1)
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        if labels is None:
+            return {"logits": logits}
+        if self.kind == "l1":
+            loss = (logits.squeeze(-1) - labels).abs().mean()
+        else:
+            weights = torch.tensor([1.0, 3.0, 0.2])
+            loss = torch.nn.functional.cross_entropy(logits, labels, weight=weights)
+        return {"loss": loss, "logits": logits}
+
+
+@pytest.mark.parametrize("kind", ["l1", "weighted_ce"])
+def test_a_custom_models_loss_is_measured_not_a_rederived_one(kind, tmp_path, caplog):
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 6, generator=generator)
+    labels = torch.randn(16, generator=generator) * 5 if kind == "l1" else torch.randint(0, 3, (16,), generator=generator)
+    data = Dataset.from_dict({"x": x.tolist(), "labels": labels.tolist()})
+    model = CustomLossModel(kind)
+    optimizer = Recording(model.parameters(), lr=0.1)
+    with caplog.at_level("WARNING", logger="koala_hf.trainer"):
+        trainer = KoalaTrainer(model=model, args=arguments(tmp_path, per_device_train_batch_size=16, max_steps=2),
+                               train_dataset=data, optimizers=(optimizer, None))
+        trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(optimizer.measured) == 2
+    for (measured, noise), optimised in zip(optimizer.measured, losses):
+        assert measured.item() == pytest.approx(optimised, rel=1e-6)  # what was back-propagated
+        assert noise.item() == pytest.approx(optimised**2, rel=1e-6)
+    assert sum("model's loss is" in record.message for record in caplog.records) == 1
+
+
+def test_a_model_whose_loss_matches_keeps_its_per_sample_losses(tmp_path):
+    data = counting_sequences(16)
+    model = tiny_gpt2()
+    optimizer = Recording(model.parameters())
+    trainer = KoalaTrainer(model=model, args=arguments(tmp_path, max_steps=2), train_dataset=data, optimizers=(optimizer, None))
+    trainer.train()
+    assert trainer._derive_per_sample and trainer._measurement_checked
+    (loss, noise), _ = optimizer.measured
+    assert noise.item() > loss.item() ** 2  # mean(l_i^2) > L^2: measured from the per-token losses

@@ -14,12 +14,14 @@ from tests.helpers import flat_parameters, per_sample_losses, regression_batches
 
 STEPS = 5
 WORLD = 2
-RUNS = [(name, True) for name in OPTIMIZERS] + [("koala++", False)]  # (name, per-sample losses)
+# (name, per-sample losses, noise mode): E1b's variance must be taken over the whole batch of every rank.
+RUNS = [(name, True, "second_moment") for name in OPTIMIZERS] + [("koala++", False, "second_moment")]
+RUNS += [(name, True, "variance") for name in OPTIMIZERS] + [("koala++", True, "none")]
 
 
-def train(model, name, per_sample, shard):
+def train(model, name, per_sample, noise, shard):
     """Train a fresh optimizer on ``shard(x), shard(y)`` of every batch; return the final parameters."""
-    optimizer = create_optimizer(name, model.parameters(), lr=0.3, weight_decay=1e-3)
+    optimizer = create_optimizer(name, model.parameters(), lr=0.3, weight_decay=1e-3, noise=noise)
     for x, y in regression_batches(STEPS, batch=16):
         optimizer.zero_grad()
         losses = per_sample_losses(model, shard(x), shard(y))
@@ -33,9 +35,9 @@ def worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         results = {}
-        for name, per_sample in RUNS:
+        for name, per_sample, noise in RUNS:
             model = DistributedDataParallel(tiny_network())
-            results[(name, per_sample)] = train(model, name, per_sample, lambda t: t.chunk(WORLD)[rank])
+            results[(name, per_sample, noise)] = train(model, name, per_sample, noise, lambda t: t.chunk(WORLD)[rank])
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
