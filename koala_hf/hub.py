@@ -7,7 +7,7 @@
 config in the format users load (``AutoModelForCausalLM`` and the tokenizer for
 the language model; ``timm.create_model("hf-hub:<id>", pretrained=True)`` for
 vision models, after ``import koala_hf.vision``), ``results.json``,
-``curves.png`` and a model card rendered from ``model_cards/template.md``.
+``curves.png`` and a model card rendered from ``koala_hf/model_cards/template.md``.
 ``push`` uploads it with ``huggingface_hub`` (token from ``--hub_token``,
 ``HF_TOKEN`` or ``huggingface-cli login``). The recipes do both after training
 when given ``--push_to_hub``.
@@ -23,14 +23,16 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "template.md"
+TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "template.md"  # shipped in the wheel
 TITLES = {
     "koala++": "KOALA++", "koala++ns": "KOALA++ (NS)", "koala-v": "KOALA-V", "koala-m": "KOALA-M",
     "adamw": "AdamW", "adam": "Adam", "sgd": "SGD",
 }
 DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet32": "ImageNet32"}
 # The recipe scripts pushed beside the model, so that its card's reproduction runs from the repository alone.
-RECIPE_FILES = {"wikitext2_gpt": ("wikitext2_gpt.py", "run_support.py"), "timm_vision": ("timm_vision.py", "run_support.py")}
+RECIPE_FILES = {"wikitext2_gpt": ("wikitext2_gpt.py", "run_support.py", "extras.py"),
+                "timm_vision": ("timm_vision.py", "run_support.py", "extras.py")}
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # in a source checkout; a wheel has no recipes
 LM_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
             "tokenizer_config.json", "special_tokens_map.json")
 
@@ -62,12 +64,12 @@ def prepare(run_dir: str | Path, output: str | Path | None = None, repo_id: str 
     for name in ("results.json", "curves.png"):
         if (run_dir / name).exists():
             shutil.copy2(run_dir / name, output / name)
-    recipes = Path(__file__).resolve().parents[1] / "recipes"
-    if recipes.is_dir():
+    shipped = all((RECIPES / name).is_file() for name in RECIPE_FILES[results["task"]])
+    if shipped:
         (output / "recipe").mkdir(exist_ok=True)
         for name in RECIPE_FILES[results["task"]]:
-            shutil.copy2(recipes / name, output / "recipe" / name)
-    model_card(results, repo_id or f"koala-hf/{run_dir.resolve().name}").save(output / "README.md")
+            shutil.copy2(RECIPES / name, output / "recipe" / name)
+    model_card(results, repo_id or f"koala-hf/{run_dir.resolve().name}", shipped).save(output / "README.md")
     return output
 
 
@@ -92,7 +94,7 @@ def _epochs_text(value) -> str:
     return str(value) if value is not None else "?"
 
 
-def model_card(results: dict, repo_id: str) -> ModelCard:
+def model_card(results: dict, repo_id: str, recipe_shipped: bool = True) -> ModelCard:
     """The model card of a run: Hub metadata (tags, datasets, model-index) and how it was trained.
 
     It states only what ``results.json`` records: the data's real source (a Hub
@@ -199,7 +201,7 @@ def model_card(results: dict, repo_id: str) -> ModelCard:
         seconds_per_epoch=results.get("seconds_per_epoch") or 0.0,
         total_minutes=sum(e["seconds"] for e in epochs) / 60,
         command=results["command"],
-        reproduce=reproduction(results, repo_id, data_flag),
+        reproduce=reproduction(results, repo_id, data_flag, recipe_shipped),
         **details,
     )
 
@@ -211,8 +213,9 @@ def _launch_text(results: dict) -> str:
     return f"{launched}, {_plural(processes, 'process', 'processes')}, mixed precision: {precision}"
 
 
-def reproduction(results: dict, repo_id: str, data_flag: str) -> str:
-    """Shell lines that rerun the run from what the Hub repository holds (its ``recipe/`` folder)."""
+def reproduction(results: dict, repo_id: str, data_flag: str, recipe_shipped: bool = True) -> str:
+    """Shell lines that rerun the run from what the Hub repository holds (its ``recipe/`` folder), or, when the
+    card was prepared without the recipe scripts at hand, from a checkout of koala_hf's source."""
     args = shlex.split(results["command"])[2:]  # drop "python recipes/<script>.py"
     script = Path(shlex.split(results["command"])[1]).name
     kept, skip = [], False
@@ -232,12 +235,16 @@ def reproduction(results: dict, repo_id: str, data_flag: str) -> str:
     if local_data:
         kept += ["--data_dir", "DATA_DIR"]
     kept += ["--output_dir", "rerun"]
-    lines = [
-        'pip install koala_hf',
-        f'hf download {repo_id} --include "recipe/*" --local-dir {repo_id.split("/")[-1]}',
-        f'cd {repo_id.split("/")[-1]}',
-        shlex.join(["python", f"recipe/{script}"] + kept),
-    ]
+    if recipe_shipped:
+        lines = [
+            "pip install 'koala_hf[recipes]'",
+            f'hf download {repo_id} --include "recipe/*" --local-dir {repo_id.split("/")[-1]}',
+            f'cd {repo_id.split("/")[-1]}',
+            shlex.join(["python", f"recipe/{script}"] + kept),
+        ]
+    else:
+        lines = ["# in a checkout of the koala_hf source repository:", "pip install -e '.[recipes]'",
+                 shlex.join(["python", f"recipes/{script}"] + kept)]
     if local_data:
         lines.insert(0, f"# DATA_DIR: {data_flag} (the run read a local copy; without --data_dir the recipe loads the Hub's)")
     return "\n".join(lines)

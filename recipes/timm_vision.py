@@ -25,14 +25,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import evaluate
-import numpy as np
-import torch
-from torch.utils.data import Dataset
-from torchvision.transforms import v2
-from transformers import HfArgumentParser, set_seed
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from extras import require_extras  # noqa: E402
+
+require_extras("timm", "torchvision", "evaluate", "matplotlib", extra="recipes")
+
+import evaluate  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import Dataset  # noqa: E402
+from torchvision.transforms import v2  # noqa: E402
+from transformers import HfArgumentParser, set_seed  # noqa: E402
+
 from run_support import (  # noqa: E402
     OPTIMIZER_CHOICES,
     RecipeTrainingArguments,

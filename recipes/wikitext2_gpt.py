@@ -26,10 +26,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datasets import DatasetDict, load_dataset
-from tokenizers import Tokenizer, models, pre_tokenizers
-import torch
-from transformers import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from extras import require_extras  # noqa: E402
+
+require_extras("datasets", "matplotlib", extra="recipes")
+
+import torch  # noqa: E402
+from datasets import DatasetDict, load_dataset  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import (  # noqa: E402
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
@@ -41,7 +46,6 @@ from transformers import (
     set_seed,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_support import (  # noqa: E402
     OPTIMIZER_CHOICES,
     RecipeTrainingArguments,

@@ -45,6 +45,7 @@ def test_the_language_model_folder_loads_and_its_card_says_how_it_was_trained(lm
                      "xia2025koalapp", "davtyan2022koala", written["device"], "python, 1 process, mixed precision: no"):
         assert expected in text, expected
     assert "1 layers" not in text and "pip install koala_hf\n" + written["command"] not in text
+    assert "python recipe/wikitext2_gpt.py --preset smoke" in text
 
 
 def test_the_timm_folder_loads_with_timm_and_its_card_parses(vision_smoke_run, tmp_path):
@@ -135,11 +136,11 @@ def test_the_cards_reproduction_runs_from_the_pushed_folder_alone(lm_smoke_run, 
 
     _, run_dir = lm_smoke_run
     folder = hub.prepare(run_dir, tmp_path / "repo", repo_id="someone/gpt-koala")
-    assert sorted(p.name for p in (folder / "recipe").iterdir()) == ["run_support.py", "wikitext2_gpt.py"]
+    assert sorted(p.name for p in (folder / "recipe").iterdir()) == ["extras.py", "run_support.py", "wikitext2_gpt.py"]
     block = re.search(r"## How to reproduce.*?```bash\n(.*?)```", ModelCard.load(folder / "README.md").text, re.S).group(1)
     lines = block.strip().splitlines()
-    assert lines[-4:-1] == ["pip install koala_hf", 'hf download someone/gpt-koala --include "recipe/*" --local-dir gpt-koala',
-                            "cd gpt-koala"]
+    assert lines[-4:-1] == ["pip install 'koala_hf[recipes]'",
+                            'hf download someone/gpt-koala --include "recipe/*" --local-dir gpt-koala', "cd gpt-koala"]
     command = shlex.split(lines[-1].replace("DATA_DIR", str(wikitext_dir))) + ["--max_steps", "2", "--save_strategy", "no"]
     assert command[:2] == ["python", "recipe/wikitext2_gpt.py"]
     done = subprocess.run([sys.executable] + command[1:], cwd=folder, capture_output=True, text=True, timeout=300)

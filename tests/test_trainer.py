@@ -183,8 +183,8 @@ def test_a_compute_loss_func_is_the_loss_measured(tmp_path):
     # What the Trainer back-propagated (normalised by its own token count) is what KOALA measured.
     optimised = trainer.state.log_history[0]["loss"]
     (loss, noise), = optimizer.measured
-    assert loss.item() == pytest.approx(optimised, rel=1e-6)
-    assert noise.item() == pytest.approx(optimised**2, rel=1e-6)
+    assert loss.item() == pytest.approx(optimised, rel=1e-4)  # transformers < 4.48 logs losses to 4 decimals
+    assert noise.item() == pytest.approx(optimised**2, rel=2e-4)
 
 
 # ------------------------------------------------------ training setups
@@ -259,7 +259,7 @@ def test_a_step_the_grad_scaler_skips_leaves_the_state_and_does_not_leak_its_los
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(after[key][name])), (key, name)
     logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     taken = [logged[i] for i in (0, 1, 3, 4)]  # the third step (index 2) was skipped
-    assert [pytest.approx(loss.item(), rel=1e-5) for loss, _ in optimizer.measured] == taken
+    assert [pytest.approx(loss.item(), rel=1e-4) for loss, _ in optimizer.measured] == taken  # logged to 4 decimals
 
 
 def test_a_plain_trainer_points_to_koala_trainer(tmp_path):
@@ -362,7 +362,11 @@ def test_sharding_setups_are_refused_at_start(setup):
 def test_sharded_parameters_are_refused_by_the_optimizer(tmp_path):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import distribute_tensor
+
+    try:
+        from torch.distributed.tensor import distribute_tensor
+    except ImportError:  # torch < 2.5
+        from torch.distributed._tensor import distribute_tensor
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
@@ -417,8 +421,8 @@ def test_a_custom_models_loss_is_measured_not_a_rederived_one(kind, tmp_path, ca
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(optimizer.measured) == 2
     for (measured, noise), optimised in zip(optimizer.measured, losses):
-        assert measured.item() == pytest.approx(optimised, rel=1e-6)  # what was back-propagated
-        assert noise.item() == pytest.approx(optimised**2, rel=1e-6)
+        assert measured.item() == pytest.approx(optimised, rel=1e-4)  # what was back-propagated (logged to 4 decimals)
+        assert noise.item() == pytest.approx(optimised**2, rel=2e-4)
     assert sum("model's loss is" in record.message for record in caplog.records) == 1
 
 

@@ -170,3 +170,14 @@ def test_an_unreachable_hub_fails_fast_naming_the_option(monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     with pytest.raises(SystemExit, match=r"cannot be reached .*Pass --data_dir"):
         wikitext2_gpt.read_splits(wikitext2_gpt.DataArguments())
+
+
+@pytest.mark.parametrize("recipe, module", [("wikitext2_gpt", "datasets"), ("timm_vision", "timm")])
+def test_a_missing_extra_names_the_extra_to_install(recipe, module):
+    code = ("import importlib.util as u, runpy\n"
+            "real = u.find_spec\n"
+            f"u.find_spec = lambda name, *a: None if name == {module!r} else real(name, *a)\n"
+            f"runpy.run_path('recipes/{recipe}.py', run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"This recipe needs {module}" in result.stderr and "pip install 'koala_hf[recipes]'" in result.stderr
