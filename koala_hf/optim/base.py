@@ -8,8 +8,11 @@ discards a measurement no step consumed.
 
 Scalar state that belongs to the whole filter (the noise estimate ``R`` of each
 parameter group (E2), step and skip counters, KOALA-V's ``P``, KOALA-M's ``P``
-and ``qw_avg``) lives in ``self.state["koala"]``, so ``state_dict()`` carries it
-next to the per-parameter state.
+and ``qw_avg``) lives in ``self.state["koala"]``. ``state_dict()`` carries it in
+the first parameter group's ``"koala"`` entry, so that every key of its
+``"state"`` is a parameter, as ``torch.distributed.checkpoint`` (FSDP2
+checkpoints) requires; state dicts of the older layout (``state["koala"]``)
+still load.
 
 Like every torch optimizer, a KOALA optimizer pickles and deep-copies with its
 pending measurement (and KOALA-M its train/eval mode), loads state dicts whose
@@ -36,6 +39,7 @@ from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from koala_hf.measurement import LossMeasurement
 from koala_hf.optim.layers import dot, measurement_jacobians
+from koala_hf.optim.sharding import check_parameter, is_dtensor, local, reduce_sums, sharding_group
 
 GLOBAL_STATE = "koala"
 # A layer whose measurement Jacobian has a norm below this is not updated (official code).
@@ -79,11 +83,6 @@ def check_noise(group: dict) -> None:
     check_range("alpha_r", group["alpha_r"], 0.0, 1.0, high_open=True)
 
 
-def _is_sharded(p: torch.Tensor) -> bool:
-    """FSDP2/tensor-parallel DTensors and FSDP1's FlatParameter hold parts or concatenations of tensors."""
-    return type(p).__name__ in ("DTensor", "FlatParameter")
-
-
 class KoalaOptimizer(torch.optim.Optimizer):
     """Base class of the KOALA optimizers; subclasses implement ``_update``.
 
@@ -96,6 +95,8 @@ class KoalaOptimizer(torch.optim.Optimizer):
 
     _shared_hyperparameters: tuple[str, ...] = ()
     _float_state_keys: tuple[str, ...] = ()
+    # Whether the variant steps FSDP2's sharded parameters exactly (koala_hf.optim.sharding).
+    _supports_sharding = True
     # Attributes that pickling and deepcopy carry besides torch's defaults, state and param_groups.
     _carried_attributes: tuple[str, ...] = ("_measurement",)
 
@@ -131,13 +132,7 @@ class KoalaOptimizer(torch.optim.Optimizer):
         for p in group["params"]:
             if torch.is_complex(p):
                 raise ValueError(f"{type(self).__name__} does not support complex parameters; use torch.view_as_real")
-            if _is_sharded(p):
-                raise ValueError(
-                    f"{type(self).__name__} got a sharded or flattened parameter ({type(p).__name__}). KOALA computes "
-                    "dot products over each whole parameter tensor (E11-E15); on shards or flattened groups of "
-                    "tensors they would silently compute a different algorithm. Train with DDP (one full copy of "
-                    "the model per process) instead of FSDP or DeepSpeed ZeRO."
-                )
+            self._check_parameter(p)
         self.check_group(group)
         first = self.param_groups[0]
         for name in self._shared_hyperparameters:
@@ -146,6 +141,14 @@ class KoalaOptimizer(torch.optim.Optimizer):
                     f"{type(self).__name__}'s {name} belongs to the whole filter and must be equal in every "
                     f"parameter group (got {first[name]!r} and {group[name]!r}); set it once in the constructor"
                 )
+
+    def _check_parameter(self, p: torch.Tensor) -> None:
+        check_parameter(p, type(self).__name__)
+        if is_dtensor(p) and not self._supports_sharding:
+            raise ValueError(
+                f"{type(self).__name__} does not support FSDP2's sharded parameters yet (its weight averages need "
+                "more than one reduction per step); use KOALAPlusPlus or KOALAV under FSDP2, or DDP."
+            )
 
     # ----------------------------------------------------------- diagnostics
     @torch.no_grad()
@@ -215,6 +218,9 @@ class KoalaOptimizer(torch.optim.Optimizer):
                 if loss is None:
                     raise RuntimeError("the closure passed to step() returned None; it must return the loss")
                 self.observe(loss)
+        if not self._measurement.pending and self._is_state_initialisation():
+            self._create_state()
+            return loss
         if not self._measurement.pending:
             raise RuntimeError(
                 f"{type(self).__name__}.step() needs the loss: KOALA measures the loss, not only the gradient. "
@@ -239,6 +245,22 @@ class KoalaOptimizer(torch.optim.Optimizer):
         state["step"].add_(ok)  # steps taken; skipped ones are counted apart
         state["loss"] = torch.where(ok, mean_loss, state["loss"])
         return loss
+
+    def _is_state_initialisation(self) -> bool:
+        """A first ``step()`` without a loss at learning rate 0: how ``torch.distributed.checkpoint`` creates an
+        optimizer's state before saving or loading it (FSDP2 checkpoints). It needs no measurement."""
+        return not self.state and all(float(group["lr"]) == 0 for group in self.param_groups)
+
+    def _create_state(self) -> None:
+        """Create the filter-wide state and the state of every parameter with a gradient, without a step."""
+        self.global_state()
+        for group in self.param_groups:
+            for p in self._params_with_grad(group)[0]:
+                self._layer_state(p)
+
+    def _layer_state(self, p: torch.Tensor) -> dict:
+        """The state of one parameter, created on first use (overridden by variants that keep some)."""
+        return self.state[p]
 
     def _update(self, loss: torch.Tensor, noise: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
         """Apply one step; ``noise[i]`` is ``R_k`` of group ``i``. Return the device flag "step taken"."""
@@ -303,11 +325,7 @@ class KoalaOptimizer(torch.optim.Optimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
-            if _is_sharded(p):
-                raise RuntimeError(
-                    f"{type(self).__name__} is stepping a sharded or flattened parameter ({type(p).__name__}): "
-                    "KOALA needs whole parameter tensors (E11-E15); use DDP instead of FSDP / DeepSpeed ZeRO"
-                )
+            self._check_parameter(p)  # parameters swapped in after construction (accelerate's FSDP2 preparation)
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             if torch.is_complex(p.grad):
@@ -316,17 +334,27 @@ class KoalaOptimizer(torch.optim.Optimizer):
             grads.append(p.grad)
         return params, grads
 
+    def _sharding_group(self):
+        """The group to reduce per-layer sums over: ``None`` unless the parameters are FSDP2's DTensors."""
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        return sharding_group(params, type(self).__name__)
+
     def _jacobian_norms(self, ok: torch.Tensor, device, dtype):
         """First pass of KOALA-V and KOALA-M: per group, ``H`` (E3) and ``[||H||^2, ||theta||^2]`` per layer.
 
         Returns ``(measured, ok)``: ``(index, group, params, jacobians, norms, foreach)`` per group with
-        gradients, and ``ok`` cleared when any norm is not finite.
+        gradients, where ``params`` and ``jacobians`` are this process's shards under FSDP2 and the norms are
+        the whole layers' (one reduction over the shards of every layer), and ``ok`` cleared when any norm is
+        not finite.
         """
         measured = []
         for index, group in enumerate(self.param_groups):
             params, grads = self._params_with_grad(group)
             if not params:
                 continue
+            for p in params:
+                self._layer_state(p)  # an entry per parameter, as torch.distributed.checkpoint expects
+            params, grads = [local(p) for p in params], [local(g) for g in grads]
             foreach = self._foreach(group, params)
             wd = group["weight_decay"]
             jacobians = measurement_jacobians(params, grads, wd, foreach)
@@ -335,14 +363,29 @@ class KoalaOptimizer(torch.optim.Optimizer):
                 [torch.stack([dot(h, h, dtype).to(device), dot(p, p, dtype).to(device) if wd else zero])
                  for p, h in zip(params, jacobians)]
             )
+            measured.append([index, group, params, jacobians, norms, foreach])
+        if measured:
+            sizes = [len(m[4]) for m in measured]
+            norms = reduce_sums(torch.cat([m[4] for m in measured]), self._sharding_group())
+            for m, reduced in zip(measured, norms.split(sizes)):
+                m[4] = reduced
             ok = ok & torch.isfinite(norms).all()
-            measured.append((index, group, params, jacobians, norms, foreach))
-        return measured, ok
+        return [tuple(m) for m in measured], ok
 
     def _foreach(self, group: dict, params: list[torch.Tensor]) -> bool:
         if group["foreach"] is not None:
             return bool(group["foreach"])
         return _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)[1]
+
+    def state_dict(self) -> dict:
+        """torch's state dict, with the filter-wide state in the first parameter group's ``"koala"`` entry."""
+        state_dict = super().state_dict()
+        state = dict(state_dict["state"])
+        groups = [dict(group) for group in state_dict["param_groups"]]
+        filter_state = state.pop(GLOBAL_STATE, None)
+        if filter_state is not None:
+            groups[0][GLOBAL_STATE] = filter_state
+        return {**state_dict, "state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load state as torch does, then put KOALA's scalar state back on the right device and dtype.
@@ -366,6 +409,10 @@ class KoalaOptimizer(torch.optim.Optimizer):
             super().load_state_dict(state_dict)
         finally:
             self._optimizer_load_state_dict_pre_hooks = hooks
+        for group in self.param_groups:  # the filter-wide state travels in the first group (state_dict)
+            filter_state = group.pop(GLOBAL_STATE, None)
+            if filter_state is not None:
+                self.state[GLOBAL_STATE] = filter_state
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
@@ -415,16 +462,16 @@ def saved_variant(state_dict: dict) -> str | None:
     """The class that saved ``state_dict``: a KOALA variant's name, a description of another optimizer, or ``None``."""
     state = state_dict.get("state", {})
     layer_keys = set().union(*(set(v) for k, v in state.items() if k != GLOBAL_STATE))
-    global_keys = set(state.get(GLOBAL_STATE, {}))
+    groups = state_dict.get("param_groups", [])
+    global_keys = set(state.get(GLOBAL_STATE, {})) | set(groups[0].get(GLOBAL_STATE, {}) if groups else {})
     for name, layer, filter_wide, _ in _VARIANTS:
         if layer_keys & layer or global_keys & filter_wide:
             return name
     if layer_keys:
         return f"another optimizer (state {', '.join(sorted(layer_keys))})"
-    groups = state_dict.get("param_groups", [])
     if groups:
         for name, _, _, marker in _VARIANTS:
             if all(marker in g for g in groups):
                 return name
-        return f"another optimizer (hyperparameters {', '.join(sorted(set(groups[0]) - {'params'}))})"
+        return f"another optimizer (hyperparameters {', '.join(sorted(set(groups[0]) - {'params', GLOBAL_STATE}))})"
     return None

@@ -50,6 +50,8 @@ class KOALAM(KoalaOptimizer):
     _shared_hyperparameters = ("sw", "sc", "sv", "a", "qw", "qv")
     _carried_attributes = ("_measurement", "_training")
 
+    _supports_sharding = False  # E30's weight distance and the first predict need reductions of their own
+
     def __init__(
         self,
         params,

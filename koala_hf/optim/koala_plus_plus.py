@@ -6,7 +6,8 @@ Per layer the filter keeps ``v = H P`` (the gradient-covariance product),
 recomputed, spec cost notes). A step is one reduction pass (``H.H``,
 ``H.H_prev``, ``H.v_prev`` and, with weight decay, ``theta.theta``) and one
 elementwise pass; the scalar algebra in between runs on all layers of a group at
-once, on the device.
+once, on the device. Under FSDP2 the reduction pass runs on this process's
+shards and one collective sums every layer's products (koala_hf.optim.sharding).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from koala_hf.optim.base import MIN_JACOBIAN_NORM, KoalaOptimizer, check_prior
+from koala_hf.optim.sharding import local, reduce_sums
 from koala_hf.optim.layers import (
     dot,
     finite_mask,
@@ -127,24 +129,33 @@ class KOALAPlusPlus(KoalaOptimizer):
             if not params:
                 continue
             states = [self._layer_state(p) for p in params]
+            # This process's shards under FSDP2 (koala_hf.optim.sharding), the tensors themselves otherwise.
+            params, grads = [local(p) for p in params], [local(g) for g in grads]
+            vs, h_prevs = [local(s["v"]) for s in states], [local(s["H_prev"]) for s in states]
             wd = group["weight_decay"]
             if group["fused"]:
                 jacobians = grads  # H is recomputed inside the fused kernels, never stored
                 reduce = fused_kernels()[0]
-                flats = [_flat_views([p, g, s["v"], s["H_prev"]])[0] for p, g, s in zip(params, grads, states)]
+                flats = [_flat_views(list(layer))[0] for layer in zip(params, grads, vs, h_prevs)]
                 products = torch.stack(
                     [reduce(g, p, h_prev, v, wd).to(device, dtype) for p, g, v, h_prev in flats]
                 )
             else:
                 jacobians = measurement_jacobians(params, grads, wd, self._foreach(group, params))
                 products = torch.stack(
-                    [layer_products(p, h, s["H_prev"], s["v"], wd).to(device, dtype)
-                     for p, h, s in zip(params, jacobians, states)]
+                    [layer_products(p, h, h_prev, v, wd).to(device, dtype)
+                     for p, h, v, h_prev in zip(params, jacobians, vs, h_prevs)]
                 )
-            ok = ok & torch.isfinite(products).all()
-            measured.append((index, group, params, jacobians, states, products))
+            measured.append([index, group, params, jacobians, states, vs, h_prevs, products])
+        if not measured:
+            return ok
+        # The whole layers' sums: one collective for every layer when the parameters are sharded.
+        products = reduce_sums(torch.cat([m[-1] for m in measured]), self._sharding_group())
+        for m, reduced in zip(measured, products.split([len(m[-1]) for m in measured])):
+            m[-1] = reduced
+        ok = ok & torch.isfinite(products).all()
 
-        for index, group, params, jacobians, states, products in measured:
+        for index, group, params, jacobians, states, vs, h_prevs, products in measured:
             filters = [s["filter"] for s in states]
             coefficients, new_filters = kalman_coefficients(
                 products,
@@ -152,7 +163,6 @@ class KOALAPlusPlus(KoalaOptimizer):
                 loss=loss, noise=noise[index], ok=ok, lr=group["lr"], sigma=group["sigma"], q=group["q"],
                 weight_decay=group["weight_decay"], symmetric=group["symmetric"],
             )
-            vs, h_prevs = [s["v"] for s in states], [s["H_prev"] for s in states]
             if group["fused"]:
                 _fused_update(params, jacobians, vs, h_prevs, coefficients, ok, group["weight_decay"])
             else:

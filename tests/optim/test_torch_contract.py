@@ -65,7 +65,7 @@ def test_a_state_dict_from_before_a_hyperparameter_existed_loads_with_its_defaul
         for group in state_dict["param_groups"]:
             for key in ("foreach", "fused", "noise"):
                 group.pop(key, None)
-        state_dict["state"]["koala"].pop("negative_loss_steps")
+        state_dict["param_groups"][0]["koala"].pop("negative_loss_steps")
         return state_dict
 
     fresh = continued_equally(name, path, older)
@@ -74,10 +74,29 @@ def test_a_state_dict_from_before_a_hyperparameter_existed_loads_with_its_defaul
 
 
 @pytest.mark.parametrize("name, path", PATHS, ids=IDS)
+def test_every_state_key_is_a_parameter_and_the_older_layout_still_loads(name, path):
+    """The filter-wide state travels in the first group (torch.distributed.checkpoint maps every state key to a
+    parameter); a state dict of the older layout, with it under ``state["koala"]``, loads and continues."""
+    model = tiny_network()
+    optimizer = build(name, path, model.parameters())
+    run(model, optimizer, regression_batches(2))
+    state_dict = optimizer.state_dict()
+    assert all(isinstance(key, int) for key in state_dict["state"]) and "koala" in state_dict["param_groups"][0]
+    assert "koala" not in optimizer.param_groups[0]
+
+    def older_layout(state_dict):
+        state_dict = copy.deepcopy(state_dict)
+        state_dict["state"]["koala"] = state_dict["param_groups"][0].pop("koala")
+        return state_dict
+
+    continued_equally(name, path, older_layout)
+
+
+@pytest.mark.parametrize("name, path", PATHS, ids=IDS)
 def test_step_counters_handed_back_as_python_numbers_load(name, path):
     def as_numbers(state_dict):
         state_dict = copy.deepcopy(state_dict)
-        koala = state_dict["state"]["koala"]
+        koala = state_dict["param_groups"][0]["koala"]
         for key in ("step", "skipped_steps", "negative_loss_steps"):
             koala[key] = int(koala[key].item())
         koala["R"] = koala["R"].tolist()
@@ -97,8 +116,9 @@ def test_what_a_load_state_dict_pre_hook_returns_is_what_is_loaded(name, path):
 
     def rewrite(opt, incoming):
         incoming = copy.deepcopy(incoming)
-        incoming["state"]["koala"]["R"] = torch.full_like(incoming["state"]["koala"]["R"], 7.0)
-        for per_parameter in (v for k, v in incoming["state"].items() if k != "koala"):
+        filter_state = incoming["param_groups"][0]["koala"]
+        filter_state["R"] = torch.full_like(filter_state["R"], 7.0)
+        for per_parameter in incoming["state"].values():
             for key, value in per_parameter.items():
                 per_parameter[key] = torch.full_like(value, 0.25)
         return incoming

@@ -1,0 +1,211 @@
+"""FSDP2 (fully_shard): two gloo processes on sharded parameters take exactly the step of one process on the
+whole batch, with one collective added per step; torch.distributed.checkpoint saves and loads the state."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from koala_hf import create_optimizer
+from tests.helpers import per_sample_losses, regression_batches
+
+fsdp = pytest.importorskip("torch.distributed.fsdp")
+pytestmark = pytest.mark.skipif(not hasattr(fsdp, "fully_shard"), reason="FSDP2 (fully_shard) needs torch >= 2.6")
+
+WORLD = 2
+STEPS = 10
+# Every variant FSDP2 supports, on every path (KOALA-M is refused, below).
+PATHS = [(name, {"foreach": foreach}) for name in ("koala++", "koala++ns", "koala-v") for foreach in (False, True)]
+PATHS += [("koala++", {"fused": True}), ("koala++ns", {"fused": True})]
+
+
+class TiedNetwork(nn.Module):
+    """Uneven shards (7 rows: 4 + 3), an empty one (1 row: 1 + 0), and an encoder/decoder pair with tied weights."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.encode = nn.Linear(6, 6, bias=False)
+        self.hidden = nn.Linear(6, 7)
+        self.out = nn.Linear(7, 1)
+        self.decode = nn.Linear(6, 6, bias=False)
+        self.decode.weight = self.encode.weight
+        self.double()
+
+    def forward(self, x):
+        h = torch.tanh(self.decode(torch.tanh(self.encode(x))))
+        return self.out(torch.tanh(self.hidden(h)))
+
+
+def build(name, path, model):
+    named = list(model.named_parameters())
+    groups = [
+        {"params": [p for n, p in named if n.endswith("weight")]},
+        {"params": [p for n, p in named if n.endswith("bias")], "lr": 0.05, "weight_decay": 0.0},
+    ]
+    lr = 0.1 if name == "koala-v" else 0.3
+    return create_optimizer(name, groups, lr=lr, weight_decay=1e-3, **path)
+
+
+def train(model, optimizer, batches, shard):
+    for x, y in batches:
+        optimizer.zero_grad()
+        losses = per_sample_losses(model, shard(x), shard(y))
+        losses.mean().backward()
+        optimizer.observe(losses.mean(), losses)
+        optimizer.step()
+
+
+def full(model) -> torch.Tensor:
+    """Every parameter, whole, concatenated (gathered from the shards under FSDP2)."""
+    tensors = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def sharded_model():
+    model = TiedNetwork()
+    fsdp.fully_shard(model)
+    return model
+
+
+def worker(rank, init_file, out_dir):
+    torch.set_num_threads(1)  # two processes on a small machine
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    import torch.distributed.checkpoint as dcp
+
+    def shard(t):
+        return t.chunk(WORLD)[rank]
+
+    try:
+        batches = regression_batches(STEPS)
+        results = {}
+        for name, path in PATHS:
+            model = sharded_model()
+            optimizer = build(name, path, model)
+            train(model, optimizer, batches, shard)
+            results[(name, str(path))] = full(model)
+
+        # One collective for every layer's products, next to the loss measurement's (as under DDP).
+        model = sharded_model()
+        optimizer = build("koala++", {}, model)
+        train(model, optimizer, batches[:1], shard)
+        optimizer.zero_grad()
+        losses = per_sample_losses(model, shard(batches[1][0]), shard(batches[1][1]))
+        losses.mean().backward()
+        optimizer.observe(losses.mean(), losses)
+        with CommDebugMode() as comm:
+            optimizer.step()
+        results["collectives"] = {str(op): count for op, count in comm.get_comm_counts().items()}
+
+        # torch.distributed.checkpoint, sharded and full state dicts: a fresh optimizer (its state created by
+        # the checkpoint code) loads the state and continues exactly like the original.
+        for mode in ("sharded", "full"):
+            options = StateDictOptions(full_state_dict=mode == "full", cpu_offload=mode == "full")
+            model = sharded_model()
+            optimizer = build("koala++", {}, model)
+            train(model, optimizer, batches[:4], shard)
+            twin = sharded_model()
+            for mine, theirs in zip(twin.parameters(), model.parameters()):
+                mine.detach().to_local().copy_(theirs.detach().to_local())
+            fresh = build("koala++", {}, twin)
+            saved = get_optimizer_state_dict(model, optimizer, options=options)
+            if mode == "sharded":
+                folder = os.path.join(out_dir, "checkpoint")
+                dcp.save({"optimizer": saved}, checkpoint_id=folder)
+                target = {"optimizer": get_optimizer_state_dict(twin, fresh, options=options)}
+                dcp.load(target, checkpoint_id=folder)
+                saved = target["optimizer"]
+            if mode == "full":  # rank 0 holds the whole state (cpu_offload) and broadcasts it on load
+                options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+            set_optimizer_state_dict(twin, fresh, saved, options=options)
+            train(model, optimizer, batches[4:], shard)
+            train(twin, fresh, batches[4:], shard)
+            results[f"checkpoint-{mode}"] = (full(model), full(twin))
+
+        # Refused setups: parameters left out of sharding, a 2-D mesh (HSDP), KOALA-M.
+        errors = {}
+        left_out = TiedNetwork()
+        fsdp.fully_shard(left_out.hidden)  # the rest stays plain: its gradients would not be averaged
+        optimizer = build("koala++", {}, left_out)
+        try:
+            train(left_out, optimizer, batches[:1], shard)
+        except ValueError as error:
+            errors["left_out"] = str(error)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        hsdp = TiedNetwork()
+        fsdp.fully_shard(hsdp, mesh=init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("replicate", "shard")))
+        try:
+            build("koala++", {}, hsdp)
+        except ValueError as error:
+            errors["hsdp"] = str(error)
+        try:
+            build("koala-m", {}, sharded_model())
+        except ValueError as error:
+            errors["koala-m"] = str(error)
+        results["errors"] = errors
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True)
+        yield [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, path", PATHS, ids=[f"{n}-{p}" for n, p in PATHS])
+def test_two_sharded_processes_take_the_step_of_one_process_on_the_whole_batch(ranks, name, path):
+    single = TiedNetwork()
+    start = full(single)
+    train(single, build(name, path, single), regression_batches(STEPS), shard=lambda t: t)
+    expected = full(single)
+    assert not torch.equal(expected, start)
+    for rank in ranks:
+        sharded = rank[(name, str(path))]
+        assert ((sharded - expected).abs().max() / expected.abs().max()).item() < 1e-12
+
+
+@pytest.mark.slow
+def test_one_collective_is_added_for_the_products_of_every_layer(ranks):
+    counts = ranks[0]["collectives"]
+    # The loss measurement's all_reduce (as under DDP) and one for the products of all 6 layers.
+    assert sum(counts.values()) == 2 and all("allreduce" in op for op in counts), counts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["sharded", "full"])
+def test_distributed_checkpoint_state_dicts_continue_exactly(ranks, mode):
+    for rank in ranks:
+        original, resumed = rank[f"checkpoint-{mode}"]
+        assert torch.equal(original, resumed)
+
+
+@pytest.mark.slow
+def test_setups_that_cannot_be_stepped_exactly_are_refused_saying_what_is_supported(ranks):
+    errors = ranks[0]["errors"]
+    assert "left out of FSDP2 sharding" in errors["left_out"] and "Supported:" in errors["left_out"]
+    assert "2-D mesh" in errors["hsdp"] and "Supported:" in errors["hsdp"]
+    assert "does not support FSDP2" in errors["koala-m"]
+
+
+def test_fsdp1_flat_parameters_are_refused_naming_fsdp2():
+    flat = type("FlatParameter", (nn.Parameter,), {})(torch.zeros(3))
+    with pytest.raises(ValueError, match="FSDP2"):
+        create_optimizer("koala++", [flat])
