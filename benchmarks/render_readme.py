@@ -3,7 +3,7 @@
     python benchmarks/render_readme.py
 
 performance: every ``*_step_*.md`` table (benchmarks/optimizer_step.py, train_step.py);
-wikitext2: ``wikitext2_small_cpu/compare.md`` (benchmarks/run_wikitext2_small_cpu.sh);
+wikitext2: ``wikitext2_paper_protocol_cpu/compare.md`` (benchmarks/wikitext2_paper_protocol.py);
 vision: ``vision_smoke_cpu/compare.md`` (benchmarks/run_vision_smoke_cpu.sh).
 """
 
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SECTIONS = {
     "performance": "*_step_*.md",
-    "wikitext2": "wikitext2_small_cpu/compare.md",
+    "wikitext2": "wikitext2_paper_protocol_cpu/compare.md",
     "vision": "vision_smoke_cpu/compare.md",
 }
 

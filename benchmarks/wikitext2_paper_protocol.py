@@ -1,7 +1,7 @@
 """The papers' WikiText-2 protocol at CPU size: AdamW against KOALA++ (noise E1a and E1c), lr grids, two
 embedding protocols (trainable; frozen pretrained), then KOALA++ (NS) at the best KOALA++ setting.
 
-    python benchmarks/wikitext2_paper_protocol.py                 # about 75 minutes on 2 CPU cores
+    python benchmarks/wikitext2_paper_protocol.py                 # about 85 minutes on 2 CPU cores
     python benchmarks/wikitext2_paper_protocol.py --epochs 1 --max_train_blocks 64 --output /tmp/quick   # a check
 
 Every run is ``recipes/wikitext2_gpt.py --preset paper_cpu`` (GPT-1 blocks, 2 x 128, 4 heads, context 64,
@@ -46,7 +46,11 @@ def relative(path: Path) -> str:
 
 
 def recipe(output: Path, common: list[str], *options: str) -> dict:
+    """One recipe run; a run whose results.json is already there (an interrupted grid) is not run again."""
     command = [sys.executable, "recipes/wikitext2_gpt.py", *common, *options, "--output_dir", relative(output)]
+    if (output / "results.json").exists():
+        print("done:", " ".join(command[1:]), flush=True)
+        return json.loads((output / "results.json").read_text())
     print("$", " ".join(command[1:]), flush=True)
     subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     return json.loads((output / "results.json").read_text())
@@ -60,7 +64,7 @@ def keep_measurements(folder: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--max_train_blocks", type=int, default=None)
     parser.add_argument("--max_eval_blocks", type=int, default=600, help="validation and test chunks (of ~1,900)")
     parser.add_argument("--output", default="benchmarks/results/wikitext2_paper_protocol_cpu")

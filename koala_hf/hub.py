@@ -130,7 +130,8 @@ def model_card(results: dict, repo_id: str, recipe_shipped: bool = True) -> Mode
             summary=f"A GPT-style decoder ({layers}, width {model['n_embd']}, {_plural(model['n_head'], 'head')}, "
                     f"context {model['block_size']}) trained on WikiText-2 for language modelling.",
             model_description=f"`{architecture}`, {layers} x {model['n_embd']}, {_plural(model['n_head'], 'head')}, "
-                              f"context {model['block_size']}, vocabulary of {model['vocab_size']:,}",
+                              f"context {model['block_size']}, vocabulary of {model['vocab_size']:,}"
+                              + _embeddings_text(model),
             parameters=model["parameters"],
             data_description=_lm_data(data),
             schedule=f"{results['lr_scheduler']}",
@@ -204,6 +205,14 @@ def model_card(results: dict, repo_id: str, recipe_shipped: bool = True) -> Mode
         reproduce=reproduction(results, repo_id, data_flag, recipe_shipped),
         **details,
     )
+
+
+def _embeddings_text(model: dict) -> str:
+    source = f" from `{model['embeddings_from']}`" if model.get("embeddings_from") else ""
+    if model.get("frozen_embeddings"):
+        return (f"; token and position embeddings{source}, frozen (the output layer is tied to them): "
+                f"{model.get('trainable_parameters', 0):,} trainable parameters")
+    return f"; embeddings initialised{source}" if source else ""
 
 
 def _launch_text(results: dict) -> str:

@@ -39,9 +39,10 @@ from koala_hf.training_args import KoalaTrainingArguments
 logger = logging.get_logger(__name__)
 
 SHARDED_SETUP_ERROR = (
-    "KOALA computes dot products over each whole parameter tensor (E11-E15). {setup} shards or flattens "
-    "parameters, which would silently change the algorithm, so it is not supported. Use DDP (accelerate's "
-    "multi-GPU / multi-node configs) or one process."
+    "KOALA computes dot products over each whole parameter tensor (E11-E15). KoalaTrainer does not support "
+    "{setup} yet (the optimizers step FSDP2's fully_shard parameters exactly in your own training loop; "
+    "FSDP1 and DeepSpeed ZeRO flatten parameters, which would silently change the algorithm). Use DDP "
+    "(accelerate's multi-GPU / multi-node configs) or one process."
 )
 
 

@@ -359,7 +359,7 @@ def test_sharding_setups_are_refused_at_start(setup):
         refuse_sharded_setups(**{"fsdp": False, "deepspeed": False, setup: True})
 
 
-def test_sharded_parameters_are_refused_by_the_optimizer(tmp_path):
+def test_replicated_dtensor_parameters_are_refused_by_the_optimizer_saying_what_is_supported(tmp_path):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -371,9 +371,9 @@ def test_sharded_parameters_are_refused_by_the_optimizer(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
-        sharded = torch.nn.Parameter(distribute_tensor(torch.zeros(4, 4), mesh))
-        with pytest.raises(ValueError, match="sharded or flattened"):
-            KOALAPlusPlus([sharded])
+        replicated = torch.nn.Parameter(distribute_tensor(torch.zeros(4, 4), mesh))  # Replicate(): not FSDP2's
+        with pytest.raises(ValueError, match="Supported: .*FSDP2"):
+            KOALAPlusPlus([replicated])
     finally:
         dist.destroy_process_group()
 

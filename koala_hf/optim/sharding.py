@@ -19,6 +19,8 @@ what is supported.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
@@ -28,6 +30,7 @@ SUPPORTED = (
 )
 
 
+@functools.cache
 def _dtensor_types():
     if not dist.is_available():
         return None

@@ -48,6 +48,21 @@ def test_the_paper_preset_freezes_the_source_embeddings_ties_the_output_and_trai
     # The papers' KOALA++ settings, constant lr, no clipping.
     assert results["hyperparameters"]["noise"] == "none" and results["learning_rate"] == 2e-3
     assert results["weight_decay"] == 1e-4 and results["lr_scheduler"] == "constant" and results["max_grad_norm"] == 0.0
+    # The reported test loss is the mean next-token NLL over the real targets of the papers' chunks,
+    # recomputed here from the text without the recipe's code.
+    tokenizer = wikitext2_gpt.AutoTokenizer.from_pretrained(tmp_path)
+    lines = (wikitext_dir / "test.txt").read_text(encoding="utf-8").splitlines()
+    ids = []
+    for line in lines[len(lines) // 2:]:
+        if line.strip():
+            ids += tokenizer.convert_tokens_to_ids(line.split()) + [tokenizer.convert_tokens_to_ids("<eos>")]
+    chunks = [ids[i : i + 33] for i in range(0, len(ids), 33)][: results["data"]["test_blocks"]]
+    assert all(len(c) == 33 for c in chunks)  # 48 chunks of the test half: none of them the padded last one
+    batch = torch.tensor(chunks)
+    with torch.no_grad():
+        logits = trained(batch[:, :-1]).logits
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    assert results["test_loss"] == pytest.approx(nll.item(), rel=1e-4)
     # Random frozen embeddings of a tiny source cripple any optimizer (issue figures): it learns, slowly.
     perplexities = [e["validation_perplexity"] for e in results["epochs"]]
     assert all(later < earlier for earlier, later in zip(perplexities, perplexities[1:])), perplexities
