@@ -4,7 +4,8 @@
 
 performance: every ``*_step_*.md`` table (benchmarks/optimizer_step.py, train_step.py);
 wikitext2: ``wikitext2_paper_protocol_cpu/compare.md`` (benchmarks/wikitext2_paper_protocol.py);
-vision: ``vision_smoke_cpu/compare.md`` (benchmarks/run_vision_smoke_cpu.sh).
+vision: ``vision_smoke_cpu/compare.md`` (benchmarks/run_vision_smoke_cpu.sh);
+fsdp2: ``fsdp2_state_memory_*.md`` (benchmarks/fsdp2_state_memory.py).
 """
 
 from pathlib import Path
@@ -15,6 +16,7 @@ SECTIONS = {
     "performance": "*_step_*.md",
     "wikitext2": "wikitext2_paper_protocol_cpu/compare.md",
     "vision": "vision_smoke_cpu/compare.md",
+    "fsdp2": "fsdp2_state_memory_*.md",
 }
 
 
