@@ -39,7 +39,7 @@ from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from koala_hf.measurement import LossMeasurement
 from koala_hf.optim.layers import dot, measurement_jacobians
-from koala_hf.optim.sharding import check_parameter, is_dtensor, local, reduce_sums, sharding_group
+from koala_hf.optim.sharding import check_parameter, local, reduce_sums, sharding_group
 
 GLOBAL_STATE = "koala"
 # A layer whose measurement Jacobian has a norm below this is not updated (official code).
@@ -95,8 +95,6 @@ class KoalaOptimizer(torch.optim.Optimizer):
 
     _shared_hyperparameters: tuple[str, ...] = ()
     _float_state_keys: tuple[str, ...] = ()
-    # Whether the variant steps FSDP2's sharded parameters exactly (koala_hf.optim.sharding).
-    _supports_sharding = True
     # Attributes that pickling and deepcopy carry besides torch's defaults, state and param_groups.
     _carried_attributes: tuple[str, ...] = ("_measurement",)
 
@@ -144,11 +142,6 @@ class KoalaOptimizer(torch.optim.Optimizer):
 
     def _check_parameter(self, p: torch.Tensor) -> None:
         check_parameter(p, type(self).__name__)
-        if is_dtensor(p) and not self._supports_sharding:
-            raise ValueError(
-                f"{type(self).__name__} does not support FSDP2's sharded parameters yet (its weight averages need "
-                "more than one reduction per step); use KOALAPlusPlus or KOALAV under FSDP2, or DDP."
-            )
 
     # ----------------------------------------------------------- diagnostics
     @torch.no_grad()
@@ -339,13 +332,14 @@ class KoalaOptimizer(torch.optim.Optimizer):
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         return sharding_group(params, type(self).__name__)
 
-    def _jacobian_norms(self, ok: torch.Tensor, device, dtype):
+    def _jacobian_norms(self, ok: torch.Tensor, device, dtype, extra_sums=None):
         """First pass of KOALA-V and KOALA-M: per group, ``H`` (E3) and ``[||H||^2, ||theta||^2]`` per layer.
 
-        Returns ``(measured, ok)``: ``(index, group, params, jacobians, norms, foreach)`` per group with
-        gradients, where ``params`` and ``jacobians`` are this process's shards under FSDP2 and the norms are
-        the whole layers' (one reduction over the shards of every layer), and ``ok`` cleared when any norm is
-        not finite.
+        ``extra_sums(params, local_params, local_jacobians, dtype)``, when given, returns more per-layer sums
+        (``[n_layers, k]``), appended as columns and reduced with the rest. Returns ``(measured, ok)``:
+        ``(index, group, params, jacobians, norms, foreach)`` per group with gradients, where ``params`` and
+        ``jacobians`` are this process's shards under FSDP2 and the norms are the whole layers' (one reduction
+        over the shards of every layer), and ``ok`` cleared when any norm is not finite.
         """
         measured = []
         for index, group in enumerate(self.param_groups):
@@ -354,6 +348,7 @@ class KoalaOptimizer(torch.optim.Optimizer):
                 continue
             for p in params:
                 self._layer_state(p)  # an entry per parameter, as torch.distributed.checkpoint expects
+            originals = params
             params, grads = [local(p) for p in params], [local(g) for g in grads]
             foreach = self._foreach(group, params)
             wd = group["weight_decay"]
@@ -363,6 +358,8 @@ class KoalaOptimizer(torch.optim.Optimizer):
                 [torch.stack([dot(h, h, dtype).to(device), dot(p, p, dtype).to(device) if wd else zero])
                  for p, h in zip(params, jacobians)]
             )
+            if extra_sums is not None:
+                norms = torch.cat([norms, extra_sums(originals, params, jacobians, dtype).to(device)], dim=1)
             measured.append([index, group, params, jacobians, norms, foreach])
         if measured:
             sizes = [len(m[4]) for m in measured]

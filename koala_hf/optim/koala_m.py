@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from koala_hf.optim.base import GLOBAL_STATE, MIN_JACOBIAN_NORM, KoalaOptimizer, check_range
+from koala_hf.optim.sharding import local, reduce_sums, sharding_group
 from koala_hf.optim.layers import (
     dot,
     finite_mask,
@@ -45,12 +46,15 @@ class KOALAM(KoalaOptimizer):
     ``noise`` chooses the loss-noise measurement (E1a ``"second_moment"``, the
     default; E1b ``"variance"``; E1c ``"none"``), per group, as in
     :class:`KOALAPlusPlus`.
+
+    Under FSDP2 the per-layer sums (``||H||^2``, and for E30's distance
+    ``d.d`` and ``d.H`` with ``d = w_avg - theta``, from which the distance after
+    the update follows without another pass) go in the one collective of the
+    step; the first step adds one more, for E30's first ``||theta||``.
     """
 
     _shared_hyperparameters = ("sw", "sc", "sv", "a", "qw", "qv")
     _carried_attributes = ("_measurement", "_training")
-
-    _supports_sharding = False  # E30's weight distance and the first predict need reductions of their own
 
     def __init__(
         self,
@@ -122,7 +126,8 @@ class KOALAM(KoalaOptimizer):
         for p in params:
             self._layer_state(p)
         stepped = [p for p in params if p.grad is not None] or params  # E30's distance: the parameters stepped
-        theta_sq = sum(dot(p, p, options["dtype"]).to(options["device"]) for p in stepped)
+        local_sum = sum(dot(local(p), local(p), options["dtype"]).to(options["device"]) for p in stepped)
+        theta_sq = reduce_sums(local_sum.reshape(1), sharding_group(stepped, type(self).__name__))[0]
         qw_avg = torch.full((), float(hp["qw"]), **options)
         distance = torch.sqrt(theta_sq) / sum(p.numel() for p in stepped)  # w_avg = 0, u = 0
         covariance = torch.tensor([[hp["sw"], hp["sc"]], [hp["sc"], hp["sv"]]], **options)
@@ -145,16 +150,23 @@ class KOALAM(KoalaOptimizer):
             raise RuntimeError("KOALAM.step() was called in eval mode; call optimizer.train() first")
         device, dtype = loss.device, loss.dtype
         covariance = state["P"]
-        measured, ok = self._jacobian_norms(ok, device, dtype)
+        measured, ok = self._jacobian_norms(ok, device, dtype, extra_sums=self._distance_sums)
 
         information = [torch.zeros(1, dtype=dtype, device=device)]  # ||H||^2 / S of updated layers (E35)
+        distance_sq = torch.zeros((), dtype=dtype, device=device)
+        n_params = 0
         for index, group, params, jacobians, norms, foreach in measured:
-            hh, theta_sq = norms.unbind(-1)
+            hh, theta_sq, dd, dh = norms.unbind(-1)
             s = hh * covariance[0, 0] + noise[index]  # E33
             scale = group["lr"] * (loss + 0.5 * group["weight_decay"] * theta_sq) / s
             k1, k2 = scale * covariance[0, 0], scale * covariance[1, 0]
             update = ok & (hh >= MIN_JACOBIAN_NORM**2) & (s > 0) & torch.isfinite(k1) & torch.isfinite(k2)
             information.append(torch.where(update, hh / s, 0.0))
+            # E30's distance after E33-E34, ||w_avg - theta||^2: an updated layer has moved theta by -k1 H and
+            # w_avg to 0.9 w_avg + 0.1 theta, so w_avg - theta = 0.9 (d + k1 H); the others keep d.
+            moved = 0.81 * (dd + 2.0 * k1 * dh + k1 * k1 * hh)
+            distance_sq = distance_sq + torch.where(update, moved, dd).sum()
+            n_params += sum(p.numel() for p in self._params_with_grad(group)[0])
             zero = torch.zeros_like(s)
             coefficients = torch.stack(
                 [
@@ -166,53 +178,46 @@ class KOALAM(KoalaOptimizer):
                 dim=-1,
             )
             jacobians = finite_mask(jacobians, ok, owned=group["weight_decay"] != 0)
-            states = [self._layer_state(p) for p in params]  # parameters added since the first step start at 0
-            _update_layers(params, jacobians, [s["u"] for s in states], [s["w_avg"] for s in states], coefficients, foreach)
+            states = [self._layer_state(p) for p in self._params_with_grad(group)[0]]
+            us = [local(s["u"]) for s in states]
+            averages = [local(s["w_avg"]) for s in states]
+            _update_layers(params, jacobians, us, averages, coefficients, foreach)
+            self._predict_weights(params, us, ok, foreach, dtype)
 
         h = torch.cat(information).max()  # E35
         column = covariance[:, 0]
         posterior = covariance - h * torch.outer(column, column)  # E36
-
-        distance_sq, n_params = self._predict_weights(ok, dtype, device)
-        qw_avg, predicted = _predict_covariance(posterior, state["qw_avg"], torch.sqrt(distance_sq) / max(n_params, 1), self.defaults)
+        distance = torch.sqrt(torch.where(ok, distance_sq, 0.0)) / max(n_params, 1)
+        qw_avg, predicted = _predict_covariance(posterior, state["qw_avg"], distance, self.defaults)
         state["P"] = torch.where(ok, predicted, covariance)
         state["qw_avg"] = torch.where(ok, qw_avg, state["qw_avg"])
         return ok
 
-    def _predict_weights(self, ok, dtype, device) -> tuple[torch.Tensor, int]:
-        """E30's distance, then E31 for every layer stepped (its grad is not ``None``); both masked by ``ok``.
+    def _distance_sums(self, params, local_params, jacobians, dtype) -> torch.Tensor:
+        """``[d.d, d.H]`` per layer, ``d = w_avg - theta`` before the update (E30's distance, see ``_update``)."""
+        rows = []
+        for p, theta, h in zip(params, local_params, jacobians):
+            d = local(self._layer_state(p)["w_avg"]).to(dtype) - theta.to(dtype)
+            rows.append(torch.stack([dot(d, d, dtype), dot(d, h, dtype)]))
+        return torch.stack(rows)
 
-        Returns ``sum ||w_avg - theta||^2`` and the number of elements, over the layers stepped.
-        """
-        a = self.defaults["a"]
-        distance_sq = torch.zeros((), dtype=dtype, device=device)
-        n_params = 0
+    def _predict_weights(self, params, us, ok, foreach: bool, dtype) -> None:
+        """E31 for the layers stepped (their grad is not ``None``): ``theta += u``, ``u *= a``, masked by ``ok``."""
         take = ok.to(dtype)
-        decay = torch.where(ok, a, torch.ones((), dtype=dtype, device=device))
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            n_params += sum(p.numel() for p in params)
-            states = [self._layer_state(p) for p in params]
-            us = [s["u"] for s in states]
-            averages = [s["w_avg"] for s in states]
-            for p, w in zip(params, averages):
-                distance_sq = distance_sq + torch.dist(w.to(dtype), p.to(dtype)).to(device) ** 2
-            if self._foreach(group, params):
-                for (dev, _), ((p, u), _) in group_by_device_and_dtype([params, us]).items():
-                    p_w, u_w = widen(p), widen(u)
-                    torch._foreach_addcmul_(p_w, u_w, [take.to(dev)] * len(p_w))
-                    torch._foreach_mul_(u_w, decay.to(dev))
-                    write_back(p, p_w)
-                    write_back(u, u_w)
-            else:
-                for p, u in zip(params, us):
-                    p_w, u_w = widen([p, u])
-                    p_w.addcmul_(u_w, take.to(p.device))
-                    u_w.mul_(decay.to(p.device))
-                    write_back([p, u], [p_w, u_w])
-        return distance_sq, n_params
+        decay = torch.where(ok, self.defaults["a"], torch.ones((), dtype=dtype, device=ok.device))
+        if foreach:
+            for (dev, _), ((p, u), _) in group_by_device_and_dtype([params, us]).items():
+                p_w, u_w = widen(p), widen(u)
+                torch._foreach_addcmul_(p_w, u_w, [take.to(dev)] * len(p_w))
+                torch._foreach_mul_(u_w, decay.to(dev))
+                write_back(p, p_w)
+                write_back(u, u_w)
+        else:
+            for p, u in zip(params, us):
+                p_w, u_w = widen([p, u])
+                p_w.addcmul_(u_w, take.to(p.device))
+                u_w.mul_(decay.to(p.device))
+                write_back([p, u], [p_w, u_w])
 
 
 def _predict_covariance(covariance, qw_avg, distance, hp):

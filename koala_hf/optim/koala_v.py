@@ -8,6 +8,7 @@ from koala_hf.optim.base import MIN_JACOBIAN_NORM, KoalaOptimizer, check_prior
 from koala_hf.optim.layers import (
     finite_mask,
     group_by_device_and_dtype,
+    reduction_dtype,
     widen,
     write_back,
 )
@@ -19,7 +20,9 @@ class KOALAV(KoalaOptimizer):
     One scalar covariance ``P`` (initially ``sigma``) is shared by every layer:
     ``P_hat = P + q`` (E20); each layer steps
     ``theta -= lr * L_layer * P_hat / s * H`` with ``s = P_hat ||H||^2 + R``
-    (E21); then ``P = P_hat - P_hat^2 max_layers(||H||^2 / s)`` (E22).
+    (E21); then ``P = P_hat - P_hat^2 max_layers(||H||^2 / s)`` (E22). Each
+    layer's state keeps its last ``||H||^2 / s`` (``"information"``; 0 when it
+    was not updated), the term E22 maximises over.
     ``sigma`` and ``q`` belong to the shared ``P`` and so must be equal in every
     parameter group; ``lr``, ``weight_decay``, ``r`` and ``alpha_r`` may differ.
     The official training script uses ``sigma=0.1, q=1, lr=0.1``.
@@ -30,6 +33,8 @@ class KOALAV(KoalaOptimizer):
     """
 
     _shared_hyperparameters = ("sigma", "q")
+    # Per layer, the last step's ||H||^2 / s (0 for a layer not updated): the layer's share in E22.
+    _float_state_keys = ("information",)
 
     def __init__(
         self,
@@ -56,6 +61,12 @@ class KOALAV(KoalaOptimizer):
     def _signals(self, state: dict) -> dict:
         return {"koala/P": state["P"]}
 
+    def _layer_state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            state["information"] = torch.zeros((), dtype=reduction_dtype(p.dtype), device=p.device)
+        return state
+
     def _update(self, loss, noise, ok):
         state = self.global_state()
         device, dtype = loss.device, loss.dtype
@@ -69,6 +80,10 @@ class KOALAV(KoalaOptimizer):
             gain = group["lr"] * (loss + 0.5 * group["weight_decay"] * theta_sq) * p_hat / s
             update = ok & (hh >= MIN_JACOBIAN_NORM**2) & (s > 0) & torch.isfinite(gain)
             information.append(torch.where(update, hh / s, 0.0))
+            layers = [self._layer_state(p) for p in self._params_with_grad(group)[0]]
+            previous = torch.stack([layer["information"].to(device, dtype) for layer in layers])
+            for layer, value in zip(layers, torch.where(ok, information[-1], previous).unbind()):
+                layer["information"] = value  # a skipped step keeps the last one
             steps = torch.where(update, -gain, 0.0)
             jacobians = finite_mask(jacobians, ok, owned=group["weight_decay"] != 0)
             _apply(params, jacobians, steps, foreach)

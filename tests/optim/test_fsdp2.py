@@ -20,9 +20,10 @@ pytestmark = pytest.mark.skipif(not hasattr(fsdp, "fully_shard"), reason="FSDP2 
 
 WORLD = 2
 STEPS = 10
-# Every variant FSDP2 supports, on every path (KOALA-M is refused, below).
-PATHS = [(name, {"foreach": foreach}) for name in ("koala++", "koala++ns", "koala-v") for foreach in (False, True)]
+# Every variant, on every path.
+PATHS = [(name, {"foreach": foreach}) for name in ("koala++", "koala++ns", "koala-v", "koala-m") for foreach in (False, True)]
 PATHS += [("koala++", {"fused": True}), ("koala++ns", {"fused": True})]
+VARIANTS = ("koala++", "koala-v", "koala-m")
 
 
 class TiedNetwork(nn.Module):
@@ -99,43 +100,45 @@ def worker(rank, init_file, out_dir):
             results[(name, str(path))] = full(model)
 
         # One collective for every layer's products, next to the loss measurement's (as under DDP).
-        model = sharded_model()
-        optimizer = build("koala++", {}, model)
-        train(model, optimizer, batches[:1], shard)
-        optimizer.zero_grad()
-        losses = per_sample_losses(model, shard(batches[1][0]), shard(batches[1][1]))
-        losses.mean().backward()
-        optimizer.observe(losses.mean(), losses)
-        with CommDebugMode() as comm:
-            optimizer.step()
-        results["collectives"] = {str(op): count for op, count in comm.get_comm_counts().items()}
+        for name in VARIANTS:
+            model = sharded_model()
+            optimizer = build(name, {}, model)
+            train(model, optimizer, batches[:1], shard)
+            optimizer.zero_grad()
+            losses = per_sample_losses(model, shard(batches[1][0]), shard(batches[1][1]))
+            losses.mean().backward()
+            optimizer.observe(losses.mean(), losses)
+            with CommDebugMode() as comm:
+                optimizer.step()
+            results[f"collectives-{name}"] = {str(op): count for op, count in comm.get_comm_counts().items()}
 
         # torch.distributed.checkpoint, sharded and full state dicts: a fresh optimizer (its state created by
         # the checkpoint code) loads the state and continues exactly like the original.
-        for mode in ("sharded", "full"):
-            options = StateDictOptions(full_state_dict=mode == "full", cpu_offload=mode == "full")
-            model = sharded_model()
-            optimizer = build("koala++", {}, model)
-            train(model, optimizer, batches[:4], shard)
-            twin = sharded_model()
-            for mine, theirs in zip(twin.parameters(), model.parameters()):
-                mine.detach().to_local().copy_(theirs.detach().to_local())
-            fresh = build("koala++", {}, twin)
-            saved = get_optimizer_state_dict(model, optimizer, options=options)
-            if mode == "sharded":
-                folder = os.path.join(out_dir, "checkpoint")
-                dcp.save({"optimizer": saved}, checkpoint_id=folder)
-                target = {"optimizer": get_optimizer_state_dict(twin, fresh, options=options)}
-                dcp.load(target, checkpoint_id=folder)
-                saved = target["optimizer"]
-            if mode == "full":  # rank 0 holds the whole state (cpu_offload) and broadcasts it on load
-                options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-            set_optimizer_state_dict(twin, fresh, saved, options=options)
-            train(model, optimizer, batches[4:], shard)
-            train(twin, fresh, batches[4:], shard)
-            results[f"checkpoint-{mode}"] = (full(model), full(twin))
+        for name in VARIANTS:
+            for mode in ("sharded", "full"):
+                options = StateDictOptions(full_state_dict=mode == "full", cpu_offload=mode == "full")
+                model = sharded_model()
+                optimizer = build(name, {}, model)
+                train(model, optimizer, batches[:4], shard)
+                twin = sharded_model()
+                for mine, theirs in zip(twin.parameters(), model.parameters()):
+                    mine.detach().to_local().copy_(theirs.detach().to_local())
+                fresh = build(name, {}, twin)
+                saved = get_optimizer_state_dict(model, optimizer, options=options)
+                if mode == "sharded":
+                    folder = os.path.join(out_dir, f"checkpoint-{name}")
+                    dcp.save({"optimizer": saved}, checkpoint_id=folder)
+                    target = {"optimizer": get_optimizer_state_dict(twin, fresh, options=options)}
+                    dcp.load(target, checkpoint_id=folder)
+                    saved = target["optimizer"]
+                if mode == "full":  # rank 0 holds the whole state (cpu_offload) and broadcasts it on load
+                    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+                set_optimizer_state_dict(twin, fresh, saved, options=options)
+                train(model, optimizer, batches[4:], shard)
+                train(twin, fresh, batches[4:], shard)
+                results[f"checkpoint-{name}-{mode}"] = (full(model), full(twin))
 
-        # Refused setups: parameters left out of sharding, a 2-D mesh (HSDP), KOALA-M.
+        # Refused setups: parameters left out of sharding, a 2-D mesh (HSDP).
         errors = {}
         left_out = TiedNetwork()
         fsdp.fully_shard(left_out.hidden)  # the rest stays plain: its gradients would not be averaged
@@ -152,10 +155,6 @@ def worker(rank, init_file, out_dir):
             build("koala++", {}, hsdp)
         except ValueError as error:
             errors["hsdp"] = str(error)
-        try:
-            build("koala-m", {}, sharded_model())
-        except ValueError as error:
-            errors["koala-m"] = str(error)
         results["errors"] = errors
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -183,17 +182,19 @@ def test_two_sharded_processes_take_the_step_of_one_process_on_the_whole_batch(r
 
 
 @pytest.mark.slow
-def test_one_collective_is_added_for_the_products_of_every_layer(ranks):
-    counts = ranks[0]["collectives"]
+@pytest.mark.parametrize("name", VARIANTS)
+def test_one_collective_is_added_for_the_products_of_every_layer(ranks, name):
+    counts = ranks[0][f"collectives-{name}"]
     # The loss measurement's all_reduce (as under DDP) and one for the products of all 6 layers.
     assert sum(counts.values()) == 2 and all("allreduce" in op for op in counts), counts
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sharded", "full"])
-def test_distributed_checkpoint_state_dicts_continue_exactly(ranks, mode):
+@pytest.mark.parametrize("name", VARIANTS)
+def test_distributed_checkpoint_state_dicts_continue_exactly(ranks, name, mode):
     for rank in ranks:
-        original, resumed = rank[f"checkpoint-{mode}"]
+        original, resumed = rank[f"checkpoint-{name}-{mode}"]
         assert torch.equal(original, resumed)
 
 
@@ -202,7 +203,6 @@ def test_setups_that_cannot_be_stepped_exactly_are_refused_saying_what_is_suppor
     errors = ranks[0]["errors"]
     assert "left out of FSDP2 sharding" in errors["left_out"] and "Supported:" in errors["left_out"]
     assert "2-D mesh" in errors["hsdp"] and "Supported:" in errors["hsdp"]
-    assert "does not support FSDP2" in errors["koala-m"]
 
 
 def test_fsdp1_flat_parameters_are_refused_naming_fsdp2():
