@@ -39,17 +39,17 @@ from koala_hf.training_args import KoalaTrainingArguments
 logger = logging.get_logger(__name__)
 
 SHARDED_SETUP_ERROR = (
-    "KOALA computes dot products over each whole parameter tensor (E11-E15). KoalaTrainer does not support "
-    "{setup} yet (the optimizers step FSDP2's fully_shard parameters exactly in your own training loop; "
-    "FSDP1 and DeepSpeed ZeRO flatten parameters, which would silently change the algorithm). Use DDP "
-    "(accelerate's multi-GPU / multi-node configs) or one process."
+    "KOALA computes dot products over each whole parameter tensor (E11-E15). {setup} flattens parameters into "
+    "one, which would silently change the algorithm, so it is not supported. Use FSDP2 (accelerate's "
+    "fsdp_version: 2, recipes/accelerate_configs/fsdp.yaml), DDP (multi-GPU / multi-node configs) or one process."
 )
 
 
 def refuse_sharded_setups(*, fsdp: bool, deepspeed: bool) -> None:
-    """Raise at start for setups that shard or flatten parameters (never a silently different algorithm)."""
+    """Raise at start for setups that flatten parameters (never a silently different algorithm): FSDP1
+    (``fsdp``) and DeepSpeed ZeRO. FSDP2 is supported (koala_hf.optim.sharding)."""
     if fsdp:
-        raise ValueError(SHARDED_SETUP_ERROR.format(setup="FSDP"))
+        raise ValueError(SHARDED_SETUP_ERROR.format(setup="FSDP1"))
     if deepspeed:
         raise ValueError(SHARDED_SETUP_ERROR.format(setup="DeepSpeed ZeRO"))
 
@@ -93,7 +93,8 @@ class KoalaTrainer(Trainer):
             entry = optimizer_entry(self.args.koala_optimizer)
             self.optimizer_cls_and_kwargs = (entry.cls, self.args.koala_optimizer_kwargs())
         if self._uses_koala():
-            refuse_sharded_setups(fsdp=self.is_fsdp_enabled, deepspeed=self.is_deepspeed_enabled)
+            fsdp_version = getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) if self.is_fsdp_enabled else 0
+            refuse_sharded_setups(fsdp=fsdp_version == 1, deepspeed=self.is_deepspeed_enabled)
         overridden = type(self).per_sample_losses is not KoalaTrainer.per_sample_losses
         custom_loss = type(self).compute_loss is not KoalaTrainer.compute_loss or self.compute_loss_func is not None
         self._derive_per_sample = overridden or not custom_loss
@@ -163,7 +164,10 @@ class KoalaTrainer(Trainer):
         else:
             derived = losses.mean()
         derived, reported = torch.stack([derived.float(), reported.detach().float().to(derived.device)]).tolist()
-        if abs(derived - reported) <= 1e-3 * abs(reported) + 1e-6:
+        # With average_tokens_across_devices the count is every process's, and the Trainer multiplies the
+        # model's loss (in place) by the number of processes, so that averaging the gradients undoes it.
+        scales = {1.0, float(self.accelerator.num_processes)}
+        if any(abs(derived * scale - reported) <= 1e-3 * abs(reported) + 1e-6 for scale in scales):
             return True
         self._fallback_noticed = True
         logger.warning(

@@ -355,7 +355,7 @@ def test_other_optimizers_train_untouched_for_baselines(tmp_path):
 
 @pytest.mark.parametrize("setup", ["fsdp", "deepspeed"])
 def test_sharding_setups_are_refused_at_start(setup):
-    with pytest.raises(ValueError, match="DDP"):
+    with pytest.raises(ValueError, match="Use FSDP2"):
         refuse_sharded_setups(**{"fsdp": False, "deepspeed": False, setup: True})
 
 

@@ -63,6 +63,16 @@ def train(model, optimizer, batches, shard):
         optimizer.step()
 
 
+def train_accumulating(model, optimizer, batches, shard, micro_batches=2):
+    for x, y in batches:
+        optimizer.zero_grad()
+        for xm, ym in zip(shard(x).chunk(micro_batches), shard(y).chunk(micro_batches)):
+            losses = per_sample_losses(model, xm, ym)
+            (losses.mean() / micro_batches).backward()
+            optimizer.observe(losses.mean(), losses)
+        optimizer.step()
+
+
 def full(model) -> torch.Tensor:
     """Every parameter, whole, concatenated (gathered from the shards under FSDP2)."""
     tensors = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
@@ -98,6 +108,28 @@ def worker(rank, init_file, out_dir):
             optimizer = build(name, path, model)
             train(model, optimizer, batches, shard)
             results[(name, str(path))] = full(model)
+
+        # Gradient accumulation: two micro-batches per step (each back-propagating half its mean loss).
+        model = sharded_model()
+        optimizer = build("koala++", {"foreach": True}, model)
+        train_accumulating(model, optimizer, batches, shard)
+        results["accumulation"] = full(model)
+
+        # bf16 mixed precision: float32 sharded parameters and gradients, bf16 compute.
+        torch.manual_seed(0)
+        mixed = TiedNetwork().float()
+        policy = fsdp.MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        fsdp.fully_shard(mixed, mp_policy=policy)
+        optimizer = build("koala++", {"foreach": True}, mixed)
+        losses = []
+        for x, y in batches:
+            optimizer.zero_grad()
+            per_sample = ((mixed(shard(x).float()).float() - shard(y).float()) ** 2).squeeze(-1)
+            per_sample.mean().backward()
+            optimizer.observe(per_sample.mean(), per_sample)
+            optimizer.step()
+            losses.append(per_sample.mean().detach())
+        results["bf16"] = (full(mixed), torch.stack(losses), next(mixed.parameters()).dtype)
 
         # One collective for every layer's products, next to the loss measurement's (as under DDP).
         for name in VARIANTS:
@@ -179,6 +211,29 @@ def test_two_sharded_processes_take_the_step_of_one_process_on_the_whole_batch(r
     for rank in ranks:
         sharded = rank[(name, str(path))]
         assert ((sharded - expected).abs().max() / expected.abs().max()).item() < 1e-12
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_under_fsdp2_takes_the_step_of_the_whole_batch(ranks):
+    single = TiedNetwork()
+    train(single, build("koala++", {"foreach": True}, single), regression_batches(STEPS), shard=lambda t: t)
+    expected = full(single)
+    for rank in ranks:
+        assert ((rank["accumulation"] - expected).abs().max() / expected.abs().max()).item() < 1e-12
+
+
+@pytest.mark.slow
+def test_a_bf16_mixed_precision_policy_trains_identically_on_both_ranks(ranks):
+    (params, losses, dtype), (other, _, _) = ranks[0]["bf16"], ranks[1]["bf16"]
+    assert dtype == torch.float32 and torch.equal(params, other)  # sharded parameters (and products) stay float32
+    single = TiedNetwork().float()
+    start = full(single)
+    batches = [(x.float(), y.float()) for x, y in regression_batches(STEPS)]  # the worker's batches
+    train(single, build("koala++", {"foreach": True}, single), batches, shard=lambda t: t)
+    expected = full(single)
+    # bf16 compute moves the trajectory by bf16 rounding only, not by a different algorithm.
+    error = ((params - expected).abs().max() / (expected - start).abs().max()).item()
+    assert error < 0.05, error
 
 
 @pytest.mark.slow
