@@ -451,7 +451,7 @@ class KoalaOptimizer(torch.optim.Optimizer):
 _VARIANTS = (
     ("KOALAM", {"u", "w_avg"}, {"qw_avg"}, "sw"),
     ("KOALAPlusPlus", {"v", "H_prev", "filter"}, set(), "symmetric"),
-    ("KOALAV", set(), {"P"}, "sigma"),
+    ("KOALAV", {"information"}, {"P"}, "sigma"),
 )
 
 

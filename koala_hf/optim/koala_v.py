@@ -21,8 +21,9 @@ class KOALAV(KoalaOptimizer):
     ``P_hat = P + q`` (E20); each layer steps
     ``theta -= lr * L_layer * P_hat / s * H`` with ``s = P_hat ||H||^2 + R``
     (E21); then ``P = P_hat - P_hat^2 max_layers(||H||^2 / s)`` (E22). Each
-    layer's state keeps its last ``||H||^2 / s`` (``"information"``; 0 when it
-    was not updated), the term E22 maximises over.
+    layer's state keeps its last ``||H||^2 / s`` (``"information"``, the term
+    E22 maximises over; 0 when the layer was not updated, unchanged by a
+    skipped step).
     ``sigma`` and ``q`` belong to the shared ``P`` and so must be equal in every
     parameter group; ``lr``, ``weight_decay``, ``r`` and ``alpha_r`` may differ.
     The official training script uses ``sigma=0.1, q=1, lr=0.1``.
