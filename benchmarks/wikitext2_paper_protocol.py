@@ -1,7 +1,7 @@
 """The papers' WikiText-2 protocol at CPU size: AdamW against KOALA++ (noise E1a and E1c), lr grids, two
 embedding protocols (trainable; frozen pretrained), then KOALA++ (NS) at the best KOALA++ setting.
 
-    python benchmarks/wikitext2_paper_protocol.py                 # about 85 minutes on 2 CPU cores
+    python benchmarks/wikitext2_paper_protocol.py                 # 67 minutes on 2 CPU cores (measured)
     python benchmarks/wikitext2_paper_protocol.py --epochs 1 --max_train_blocks 64 --output /tmp/quick   # a check
 
 Every run is ``recipes/wikitext2_gpt.py --preset paper_cpu`` (GPT-1 blocks, 2 x 128, 4 heads, context 64,
