@@ -4,13 +4,18 @@
     python benchmarks/optimizer_step.py --steps 30 --device cuda
 
 Parameter shapes: (a) the WikiText-2 recipe's ``paper`` GPT (4 layers, width 768,
-context 256, the classic 33,278-word vocabulary: 54M parameters) and (b) ResNet-50
-(timm, CIFAR stem, 100 classes). Gradients are random; every step observes a
+context 256, the classic 33,278-word vocabulary: 54M parameters), (b) ResNet-50
+(timm, CIFAR stem, 100 classes: 161 tensors) and (c) Swin-T (timm, 32x32 inputs:
+173 tensors, 108 of them LayerNorm and bias vectors). Gradients are random; every step observes a
 loss first, as training does. Reference: torch AdamW foreach (and fused where
 torch has it). On a GPU it also checks that a KOALA step never synchronises
 with the host (``torch.cuda.set_sync_debug_mode("error")``) and reports the
 achieved memory bandwidth of KOALA++ (11 tensor passes per element, the floor)
-as a fraction of the measured device-to-device copy bandwidth.
+as a fraction of the measured device-to-device copy bandwidth. For every
+implementation it reports the first step's time (for the fused path: the
+``torch.compile`` time) and, from the profiler, the operations one step
+dispatches: on CPU the ops launched directly by ``step()`` (each a loop over
+memory; a compiled graph counts as one call), on CUDA the device kernels.
 
 Writes ``benchmarks/results/optimizer_step_<device>.json`` and ``.md``.
 """
@@ -42,6 +47,14 @@ def lm_paper_shapes() -> list[torch.Size]:
 
     with torch.device("meta"):
         model = GPT2LMHeadModel(GPT2Config(vocab_size=33278, n_positions=256, n_embd=768, n_layer=4, n_head=12))
+    return [p.shape for p in model.parameters()]
+
+
+def swin_tiny_shapes() -> list[torch.Size]:
+    from koala_hf.vision import create_model
+
+    with torch.device("meta"):
+        model = create_model("swin_tiny_cifar", num_classes=10)
     return [p.shape for p in model.parameters()]
 
 
@@ -90,14 +103,15 @@ def time_steps(make, shapes, device: str, steps: int, warmup: int) -> dict:
             optimizer.observe(loss)
         optimizer.step()
         synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
+    first, times = times[0], times[warmup:]
     state_bytes = sum(
         t.numel() * t.element_size()
         for key, state in optimizer.state.items() if isinstance(key, torch.Tensor)
         for t in state.values() if isinstance(t, torch.Tensor) and t.numel() > 1
     )
-    result = {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "state_bytes": state_bytes}
+    result = {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "state_bytes": state_bytes,
+              "first_step_s": first, "ops_per_step": ops_per_step(optimizer, loss, koala, device)}
     if device == "cuda" and koala:
         try:
             torch.cuda.set_sync_debug_mode("error")
@@ -111,6 +125,24 @@ def time_steps(make, shapes, device: str, steps: int, warmup: int) -> dict:
     del optimizer, params
     gc.collect()
     return result
+
+
+def ops_per_step(optimizer, loss, koala: bool, device: str) -> int:
+    """Operations one ``step()`` dispatches (profiler): device kernels on CUDA; on CPU the ops called directly
+    inside ``Optimizer.step`` (a compiled graph's call counts once, its loops inside it do not)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        if koala:
+            optimizer.observe(loss)
+        optimizer.step()
+        synchronize(device)
+    events = prof.events()
+    if device == "cuda":
+        return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    steps = {id(e) for e in events if e.name.startswith("Optimizer.step#")}
+    return sum(1 for e in events if e.cpu_parent is not None and id(e.cpu_parent) in steps)
 
 
 def copy_bandwidth(device: str, megabytes: int = 512) -> float:
@@ -137,7 +169,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
 
-    workloads = {"(a) LM paper GPT": lm_paper_shapes(), "(b) ResNet-50": resnet50_shapes()}
+    workloads = {"(a) LM paper GPT": lm_paper_shapes(), "(b) ResNet-50": resnet50_shapes(), "(c) Swin-T": swin_tiny_shapes()}
     bandwidth = copy_bandwidth(args.device)
     rows = []
     for workload, shapes in workloads.items():
@@ -179,14 +211,15 @@ def markdown(report: dict) -> str:
         f"Optimizer step, {report['device']} (torch {report['torch']}), {report['date']}: `{report['command']}`",
         f"(median of {report['steps']} steps; copy bandwidth {report['copy_bandwidth_gb_s']:.1f} GB/s)",
         "",
-        "| shapes | implementation | median ms | x AdamW foreach | x AdamW fused | state MiB | of copy bandwidth |",
-        "|---|---|---|---|---|---|---|",
+        "| shapes | implementation | median ms | x AdamW foreach | x AdamW fused | state MiB | of copy bandwidth | ops per step | first step s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         ratio = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
         share = f"{100 * r['bandwidth_fraction']:.0f}%" if r.get("bandwidth_fraction") else "-"
         lines.append(f"| {r['workload']} | {r['implementation']} | {r['median_ms']:.1f} | {ratio(r['vs_adamw_foreach'])} | "
-                     f"{ratio(r['vs_adamw_fused'])} | {r['state_bytes'] / 2**20:.0f} | {share} |")
+                     f"{ratio(r['vs_adamw_fused'])} | {r['state_bytes'] / 2**20:.0f} | {share} | {r['ops_per_step']} | "
+                     f"{r['first_step_s']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
