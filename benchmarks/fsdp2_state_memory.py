@@ -79,6 +79,7 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
             fully_shard(block)
         fully_shard(model)
         torch.save(measure(model, 2, rank), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks done before either tears the group down
     finally:
         dist.destroy_process_group()
 

@@ -39,6 +39,7 @@ def worker(rank, init_file, out_dir):
             model = DistributedDataParallel(tiny_network())
             results[(name, per_sample, noise)] = train(model, name, per_sample, noise, lambda t: t.chunk(WORLD)[rank])
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks done before either tears the group down
     finally:
         dist.destroy_process_group()
 

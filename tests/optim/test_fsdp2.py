@@ -189,6 +189,7 @@ def worker(rank, init_file, out_dir):
             errors["hsdp"] = str(error)
         results["errors"] = errors
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks done before either tears the group down
     finally:
         dist.destroy_process_group()
 
