@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 from torch import nn
 
@@ -73,3 +76,18 @@ def counting_sequences(n: int, length: int = 16, vocab: int = 32, seed: int = 0,
         lengths = torch.randint(length // 2, length + 1, (n,), generator=generator)
         labels[torch.arange(length) >= lengths[:, None]] = -100
     return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+
+
+def exit_distributed_process() -> None:
+    """End a multi-process test's worker once every rank has written its results: a barrier, then ``os._exit(0)``.
+
+    A normal exit tears gloo's threads down in static destructors, which on our CI machines now and then aborts a
+    rank after its work is done ("terminate called without an active exception").
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from koala_hf import OPTIMIZERS, create_optimizer
-from tests.helpers import flat_parameters, per_sample_losses, regression_batches, tiny_network
+from tests.helpers import exit_distributed_process, flat_parameters, per_sample_losses, regression_batches, tiny_network
 
 STEPS = 5
 WORLD = 2
@@ -39,7 +39,7 @@ def worker(rank, init_file, out_dir):
             model = DistributedDataParallel(tiny_network())
             results[(name, per_sample, noise)] = train(model, name, per_sample, noise, lambda t: t.chunk(WORLD)[rank])
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # both ranks done before either tears the group down
+        exit_distributed_process()
     finally:
         dist.destroy_process_group()
 

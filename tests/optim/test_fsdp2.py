@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from koala_hf import create_optimizer
-from tests.helpers import per_sample_losses, regression_batches
+from tests.helpers import exit_distributed_process, per_sample_losses, regression_batches
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 pytestmark = pytest.mark.skipif(not hasattr(fsdp, "fully_shard"), reason="FSDP2 (fully_shard) needs torch >= 2.6")
@@ -189,7 +189,7 @@ def worker(rank, init_file, out_dir):
             errors["hsdp"] = str(error)
         results["errors"] = errors
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # both ranks done before either tears the group down
+        exit_distributed_process()
     finally:
         dist.destroy_process_group()
 

@@ -6,7 +6,7 @@ import torch
 import transformers
 
 from koala_hf import KoalaTrainer, KoalaTrainingArguments
-from tests.helpers import counting_sequences, tiny_gpt2
+from tests.helpers import exit_distributed_process, counting_sequences, tiny_gpt2
 
 transformers.logging.set_verbosity_error()
 output_dir = sys.argv[1]
@@ -26,3 +26,4 @@ torch.save(
     },
     f"{output_dir}/rank{trainer.args.process_index}.pt",
 )
+exit_distributed_process()

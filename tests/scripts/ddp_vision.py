@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from tests.helpers import exit_distributed_process
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "recipes"))
 import timm_vision  # noqa: E402
 
@@ -15,3 +17,4 @@ results, trainer = timm_vision.run([
 ])
 params = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
 torch.save({"params": params, "world_size": trainer.args.world_size}, f"{output_dir}/rank{trainer.args.process_index}.pt")
+exit_distributed_process()

@@ -15,7 +15,7 @@ from accelerate import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 from koala_hf import KoalaTrainer, KoalaTrainingArguments, koala_optimizer
-from tests.helpers import counting_sequences, tiny_gpt2
+from tests.helpers import exit_distributed_process, counting_sequences, tiny_gpt2
 
 
 class CpuFsdp2Trainer(KoalaTrainer):
@@ -50,3 +50,4 @@ torch.save(
     },
     f"{output_dir}/rank{trainer.args.process_index}{'-resumed' if resume else ''}.pt",
 )
+exit_distributed_process()
