@@ -327,19 +327,28 @@ class KoalaOptimizer(torch.optim.Optimizer):
             grads.append(p.grad)
         return params, grads
 
-    def _sharding_group(self):
-        """The group to reduce per-layer sums over: ``None`` unless the parameters are FSDP2's DTensors."""
-        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        return sharding_group(params, type(self).__name__)
+    def _whole_layer_sums(self, local_sums: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-layer sums of whole layers from each group's ``[n_layers, k]`` sums over this process's elements.
+
+        ``params`` are the parameters stepped (DTensors among them name the sharding group). Under FSDP2 the
+        groups' sums are stacked into one ``all_reduce`` (koala_hf.optim.sharding); otherwise they are the
+        whole layers' sums already and come back as they are.
+        """
+        group = sharding_group(params, type(self).__name__)
+        if group is None:
+            return local_sums
+        reduced = reduce_sums(torch.cat(local_sums), group)
+        return list(reduced.split([len(sums) for sums in local_sums]))
 
     def _jacobian_norms(self, ok: torch.Tensor, device, dtype, extra_sums=None):
         """First pass of KOALA-V and KOALA-M: per group, ``H`` (E3) and ``[||H||^2, ||theta||^2]`` per layer.
 
         ``extra_sums(params, local_params, local_jacobians, dtype)``, when given, returns more per-layer sums
         (``[n_layers, k]``), appended as columns and reduced with the rest. Returns ``(measured, ok)``:
-        ``(index, group, params, jacobians, norms, foreach)`` per group with gradients, where ``params`` and
-        ``jacobians`` are this process's shards under FSDP2 and the norms are the whole layers' (one reduction
-        over the shards of every layer), and ``ok`` cleared when any norm is not finite.
+        ``(index, group, stepped, params, jacobians, norms, foreach)`` per group with gradients, where
+        ``stepped`` are the parameters themselves, ``params`` and ``jacobians`` this process's shards under
+        FSDP2 (the parameters otherwise), the norms the whole layers' (one reduction over the shards of every
+        layer), and ``ok`` cleared when any norm is not finite.
         """
         measured = []
         for index, group in enumerate(self.param_groups):
@@ -348,7 +357,7 @@ class KoalaOptimizer(torch.optim.Optimizer):
                 continue
             for p in params:
                 self._layer_state(p)  # an entry per parameter, as torch.distributed.checkpoint expects
-            originals = params
+            stepped = params
             params, grads = [local(p) for p in params], [local(g) for g in grads]
             foreach = self._foreach(group, params)
             wd = group["weight_decay"]
@@ -359,15 +368,13 @@ class KoalaOptimizer(torch.optim.Optimizer):
                  for p, h in zip(params, jacobians)]
             )
             if extra_sums is not None:
-                norms = torch.cat([norms, extra_sums(originals, params, jacobians, dtype).to(device)], dim=1)
-            measured.append([index, group, params, jacobians, norms, foreach])
-        if measured:
-            sizes = [len(m[4]) for m in measured]
-            norms = reduce_sums(torch.cat([m[4] for m in measured]), self._sharding_group())
-            for m, reduced in zip(measured, norms.split(sizes)):
-                m[4] = reduced
-            ok = ok & torch.isfinite(norms).all()
-        return [tuple(m) for m in measured], ok
+                norms = torch.cat([norms, extra_sums(stepped, params, jacobians, dtype).to(device)], dim=1)
+            measured.append((index, group, stepped, params, jacobians, norms, foreach))
+        if not measured:
+            return [], ok
+        whole = self._whole_layer_sums([m[5] for m in measured], [p for m in measured for p in m[2]])
+        ok = ok & torch.isfinite(torch.cat(whole)).all()
+        return [(*m[:5], norms, m[6]) for m, norms in zip(measured, whole)], ok
 
     def _foreach(self, group: dict, params: list[torch.Tensor]) -> bool:
         if group["foreach"] is not None:

@@ -155,7 +155,7 @@ class KOALAM(KoalaOptimizer):
         information = [torch.zeros(1, dtype=dtype, device=device)]  # ||H||^2 / S of updated layers (E35)
         distance_sq = torch.zeros((), dtype=dtype, device=device)
         n_params = 0
-        for index, group, params, jacobians, norms, foreach in measured:
+        for index, group, stepped, params, jacobians, norms, foreach in measured:
             hh, theta_sq, dd, dh = norms.unbind(-1)
             s = hh * covariance[0, 0] + noise[index]  # E33
             scale = group["lr"] * (loss + 0.5 * group["weight_decay"] * theta_sq) / s
@@ -166,7 +166,7 @@ class KOALAM(KoalaOptimizer):
             # w_avg to 0.9 w_avg + 0.1 theta, so w_avg - theta = 0.9 (d + k1 H); the others keep d.
             moved = 0.81 * (dd + 2.0 * k1 * dh + k1 * k1 * hh)
             distance_sq = distance_sq + torch.where(update, moved, dd).sum()
-            n_params += sum(p.numel() for p in self._params_with_grad(group)[0])
+            n_params += sum(p.numel() for p in stepped)
             zero = torch.zeros_like(s)
             coefficients = torch.stack(
                 [
@@ -178,7 +178,7 @@ class KOALAM(KoalaOptimizer):
                 dim=-1,
             )
             jacobians = finite_mask(jacobians, ok, owned=group["weight_decay"] != 0)
-            states = [self._layer_state(p) for p in self._params_with_grad(group)[0]]
+            states = [self._layer_state(p) for p in stepped]
             us = [local(s["u"]) for s in states]
             averages = [local(s["w_avg"]) for s in states]
             _update_layers(params, jacobians, us, averages, coefficients, foreach)

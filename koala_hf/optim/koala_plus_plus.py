@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from koala_hf.optim.base import MIN_JACOBIAN_NORM, KoalaOptimizer, check_prior
-from koala_hf.optim.sharding import local, reduce_sums
+from koala_hf.optim.sharding import local
 from koala_hf.optim.layers import (
     dot,
     finite_mask,
@@ -129,6 +129,7 @@ class KOALAPlusPlus(KoalaOptimizer):
             if not params:
                 continue
             states = [self._layer_state(p) for p in params]
+            stepped = params
             # This process's shards under FSDP2 (koala_hf.optim.sharding), the tensors themselves otherwise.
             params, grads = [local(p) for p in params], [local(g) for g in grads]
             vs, h_prevs = [local(s["v"]) for s in states], [local(s["H_prev"]) for s in states]
@@ -146,16 +147,14 @@ class KOALAPlusPlus(KoalaOptimizer):
                     [layer_products(p, h, h_prev, v, wd).to(device, dtype)
                      for p, h, v, h_prev in zip(params, jacobians, vs, h_prevs)]
                 )
-            measured.append([index, group, params, jacobians, states, vs, h_prevs, products])
+            measured.append((index, group, stepped, params, jacobians, states, vs, h_prevs, products))
         if not measured:
             return ok
         # The whole layers' sums: one collective for every layer when the parameters are sharded.
-        products = reduce_sums(torch.cat([m[-1] for m in measured]), self._sharding_group())
-        for m, reduced in zip(measured, products.split([len(m[-1]) for m in measured])):
-            m[-1] = reduced
-        ok = ok & torch.isfinite(products).all()
+        whole = self._whole_layer_sums([m[-1] for m in measured], [p for m in measured for p in m[2]])
+        ok = ok & torch.isfinite(torch.cat(whole)).all()
 
-        for index, group, params, jacobians, states, vs, h_prevs, products in measured:
+        for (index, group, _, params, jacobians, states, vs, h_prevs, _), products in zip(measured, whole):
             filters = [s["filter"] for s in states]
             coefficients, new_filters = kalman_coefficients(
                 products,

@@ -75,13 +75,13 @@ class KOALAV(KoalaOptimizer):
         measured, ok = self._jacobian_norms(ok, device, dtype)
 
         information = []  # ||H||^2 / s of every updated layer, for E22
-        for index, group, params, jacobians, norms, foreach in measured:
+        for index, group, stepped, params, jacobians, norms, foreach in measured:
             hh, theta_sq = norms.unbind(-1)
             s = p_hat * hh + noise[index]  # E21
             gain = group["lr"] * (loss + 0.5 * group["weight_decay"] * theta_sq) * p_hat / s
             update = ok & (hh >= MIN_JACOBIAN_NORM**2) & (s > 0) & torch.isfinite(gain)
             information.append(torch.where(update, hh / s, 0.0))
-            layers = [self._layer_state(p) for p in self._params_with_grad(group)[0]]
+            layers = [self._layer_state(p) for p in stepped]
             previous = torch.stack([layer["information"].to(device, dtype) for layer in layers])
             for layer, value in zip(layers, torch.where(ok, information[-1], previous).unbind()):
                 layer["information"] = value  # a skipped step keeps the last one
