@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -76,6 +79,26 @@ def counting_sequences(n: int, length: int = 16, vocab: int = 32, seed: int = 0,
         lengths = torch.randint(length // 2, length + 1, (n,), generator=generator)
         labels[torch.arange(length) >= lengths[:, None]] = -100
     return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_processes(script: str, *args: str) -> None:
+    """Run ``tests/scripts/<script>`` on two CPU processes with torchrun (gloo), as ``accelerate launch`` would."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), str(ROOT / "tests" / "scripts" / script), *args,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
 
 
 def exit_distributed_process() -> None:

@@ -1,37 +1,20 @@
 """KoalaTrainer through accelerate's FSDP2 on two CPU processes (torchrun, gloo): an interrupted run resumed
 from its checkpoint ends identical to the uninterrupted one, with sharded and with full state dicts."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-from tests.test_trainer_distributed import free_port
+from tests.helpers import run_two_processes
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tests" / "scripts" / "fsdp2_koala_trainer.py"
 fsdp = pytest.importorskip("torch.distributed.fsdp")
-
-
-def launch(*args: str) -> None:
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), str(SCRIPT), *args,
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(fsdp, "fully_shard"), reason="FSDP2 (fully_shard) needs torch >= 2.6")
 @pytest.mark.parametrize("state_dict_type", ["SHARDED_STATE_DICT", "FULL_STATE_DICT"])
 def test_a_resumed_fsdp2_run_ends_identical_to_the_uninterrupted_one(tmp_path, state_dict_type):
-    launch(str(tmp_path), state_dict_type)  # 12 steps, checkpoints at 6 and 12
-    launch(str(tmp_path), state_dict_type, str(tmp_path / "checkpoint-6"))
+    run_two_processes("fsdp2_koala_trainer.py", str(tmp_path), state_dict_type)  # 12 steps, checkpoints at 6 and 12
+    run_two_processes("fsdp2_koala_trainer.py", str(tmp_path), state_dict_type, str(tmp_path / "checkpoint-6"))
     whole = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     resumed = [torch.load(tmp_path / f"rank{r}-resumed.pt") for r in range(2)]
     assert whole[0]["sharded"] == "DTensor" and "FSDP" in whole[0]["distributed_type"]

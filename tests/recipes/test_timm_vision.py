@@ -1,9 +1,5 @@
 """The timm vision recipe: real archive formats, the papers' architectures at 32x32, smoke training, DDP."""
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -13,8 +9,7 @@ import timm_vision
 from koala_hf import KOALAPlusPlus
 from koala_hf.vision import ARCHITECTURES, CIFAR_MEAN, CIFAR_STD, ImageClassifier, create_model
 from tests.recipes.archives import learnable_images, write_cifar10, write_cifar100, write_imagenet32
-from tests.conftest import ROOT
-from tests.test_trainer_distributed import free_port
+from tests.helpers import run_two_processes
 
 
 def test_cifar10_archives_read_as_written(tmp_path):
@@ -101,13 +96,7 @@ def test_smoke_preset_trains_and_the_loss_falls(optimizer, vision_smoke_run, cif
 
 @pytest.mark.slow
 def test_two_process_smoke_ends_identical_on_both_ranks(cifar_dir, tmp_path):
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), str(ROOT / "tests" / "scripts" / "ddp_vision.py"), str(cifar_dir), str(tmp_path),
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_two_processes("ddp_vision.py", str(cifar_dir), str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert ranks[0]["world_size"] == 2
     assert torch.equal(ranks[0]["params"], ranks[1]["params"])
