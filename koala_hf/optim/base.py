@@ -38,7 +38,7 @@ import torch
 from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from koala_hf.measurement import LossMeasurement
-from koala_hf.optim.layers import dot, measurement_jacobians
+from koala_hf.optim.layers import StepWorkspace, dot, measurement_jacobians
 from koala_hf.optim.sharding import check_parameter, local, reduce_sums, sharding_group
 
 GLOBAL_STATE = "koala"
@@ -281,6 +281,13 @@ class KoalaOptimizer(torch.optim.Optimizer):
         return torch.stack(estimates)
 
     # ----------------------------------------------------------------- state
+    @property
+    def _workspace(self) -> StepWorkspace:
+        """The foreach path's reused ``H`` tensors on the CPU (not state: never saved, rebuilt after a load)."""
+        if "_jacobian_workspace" not in self.__dict__:
+            self._jacobian_workspace = StepWorkspace()
+        return self._jacobian_workspace
+
     def _device(self) -> torch.device:
         return self.param_groups[0]["params"][0].device
 
@@ -343,7 +350,7 @@ class KoalaOptimizer(torch.optim.Optimizer):
     def _jacobian_norms(self, ok: torch.Tensor, device, dtype, extra_sums=None):
         """First pass of KOALA-V and KOALA-M: per group, ``H`` (E3) and ``[||H||^2, ||theta||^2]`` per layer.
 
-        ``extra_sums(params, local_params, local_jacobians, dtype)``, when given, returns more per-layer sums
+        ``extra_sums(params, local_params, local_jacobians, dtype, foreach)``, when given, returns more per-layer sums
         (``[n_layers, k]``), appended as columns and reduced with the rest. Returns ``(measured, ok)``:
         ``(index, group, stepped, params, jacobians, norms, foreach)`` per group with gradients, where
         ``stepped`` are the parameters themselves, ``params`` and ``jacobians`` this process's shards under
@@ -361,14 +368,14 @@ class KoalaOptimizer(torch.optim.Optimizer):
             params, grads = [local(p) for p in params], [local(g) for g in grads]
             foreach = self._foreach(group, params)
             wd = group["weight_decay"]
-            jacobians = measurement_jacobians(params, grads, wd, foreach)
+            jacobians = measurement_jacobians(params, grads, wd, foreach, out=self._workspace.get(stepped, params) if foreach else None)
             zero = torch.zeros((), dtype=dtype, device=device)
             norms = torch.stack(
                 [torch.stack([dot(h, h, dtype).to(device), dot(p, p, dtype).to(device) if wd else zero])
                  for p, h in zip(params, jacobians)]
             )
             if extra_sums is not None:
-                norms = torch.cat([norms, extra_sums(stepped, params, jacobians, dtype).to(device)], dim=1)
+                norms = torch.cat([norms, extra_sums(stepped, params, jacobians, dtype, foreach).to(device)], dim=1)
             measured.append((index, group, stepped, params, jacobians, norms, foreach))
         if not measured:
             return [], ok

@@ -10,6 +10,7 @@ without reading a value back to the host.
 from __future__ import annotations
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -20,19 +21,62 @@ def reduction_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def measurement_jacobians(
-    params: list[torch.Tensor], grads: list[torch.Tensor], weight_decay: float, foreach: bool
+    params: list[torch.Tensor], grads: list[torch.Tensor], weight_decay: float, foreach: bool,
+    out: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
-    """``H = g + wd * theta`` per layer (E3). With ``wd == 0`` the gradients themselves (not copies)."""
+    """``H = g + wd * theta`` per layer (E3). With ``wd == 0`` the gradients themselves (not copies).
+
+    ``out``: tensors to write ``H`` into (the foreach path's reused workspace) instead of new ones.
+    """
     if weight_decay == 0:
         return list(grads)
-    if foreach:
+    if not foreach:
+        return [g.add(p, alpha=weight_decay) for p, g in zip(params, grads)]
+    if out is None:
         return list(torch._foreach_add(grads, params, alpha=weight_decay))
-    return [g.add(p, alpha=weight_decay) for p, g in zip(params, grads)]
+    torch._foreach_copy_(out, grads)
+    torch._foreach_add_(out, params, alpha=weight_decay)
+    return out
+
+
+class StepWorkspace:
+    """Reused per-parameter temporaries of the foreach paths on the CPU (``H``, KOALA-M's ``d``), never saved.
+
+    A new parameter-sized tensor every step costs page faults on the CPU (the C
+    allocator hands large blocks back to the system); CUDA's caching allocator
+    reuses its blocks, so there the paths allocate per step as before.
+    """
+
+    def __init__(self) -> None:
+        self._buffers = WeakIdKeyDictionary()  # keyed by the parameter object, dropped with it
+
+    def get(self, params: list[torch.Tensor], local_params: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """Buffers shaped like ``local_params`` (this process's shards), or ``None`` off the CPU."""
+        if any(t.device.type != "cpu" for t in local_params):
+            return None
+        buffers = []
+        for p, t in zip(params, local_params):
+            buffer = self._buffers.get(p)
+            if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype or buffer.stride() != t.stride():
+                buffer = self._buffers[p] = torch.empty_like(t, memory_format=torch.preserve_format)
+            buffers.append(buffer)
+        return buffers
 
 
 def dot(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x . y`` over the flattened tensors, accumulated in ``dtype``."""
     return torch.dot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype))
+
+
+# Devices whose values a step reads back for free (no device synchronisation): there a skipped step is
+# skipped instead of masked. Tests empty it to run the masked, synchronisation-free path of other devices.
+HOST_READABLE = ("cpu",)
+
+
+def skipped_on_host(ok: torch.Tensor) -> bool:
+    """``True`` when ``ok`` is false and can be read without a synchronisation (the update can be skipped);
+    ``False`` when the step is taken or ``ok`` lives on a device (the update then masks with :func:`finite_mask`)."""
+    return ok.device.type in HOST_READABLE and not bool(ok)
 
 
 def finite_mask(
@@ -43,8 +87,11 @@ def finite_mask(
     Multiplying a non-finite gradient by a zero coefficient still gives NaN, so a
     step skipped for a non-finite gradient must not see it at all. ``owned``
     says the tensors are temporaries this step made (masked in place); the
-    user's gradients are never written to.
+    user's gradients are never written to. Where ``ok`` reads back for free
+    (:data:`HOST_READABLE`) and is true, there is nothing to mask.
     """
+    if ok.device.type in HOST_READABLE and bool(ok):
+        return jacobians
     if owned:
         for h in jacobians:
             h.masked_fill_(~ok.to(h.device), 0)

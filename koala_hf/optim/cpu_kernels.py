@@ -1,0 +1,69 @@
+"""The fused KOALA++ step's multi-tensor CPU kernels (``csrc/koala_cpu.cpp``), built on first use.
+
+``torch.utils.cpp_extension`` compiles them once per machine (about 10 s; the
+build is cached under ``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``), for the vector instructions torch itself uses
+on this CPU. Each pass of a step is then one call for every layer of a dtype,
+like torch's fused CPU AdamW. Building needs a C++ compiler and ``ninja``
+(``pip install ninja``), as ``torch.compile`` on CPU needs a compiler; where
+the build fails, :func:`cpu_kernels` warns once, saying why, and returns
+``None``, and the fused step runs its per-layer ``torch.compile`` kernels
+instead (the same results, more calls per step).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "koala_cpu.cpp"
+# torch's CPU capability -> the compiler flags that let ATen's vector types use it.
+ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"],
+}
+
+_KERNELS: object = None  # not tried yet; then the ops namespace, or False when the build failed
+
+
+def cpu_kernels():
+    """``torch.ops.koala_hf`` with the fused KOALA++ CPU ops, or ``None`` where they cannot be built here."""
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            _KERNELS = _build()
+        except Exception as error:  # no compiler, no ninja, an unsupported platform: fall back, once
+            _KERNELS = False
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            warnings.warn(
+                "KOALA++ fused=True could not build its multi-tensor CPU kernels "
+                f"({type(error).__name__}: {first_line}); it runs its per-layer torch.compile kernels instead "
+                "(same results, slower with many tensors). Building needs a C++ compiler and ninja "
+                "(pip install ninja).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _KERNELS or None
+
+
+def _build():
+    from torch.utils.cpp_extension import load
+
+    if hasattr(torch.ops, "koala_hf") and hasattr(torch.ops.koala_hf, "koala_plus_plus_products"):
+        return torch.ops.koala_hf  # loaded already (by another copy of this module)
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = ["-O3", "-fopenmp", *ISA_FLAGS.get(capability, [])]
+    # One build per source, torch version and instruction set (a home directory shared by different CPUs).
+    digest = hashlib.sha256(SOURCE.read_bytes() + f"{torch.__version__} {flags}".encode()).hexdigest()[:12]
+    load(
+        name=f"koala_hf_cpu_{capability.lower()}_{digest}",
+        sources=[str(SOURCE)],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+    )
+    return torch.ops.koala_hf

@@ -1,0 +1,207 @@
+"""The fused KOALA++ step (``fused=True``): one multi-tensor call per pass on the CPU (koala_hf.optim.cpu_kernels),
+per-layer ``torch.compile`` kernels elsewhere or where those cannot be built; both against the per-tensor path."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from koala_hf import KOALAPlusPlus
+from koala_hf.optim import cpu_kernels as cpu_kernels_module
+from koala_hf.optim import koala_plus_plus
+
+STEPS = 6
+
+
+class MixedNetwork(nn.Module):
+    """Parameters of every kind the kernels must handle: a channels_last 4-D weight, a transposed (dense,
+    non-contiguous) matrix, a strided view whose gradient is laid out differently (copied and written back),
+    vectors, a one-element tensor, float64 and bfloat16 layers beside the float32 ones."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Parameter(torch.randn(6, 3, 3, 3).to(memory_format=torch.channels_last))
+        self.transposed = nn.Parameter(torch.randn(5, 27).t())
+        self.strided = nn.Parameter(torch.randn(5, 10)[:, ::2])
+        self.bias = nn.Parameter(torch.randn(5))
+        self.scale = nn.Parameter(torch.randn(1))
+        self.wide = nn.Parameter(torch.randn(40000, dtype=torch.float64))  # more than one block of the kernels
+        self.low = nn.Parameter(torch.randn(7, 4, dtype=torch.bfloat16))
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        features = torch.tanh(torch.nn.functional.conv2d(x, self.conv)).flatten(1)  # [batch, 6]
+        h = torch.tanh(x.flatten(1) @ self.transposed)  # [batch, 5]
+        h = torch.tanh(h @ self.strided + self.bias) * self.scale + features[:, :5]  # [batch, 5]
+        extra = (self.wide.float()[:5] * h).sum(1) + (self.low.float().sum(0)[:1] * h[:, :1]).sum(1)
+        return ((extra - 1.0) ** 2).mean() + 1e-3 * (self.wide.float() ** 2).sum() / self.wide.numel()
+
+
+def batches():
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(4, 3, 3, 3, generator=generator) for _ in range(STEPS)]
+
+
+def train(model: MixedNetwork, optimizer: KOALAPlusPlus, inputs, nan_at: int | None = None) -> list[float]:
+    losses = []
+    for step, x in enumerate(inputs):
+        optimizer.zero_grad()
+        loss = model.loss(x)
+        loss.backward()
+        if step == nan_at:
+            model.bias.grad[0] = float("nan")
+        optimizer.observe(loss.detach())
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def run(path: dict, nan_at: int | None = None):
+    model = MixedNetwork()
+    assert model.conv.is_contiguous(memory_format=torch.channels_last) and not model.transposed.is_contiguous()
+    groups = [
+        {"params": [model.conv, model.transposed, model.strided, model.wide], "weight_decay": 1e-2},
+        {"params": [model.bias, model.scale, model.low], "symmetric": False, "lr": 0.1},  # KOALA++ (NS)
+    ]
+    optimizer = KOALAPlusPlus(groups, lr=0.3, **path)
+    losses = train(model, optimizer, batches(), nan_at)
+    return model, optimizer, losses
+
+
+def assert_same_run(fused, per_tensor, rtol):
+    (model_f, opt_f, losses_f), (model_p, opt_p, losses_p) = fused, per_tensor
+    assert losses_f == pytest.approx(losses_p, rel=rtol)
+    for (name, p_f), p_p in zip(model_f.named_parameters(), model_p.parameters()):
+        tolerance = 2e-2 if p_f.dtype == torch.bfloat16 else rtol
+        assert p_f.dtype == p_p.dtype and p_f.stride() == p_p.stride(), name
+        torch.testing.assert_close(p_f, p_p, rtol=tolerance, atol=tolerance * p_p.abs().max().item(), msg=name)
+        for key in ("v", "H_prev", "filter"):
+            expected = opt_p.state[p_p][key]
+            torch.testing.assert_close(opt_f.state[p_f][key], expected, rtol=tolerance,
+                                       atol=tolerance * expected.abs().max().item(), msg=f"{name} {key}")
+    assert int(opt_f.state["koala"]["skipped_steps"]) == int(opt_p.state["koala"]["skipped_steps"])
+
+
+@pytest.fixture
+def compiled_fallback(monkeypatch):
+    """The per-layer torch.compile kernels (what other devices run) instead of the CPU multi-tensor ones."""
+    monkeypatch.setattr(koala_plus_plus, "cpu_kernels", lambda: None)
+
+
+def test_the_multi_tensor_cpu_step_matches_the_per_tensor_path_on_mixed_layouts_and_dtypes():
+    assert cpu_kernels_module.cpu_kernels() is not None, "the CPU kernels must build where the tests run"
+    assert_same_run(run({"fused": True}), run({"foreach": False}), rtol=1e-5)
+
+
+def test_the_per_layer_compiled_step_matches_the_per_tensor_path(compiled_fallback):
+    assert_same_run(run({"fused": True}), run({"foreach": False}), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernels", ["cpu", "compiled"])
+def test_a_non_finite_gradient_skips_the_whole_step_in_the_fused_paths(kernels, monkeypatch):
+    if kernels == "compiled":
+        monkeypatch.setattr(koala_plus_plus, "cpu_kernels", lambda: None)
+    fused = run({"fused": True}, nan_at=3)
+    assert int(fused[1].state["koala"]["skipped_steps"]) == 1
+    assert_same_run(fused, run({"foreach": False}, nan_at=3), rtol=1e-5)
+
+
+def test_the_cpu_kernels_give_the_same_bits_on_one_thread_and_on_several():
+    kernels = cpu_kernels_module.cpu_kernels()
+    generator = torch.Generator().manual_seed(0)
+    sizes = [100_000, 7, 50_000, 1]  # several blocks each for the large ones
+    layers = [[torch.randn(n, generator=generator) for _ in range(4)] for n in sizes]
+    coefficients = torch.rand(len(sizes), 7, generator=generator)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            p, g, v, hp = ([t.clone() for t in column] for column in zip(*layers))
+            products = kernels.koala_plus_plus_products(p, g, hp, v, 1e-2)
+            kernels.koala_plus_plus_update(p, g, v, hp, coefficients, torch.tensor(True), 1e-2)
+            results.append([products, *p, *v, *hp])
+    finally:
+        torch.set_num_threads(threads)
+    for one, several in zip(*results):
+        assert torch.equal(one, several)
+
+
+def direct_ops(optimizer, loss) -> list[str]:
+    """Names of the ops ``step()`` calls directly (the profiler's children of ``Optimizer.step``)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        optimizer.observe(loss)
+        optimizer.step()
+    events = prof.events()
+    steps = {id(e) for e in events if e.name.startswith("Optimizer.step#")}
+    return sorted(e.name for e in events if e.cpu_parent is not None and id(e.cpu_parent) in steps)
+
+
+def test_the_calls_per_step_do_not_grow_with_the_number_of_layers():
+    calls = {}
+    for layers in (4, 64):
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(3 + i, 5)) for i in range(layers)]
+        optimizer = KOALAPlusPlus(params, fused=True, lr=0.1)
+        for step in range(2):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            calls[layers] = direct_ops(optimizer, torch.tensor(1.0 + step))
+    assert calls[4] == calls[64]
+    assert calls[64].count("koala_hf::koala_plus_plus_products") == 1
+    assert calls[64].count("koala_hf::koala_plus_plus_update") == 1
+
+
+@pytest.mark.parametrize("kernels", ["cpu", "compiled"])
+def test_lr_scheduler_steps_trigger_no_recompilation(kernels, monkeypatch):
+    """The learning rate reaches the kernels inside the coefficient tensor, never as a compile-time constant.
+    The CPU kernels compile nothing at a step; the per-layer kernels compile for dynamic shapes at the first
+    step (a variant per parameter rank and for one-element layers: dynamo specialises those) and never again."""
+    from torch._dynamo.utils import counters
+
+    if kernels == "compiled":
+        monkeypatch.setattr(koala_plus_plus, "cpu_kernels", lambda: None)
+    torch._dynamo.reset()
+    counters.clear()
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3), nn.Tanh(), nn.Linear(3, 1))
+    optimizer = KOALAPlusPlus(model.parameters(), fused=True, lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+
+    def step():
+        optimizer.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        optimizer.observe(loss.detach())
+        optimizer.step()
+
+    step()
+    compiled, recompiles = counters["stats"]["unique_graphs"], dict(counters["recompiles"])
+    if kernels == "cpu":
+        assert compiled == 0
+    else:  # the reduction and update kernels, for 2-D and 1-D parameters and the one-element bias
+        assert 2 <= compiled <= 2 * 3 * 2
+    rates = []
+    for _ in range(3):
+        scheduler.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+        step()
+    assert len(set(rates)) == 3
+    assert counters["stats"]["unique_graphs"] == compiled
+    assert dict(counters["recompiles"]) == recompiles
+
+
+def test_a_failed_build_warns_once_and_falls_back_to_the_compiled_kernels(monkeypatch):
+    def no_compiler():
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpu_kernels_module, "_build", no_compiler)
+    monkeypatch.setattr(cpu_kernels_module, "_KERNELS", None)
+    with pytest.warns(RuntimeWarning, match="pip install ninja"):
+        fused = run({"fused": True})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_kernels_module.cpu_kernels() is None  # not tried again, not warned again
+    assert_same_run(fused, run({"foreach": False}), rtol=1e-5)
