@@ -12,10 +12,19 @@ torch has it). On a GPU it also checks that a KOALA step never synchronises
 with the host (``torch.cuda.set_sync_debug_mode("error")``) and reports the
 achieved memory bandwidth of KOALA++ (11 tensor passes per element, the floor)
 as a fraction of the measured device-to-device copy bandwidth. For every
-implementation it reports the first step's time (for the fused path: the
-``torch.compile`` time) and, from the profiler, the operations one step
-dispatches: on CPU the ops launched directly by ``step()`` (each a loop over
-memory; a compiled graph counts as one call), on CUDA the device kernels.
+implementation it reports the first step's time (for the fused path on a GPU:
+the ``torch.compile`` time) and, from the profiler, the operations one step
+dispatches: on CPU the ops launched directly by ``step()`` (a multi-tensor op
+or a compiled graph counts as one call, the loops inside it do not), on CUDA
+the device kernels. On the CPU it also times the first-use build of the fused
+path's C++ kernels in a fresh extension folder (koala_hf.optim.cpu_kernels).
+
+Implementations are timed interleaved, one step each in turn, so that a slow
+phase of a shared machine slows all of them alike. A "floor" row adds to AdamW
+fused a pass that only reads the four tensors KOALA++'s reduction reads: a
+KOALA++ step needs that pass on top of an AdamW-like update pass, so on a
+machine where reading costs about as much as AdamW's read-modify-write pass,
+the floor is near 2x AdamW fused, not 11/7.
 
 Writes ``benchmarks/results/optimizer_step_<device>.json`` and ``.md``.
 """
@@ -24,8 +33,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,6 +78,29 @@ def resnet50_shapes() -> list[torch.Size]:
     return [p.shape for p in model.parameters()]
 
 
+class ReadPass:
+    """Not an optimizer: one pass that only reads four parameter-sized tensors (two ``torch.dot`` per layer).
+
+    KOALA++'s reduction pass reads the same four tensors (theta, g, v, H_prev), so AdamW fused plus this
+    pass is what a KOALA++ step costs at best on a machine (the floor row), whatever reads cost there.
+    """
+
+    def __init__(self, params):
+        self.state = {}
+        self.pairs = [(p.view(-1), p.grad.view(-1), torch.randn_like(p).view(-1), torch.randn_like(p).view(-1))
+                      for p in params]
+
+    def step(self):
+        with torch.profiler.record_function("Optimizer.step#ReadPass.step"):
+            for p, g, v, h_prev in self.pairs:
+                torch.dot(p, g)
+                torch.dot(v, h_prev)
+
+
+READ_PASS = "read 4 tensors once (2 torch.dot per layer)"
+FLOOR = "KOALA++ floor: AdamW fused + that read pass"
+
+
 def implementations() -> dict:
     """name -> optimizer factory over a parameter list (the papers' LM settings where they matter)."""
     table = {
@@ -73,11 +108,12 @@ def implementations() -> dict:
         "AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2, fused=True),
         "KOALA++ per-tensor": lambda ps: KOALAPlusPlus(ps, lr=2e-3, weight_decay=1e-4, foreach=False),
         "KOALA++ foreach": lambda ps: KOALAPlusPlus(ps, lr=2e-3, weight_decay=1e-4, foreach=True),
-        "KOALA++ fused (torch.compile)": lambda ps: KOALAPlusPlus(ps, lr=2e-3, weight_decay=1e-4, fused=True),
+        "KOALA++ fused": lambda ps: KOALAPlusPlus(ps, lr=2e-3, weight_decay=1e-4, fused=True),
         "KOALA-V per-tensor": lambda ps: KOALAV(ps, weight_decay=1e-4, foreach=False),
         "KOALA-V foreach": lambda ps: KOALAV(ps, weight_decay=1e-4, foreach=True),
         "KOALA-M per-tensor": lambda ps: KOALAM(ps, weight_decay=1e-4, foreach=False),
         "KOALA-M foreach": lambda ps: KOALAM(ps, weight_decay=1e-4, foreach=True),
+        READ_PASS: ReadPass,
     }
     return table
 
@@ -87,49 +123,66 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(make, shapes, device: str, steps: int, warmup: int) -> dict:
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in shapes]
-    for p in params:
-        p.grad = torch.randn_like(p) * 1e-3
-    optimizer = make(params)
-    koala = hasattr(optimizer, "observe")
-    loss = torch.tensor(3.0, device=device)
-    times = []
-    for i in range(warmup + steps):
-        synchronize(device)
-        start = time.perf_counter()
-        if koala:
-            optimizer.observe(loss)
-        optimizer.step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    first, times = times[0], times[warmup:]
-    state_bytes = sum(
-        t.numel() * t.element_size()
-        for key, state in optimizer.state.items() if isinstance(key, torch.Tensor)
-        for t in state.values() if isinstance(t, torch.Tensor) and t.numel() > 1
-    )
-    result = {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "state_bytes": state_bytes,
-              "first_step_s": first, "ops_per_step": ops_per_step(optimizer, loss, koala, device)}
-    if device == "cuda" and koala:
+def time_steps(implementations: dict, shapes, device: str, steps: int, warmup: int) -> dict[str, dict]:
+    """Time every implementation's steps interleaved, step by step, on its own parameters and gradients.
+
+    Interleaving makes a slow phase of the machine (another tenant, frequency changes) slow every
+    implementation alike, so the ratios between them hold within one run even when the times drift.
+    """
+    runs = {}
+    for name, make in implementations.items():
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in shapes]
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
         try:
-            torch.cuda.set_sync_debug_mode("error")
-            optimizer.observe(loss)
+            runs[name] = (params, make(params))
+        except (RuntimeError, TypeError) as error:  # e.g. no fused AdamW for this device
+            print(f"{name}: not available ({error})".splitlines()[0])
+    loss = torch.tensor(3.0, device=device)
+    times = {name: [] for name in runs}
+    for _ in range(warmup + steps):
+        for name, (_, optimizer) in runs.items():
+            synchronize(device)
+            start = time.perf_counter()
+            if hasattr(optimizer, "observe"):
+                optimizer.observe(loss)
             optimizer.step()
-            result["no_host_sync"] = True
-        except RuntimeError:
-            result["no_host_sync"] = False
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    del optimizer, params
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    results = {}
+    for name, (params, optimizer) in runs.items():
+        koala = hasattr(optimizer, "observe")
+        if koala and int(optimizer.global_state()["skipped_steps"]) != 0:
+            raise RuntimeError(f"{name} skipped steps: its times would not be those of a step")
+        measured = times[name][warmup:]
+        state_bytes = sum(
+            t.numel() * t.element_size()
+            for key, state in optimizer.state.items() if isinstance(key, torch.Tensor)
+            for t in state.values() if isinstance(t, torch.Tensor) and t.numel() > 1
+        )
+        result = {"median_ms": 1e3 * statistics.median(measured), "min_ms": 1e3 * min(measured),
+                  "state_bytes": state_bytes, "first_step_s": times[name][0],
+                  "ops_per_step": ops_per_step(optimizer, loss, koala, device)}
+        if device == "cuda" and koala:
+            try:
+                torch.cuda.set_sync_debug_mode("error")
+                optimizer.observe(loss)
+                optimizer.step()
+                result["no_host_sync"] = True
+            except RuntimeError:
+                result["no_host_sync"] = False
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        results[name] = result
+    del runs
     gc.collect()
-    return result
+    return results
 
 
 def ops_per_step(optimizer, loss, koala: bool, device: str) -> int:
     """Operations one ``step()`` dispatches (profiler): device kernels on CUDA; on CPU the ops called directly
-    inside ``Optimizer.step`` (a compiled graph's call counts once, its loops inside it do not)."""
+    inside ``Optimizer.step`` (a multi-tensor op or a compiled graph's call counts once, its loops do not)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -143,6 +196,16 @@ def ops_per_step(optimizer, loss, koala: bool, device: str) -> int:
         return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     steps = {id(e) for e in events if e.name.startswith("Optimizer.step#")}
     return sum(1 for e in events if e.cpu_parent is not None and id(e.cpu_parent) in steps)
+
+
+def cpu_kernel_build_seconds() -> float:
+    """Seconds the fused path's first use spends building its C++ CPU kernels on a machine without the build."""
+    code = ("import time; from koala_hf.optim.cpu_kernels import cpu_kernels; start = time.perf_counter(); "
+            "assert cpu_kernels() is not None; print(time.perf_counter() - start)")
+    with tempfile.TemporaryDirectory() as folder:
+        done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TORCH_EXTENSIONS_DIR": folder},
+                              capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 def copy_bandwidth(device: str, megabytes: int = 512) -> float:
@@ -171,22 +234,23 @@ def main(argv=None) -> dict:
 
     workloads = {"(a) LM paper GPT": lm_paper_shapes(), "(b) ResNet-50": resnet50_shapes(), "(c) Swin-T": swin_tiny_shapes()}
     bandwidth = copy_bandwidth(args.device)
+    build_s = cpu_kernel_build_seconds() if args.device == "cpu" else None
     rows = []
     for workload, shapes in workloads.items():
         n = sum(s.numel() for s in shapes)
-        for name, make in implementations().items():
-            if args.only and name not in args.only:
-                continue
-            try:
-                measured = time_steps(make, shapes, args.device, args.steps, args.warmup)
-            except (RuntimeError, TypeError) as error:  # e.g. no fused AdamW for this device
-                print(f"{workload}: {name}: not available ({error})".splitlines()[0])
-                continue
+        chosen = {name: make for name, make in implementations().items() if not args.only or name in args.only}
+        for name, measured in time_steps(chosen, shapes, args.device, args.steps, args.warmup).items():
             passes = KOALA_PP_PASSES if name.startswith("KOALA++") else ADAMW_PASSES if name.startswith("AdamW") else None
             if passes:
                 measured["bandwidth_fraction"] = passes * n * 4 / (measured["median_ms"] / 1e3) / bandwidth
             rows.append({"workload": workload, "parameters": n, "implementation": name, **measured})
             print(f"{workload:18s} {name:30s} {measured['median_ms']:9.2f} ms  state {measured['state_bytes'] / 2**20:8.1f} MiB")
+        parts = {r["implementation"]: r for r in rows if r["workload"] == workload and r["implementation"] in ("AdamW fused", READ_PASS)}
+        if len(parts) == 2:
+            floor_ms = parts["AdamW fused"]["median_ms"] + parts[READ_PASS]["median_ms"]
+            rows.append({"workload": workload, "parameters": n, "implementation": FLOOR, "median_ms": floor_ms,
+                         "min_ms": floor_ms, "state_bytes": parts["AdamW fused"]["state_bytes"],
+                         "bandwidth_fraction": KOALA_PP_PASSES * n * 4 / (floor_ms / 1e3) / bandwidth})
 
     for row in rows:
         baseline = next((r for r in rows if r["workload"] == row["workload"] and r["implementation"] == "AdamW foreach"), None)
@@ -198,6 +262,7 @@ def main(argv=None) -> dict:
         "torch": torch.__version__,
         **provenance(__file__, argv, args.device),
         "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "cpu_kernel_build_s": build_s,
         "steps": args.steps,
         "rows": rows,
     }
@@ -209,7 +274,10 @@ def main(argv=None) -> dict:
 def markdown(report: dict) -> str:
     lines = [
         f"Optimizer step, {report['device']} (torch {report['torch']}), {report['date']}: `{report['command']}`",
-        f"(median of {report['steps']} steps; copy bandwidth {report['copy_bandwidth_gb_s']:.1f} GB/s)",
+        f"(median of {report['steps']} steps, implementations interleaved step by step; copy bandwidth "
+        f"{report['copy_bandwidth_gb_s']:.1f} GB/s"
+        + (f"; first-use build of the fused CPU kernels {report['cpu_kernel_build_s']:.1f} s)"
+           if report.get("cpu_kernel_build_s") else ")"),
         "",
         "| shapes | implementation | median ms | x AdamW foreach | x AdamW fused | state MiB | of copy bandwidth | ops per step | first step s |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -217,9 +285,10 @@ def markdown(report: dict) -> str:
     for r in report["rows"]:
         ratio = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
         share = f"{100 * r['bandwidth_fraction']:.0f}%" if r.get("bandwidth_fraction") else "-"
+        ops = r.get("ops_per_step", "-")
+        first = f"{r['first_step_s']:.2f}" if "first_step_s" in r else "-"
         lines.append(f"| {r['workload']} | {r['implementation']} | {r['median_ms']:.1f} | {ratio(r['vs_adamw_foreach'])} | "
-                     f"{ratio(r['vs_adamw_fused'])} | {r['state_bytes'] / 2**20:.0f} | {share} | {r['ops_per_step']} | "
-                     f"{r['first_step_s']:.2f} |")
+                     f"{ratio(r['vs_adamw_fused'])} | {r['state_bytes'] / 2**20:.0f} | {share} | {ops} | {first} |")
     return "\n".join(lines) + "\n"
 
 
