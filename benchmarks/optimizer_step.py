@@ -111,8 +111,10 @@ def implementations() -> dict:
         "KOALA++ fused": lambda ps: KOALAPlusPlus(ps, lr=2e-3, weight_decay=1e-4, fused=True),
         "KOALA-V per-tensor": lambda ps: KOALAV(ps, weight_decay=1e-4, foreach=False),
         "KOALA-V foreach": lambda ps: KOALAV(ps, weight_decay=1e-4, foreach=True),
+        "KOALA-V fused": lambda ps: KOALAV(ps, weight_decay=1e-4, fused=True),
         "KOALA-M per-tensor": lambda ps: KOALAM(ps, weight_decay=1e-4, foreach=False),
         "KOALA-M foreach": lambda ps: KOALAM(ps, weight_decay=1e-4, foreach=True),
+        "KOALA-M fused": lambda ps: KOALAM(ps, weight_decay=1e-4, fused=True),
         READ_PASS: ReadPass,
     }
     return table

@@ -38,7 +38,8 @@ import torch
 from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from koala_hf.measurement import LossMeasurement
-from koala_hf.optim.layers import StepWorkspace, dot, measurement_jacobians
+from koala_hf.optim.cpu_kernels import cpu_kernels
+from koala_hf.optim.layers import StepWorkspace, bucketed_rows, dot, measurement_jacobians
 from koala_hf.optim.sharding import check_parameter, local, reduce_sums, sharding_group
 
 GLOBAL_STATE = "koala"
@@ -347,15 +348,18 @@ class KoalaOptimizer(torch.optim.Optimizer):
         reduced = reduce_sums(torch.cat(local_sums), group)
         return list(reduced.split([len(sums) for sums in local_sums]))
 
-    def _jacobian_norms(self, ok: torch.Tensor, device, dtype, extra_sums=None):
+    def _jacobian_norms(self, ok: torch.Tensor, device, dtype, extra_sums=None, averages=None):
         """First pass of KOALA-V and KOALA-M: per group, ``H`` (E3) and ``[||H||^2, ||theta||^2]`` per layer.
 
         ``extra_sums(params, local_params, local_jacobians, dtype, foreach)``, when given, returns more per-layer sums
-        (``[n_layers, k]``), appended as columns and reduced with the rest. Returns ``(measured, ok)``:
-        ``(index, group, stepped, params, jacobians, norms, foreach)`` per group with gradients, where
-        ``stepped`` are the parameters themselves, ``params`` and ``jacobians`` this process's shards under
-        FSDP2 (the parameters otherwise), the norms the whole layers' (one reduction over the shards of every
-        layer), and ``ok`` cleared when any norm is not finite.
+        (``[n_layers, k]``), appended as columns and reduced with the rest; with ``fused=True`` on the CPU the
+        multi-tensor kernel computes them instead, KOALA-M's ``[d.d, d.H]`` from ``averages(stepped)`` (the
+        layers' ``w_avg``). Returns ``(measured, ok)``: ``(index, group, stepped, params, jacobians, norms,
+        foreach, kernels)`` per group with gradients, where ``stepped`` are the parameters themselves,
+        ``params`` and ``jacobians`` this process's shards under FSDP2 (the parameters otherwise; with
+        ``kernels``, the CPU kernels of a fused group, the gradients: the kernels recompute ``H``), the norms
+        the whole layers' (one reduction over the shards of every layer), and ``ok`` cleared when any norm is
+        not finite.
         """
         measured = []
         for index, group in enumerate(self.param_groups):
@@ -368,20 +372,42 @@ class KoalaOptimizer(torch.optim.Optimizer):
             params, grads = [local(p) for p in params], [local(g) for g in grads]
             foreach = self._foreach(group, params)
             wd = group["weight_decay"]
-            jacobians = measurement_jacobians(params, grads, wd, foreach, out=self._workspace.get(stepped, params) if foreach else None)
-            zero = torch.zeros((), dtype=dtype, device=device)
-            norms = torch.stack(
-                [torch.stack([dot(h, h, dtype).to(device), dot(p, p, dtype).to(device) if wd else zero])
-                 for p, h in zip(params, jacobians)]
-            )
-            if extra_sums is not None:
-                norms = torch.cat([norms, extra_sums(stepped, params, jacobians, dtype, foreach).to(device)], dim=1)
-            measured.append((index, group, stepped, params, jacobians, norms, foreach))
+            kernels = self._fused_cpu_kernels(group, params)
+            if kernels is not None:
+                jacobians = grads
+                lists = [params, grads] + ([[local(w) for w in averages(stepped)]] if averages else [])
+                norms = bucketed_rows(lists, lambda p, g, *w: kernels.koala_jacobian_sums(p, g, w[0] if w else [], wd))
+                norms = norms.to(device, dtype)
+                if not wd:
+                    norms[:, 1] = 0.0  # ||theta||^2 only enters through wd (E3), as in the other paths
+            else:
+                jacobians = measurement_jacobians(params, grads, wd, foreach, out=self._workspace.get(stepped, params) if foreach else None)
+                zero = torch.zeros((), dtype=dtype, device=device)
+                norms = torch.stack(
+                    [torch.stack([dot(h, h, dtype).to(device), dot(p, p, dtype).to(device) if wd else zero])
+                     for p, h in zip(params, jacobians)]
+                )
+                if extra_sums is not None:
+                    norms = torch.cat([norms, extra_sums(stepped, params, jacobians, dtype, foreach).to(device)], dim=1)
+            measured.append((index, group, stepped, params, jacobians, norms, foreach, kernels))
         if not measured:
             return [], ok
         whole = self._whole_layer_sums([m[5] for m in measured], [p for m in measured for p in m[2]])
         ok = ok & torch.isfinite(torch.cat(whole)).all()
-        return [(*m[:5], norms, m[6]) for m, norms in zip(measured, whole)], ok
+        return [(*m[:5], norms, *m[6:]) for m, norms in zip(measured, whole)], ok
+
+    def _fused_cpu_kernels(self, group: dict, params: list[torch.Tensor]):
+        """KOALA-V/M with ``fused=True``: the multi-tensor CPU kernels (koala_hf.optim.cpu_kernels), or ``None``
+        (not fused; or the kernels cannot be built here, which :func:`cpu_kernels` warned about: foreach then)."""
+        if not group.get("fused"):
+            return None
+        devices = sorted({p.device.type for p in params} - {"cpu"})
+        if devices:
+            raise RuntimeError(
+                f"{type(self).__name__}(fused=True) has CPU kernels only, and parameters are on {', '.join(devices)}; "
+                "use foreach=True there (the default on CUDA), or KOALAPlusPlus(fused=True)"
+            )
+        return cpu_kernels()
 
     def _foreach(self, group: dict, params: list[torch.Tensor]) -> bool:
         if group["foreach"] is not None:

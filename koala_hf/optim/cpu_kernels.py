@@ -1,4 +1,4 @@
-"""The fused KOALA++ step's multi-tensor CPU kernels (``csrc/koala_cpu.cpp``), built on first use.
+"""The fused steps' multi-tensor CPU kernels (``csrc/koala_cpu.cpp``: KOALA++, KOALA-V, KOALA-M), built on first use.
 
 ``torch.utils.cpp_extension`` compiles them once per machine (about 10 s; the
 build is cached under ``TORCH_EXTENSIONS_DIR``, by default
@@ -7,8 +7,8 @@ on this CPU. Each pass of a step is then one call for every layer of a dtype,
 like torch's fused CPU AdamW. Building needs a C++ compiler and ``ninja``
 (``pip install ninja``), as ``torch.compile`` on CPU needs a compiler; where
 the build fails, :func:`cpu_kernels` warns once, saying why, and returns
-``None``, and the fused step runs its per-layer ``torch.compile`` kernels
-instead (the same results, more calls per step).
+``None``: KOALA++'s fused step then runs its per-layer ``torch.compile``
+kernels, KOALA-V/M their foreach path (the same results, more calls per step).
 """
 
 from __future__ import annotations
@@ -30,19 +30,20 @@ _KERNELS: object = None  # not tried yet; then the ops namespace, or False when 
 
 
 def cpu_kernels():
-    """``torch.ops.koala_hf`` with the fused KOALA++ CPU ops, or ``None`` where they cannot be built here."""
+    """``torch.ops.koala_hf`` with the fused CPU ops, or ``None`` where they cannot be built here."""
     global _KERNELS
     if _KERNELS is None:
         try:
             _KERNELS = _build()
         except Exception as error:  # no compiler, no ninja, an unsupported platform: fall back, once
             _KERNELS = False
-            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+            reason = next((line for line in lines if "error:" in line), lines[0])  # the compiler's, if any
             warnings.warn(
-                "KOALA++ fused=True could not build its multi-tensor CPU kernels "
-                f"({type(error).__name__}: {first_line}); it runs its per-layer torch.compile kernels instead "
-                "(same results, slower with many tensors). Building needs a C++ compiler and ninja "
-                "(pip install ninja).",
+                "fused=True could not build the multi-tensor CPU kernels of koala_hf "
+                f"({type(error).__name__}: {reason}); KOALA++ runs its per-layer torch.compile kernels instead, "
+                "KOALA-V/M their foreach path (same results, slower with many tensors). Building needs a C++ "
+                "compiler and ninja (pip install ninja).",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -52,7 +53,7 @@ def cpu_kernels():
 def _build():
     from torch.utils.cpp_extension import load
 
-    if hasattr(torch.ops, "koala_hf") and hasattr(torch.ops.koala_hf, "koala_plus_plus_products"):
+    if hasattr(torch.ops.koala_hf, "koala_m_update"):
         return torch.ops.koala_hf  # loaded already (by another copy of this module)
     capability = torch.backends.cpu.get_cpu_capability()
     flags = ["-O3", "-fopenmp", *ISA_FLAGS.get(capability, [])]

@@ -52,6 +52,11 @@ class KOALAM(KoalaOptimizer):
     ``d.d`` and ``d.H`` with ``d = w_avg - theta``, from which the distance after
     the update follows without another pass) go in the one collective of the
     step; the first step adds one more, for E30's first ``||theta||``.
+
+    ``fused=True`` (CPU only) runs the sums pass and the update with E31's
+    predict as one multi-tensor C++ call each for every layer of a dtype,
+    without the temporaries ``H`` and ``d`` (koala_hf.optim.cpu_kernels; built
+    on first use).
     """
 
     _shared_hyperparameters = ("sw", "sc", "sv", "a", "qw", "qv")
@@ -72,11 +77,12 @@ class KOALAM(KoalaOptimizer):
         noise: str = "second_moment",
         weight_decay: float = 0.0,
         foreach: bool | None = None,
+        fused: bool = False,
     ) -> None:
         self._training = True
         defaults = dict(
             lr=lr, sw=sw, sc=sc, sv=sv, a=a, qw=qw, qv=qv, r=r, alpha_r=alpha_r, noise=noise,
-            weight_decay=weight_decay, foreach=foreach,
+            weight_decay=weight_decay, foreach=foreach, fused=fused,
         )
         super().__init__(params, defaults)
 
@@ -151,12 +157,15 @@ class KOALAM(KoalaOptimizer):
             raise RuntimeError("KOALAM.step() was called in eval mode; call optimizer.train() first")
         device, dtype = loss.device, loss.dtype
         covariance = state["P"]
-        measured, ok = self._jacobian_norms(ok, device, dtype, extra_sums=self._distance_sums)
+        measured, ok = self._jacobian_norms(
+            ok, device, dtype, extra_sums=self._distance_sums,
+            averages=lambda stepped: [self._layer_state(p)["w_avg"] for p in stepped],
+        )
 
         information = [torch.zeros(1, dtype=dtype, device=device)]  # ||H||^2 / S of updated layers (E35)
         distance_sq = torch.zeros((), dtype=dtype, device=device)
         n_params = 0
-        for index, group, stepped, params, jacobians, norms, foreach in measured:
+        for index, group, stepped, params, jacobians, norms, foreach, kernels in measured:
             hh, theta_sq, dd, dh = norms.unbind(-1)
             s = hh * covariance[0, 0] + noise[index]  # E33
             scale = group["lr"] * (loss + 0.5 * group["weight_decay"] * theta_sq) / s
@@ -178,10 +187,16 @@ class KOALAM(KoalaOptimizer):
                 ],
                 dim=-1,
             )
-            jacobians = finite_mask(jacobians, ok, owned=group["weight_decay"] != 0)
             states = [self._layer_state(p) for p in stepped]
             us = [local(s["u"]) for s in states]
             averages = [local(s["w_avg"]) for s in states]
+            if kernels is not None:  # E33, E34 and E31's predict in one pass; a skipped step writes nothing
+                lists = [params, jacobians, us, averages]
+                for (p, g, u, w), indices in group_by_device_and_dtype(lists).values():
+                    kernels.koala_m_update(p, g, u, w, coefficients[indices].cpu(), ok.cpu(), self.defaults["a"],
+                                           group["weight_decay"])
+                continue
+            jacobians = finite_mask(jacobians, ok, owned=group["weight_decay"] != 0)
             _update_layers(params, jacobians, us, averages, coefficients, foreach)
             self._predict_weights(params, us, ok, foreach, dtype)
 

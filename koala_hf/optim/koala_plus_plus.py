@@ -18,6 +18,7 @@ from koala_hf.optim.base import MIN_JACOBIAN_NORM, KoalaOptimizer, check_prior
 from koala_hf.optim.cpu_kernels import cpu_kernels
 from koala_hf.optim.sharding import local
 from koala_hf.optim.layers import (
+    bucketed_rows,
     dot,
     finite_mask,
     group_by_device_and_dtype,
@@ -146,7 +147,7 @@ class KOALAPlusPlus(KoalaOptimizer):
                 foreach = self._foreach(group, params)
                 workspace = self._workspace.get(stepped, params) if foreach else None
                 jacobians = measurement_jacobians(params, grads, wd, foreach, out=workspace)
-                products = _stack_rows(
+                products = torch.stack(
                     [layer_products(p, h, h_prev, v, wd) for p, h, v, h_prev in zip(params, jacobians, vs, h_prevs)]
                 ).to(device, dtype)
             measured.append((index, group, stepped, params, jacobians, states, vs, h_prevs, products))
@@ -160,7 +161,7 @@ class KOALAPlusPlus(KoalaOptimizer):
             filters = [s["filter"] for s in states]
             coefficients, new_filters = kalman_coefficients(
                 products,
-                _stack_rows(filters).to(device, dtype),
+                torch.stack(filters).to(device, dtype),
                 loss=loss, noise=noise[index], ok=ok, lr=group["lr"], sigma=group["sigma"], q=group["q"],
                 weight_decay=group["weight_decay"], symmetric=group["symmetric"],
             )
@@ -172,15 +173,6 @@ class KOALAPlusPlus(KoalaOptimizer):
                 update(params, jacobians, vs, h_prevs, coefficients)
             torch._foreach_copy_(filters, list(new_filters.unbind(0)))
         return ok
-
-
-def _stack_rows(rows: list[torch.Tensor]) -> torch.Tensor:
-    """``torch.stack`` of per-layer rows that may differ in dtype (float32 and float64 layers): the widest."""
-    dtype = rows[0].dtype
-    if any(row.dtype != dtype for row in rows):
-        dtype = torch.float64
-        rows = [row.to(dtype) for row in rows]
-    return torch.stack(rows)
 
 
 def layer_products(p, h, h_prev, v_prev, weight_decay: float) -> torch.Tensor:
@@ -284,17 +276,15 @@ def _fused_products(params, grads, h_prevs, vs, weight_decay: float) -> torch.Te
     for all its layers (koala_hf.optim.cpu_kernels), elsewhere (or where that
     kernel cannot be built) one ``torch.compile`` kernel per layer.
     """
-    rows = [None] * len(params)
-    for (device, _), ((p, g, hp, v), indices) in group_by_device_and_dtype([params, grads, h_prevs, vs]).items():
-        kernels = cpu_kernels() if device.type == "cpu" else None
+
+    def bucket(p, g, hp, v):
+        kernels = cpu_kernels() if p[0].device.type == "cpu" else None
         if kernels is not None:
-            sums = kernels.koala_plus_plus_products(p, g, hp, v, weight_decay).unbind(0)
-        else:
-            reduce = fused_kernels()[0]
-            sums = [reduce(*_flat_views([g_i, p_i, hp_i, v_i])[0], weight_decay) for p_i, g_i, hp_i, v_i in zip(p, g, hp, v)]
-        for index, row in zip(indices, sums):
-            rows[index] = row
-    return _stack_rows(rows)
+            return kernels.koala_plus_plus_products(p, g, hp, v, weight_decay)
+        reduce = fused_kernels()[0]
+        return torch.stack([reduce(*_flat_views(list(layer))[0], weight_decay) for layer in zip(g, p, hp, v)])
+
+    return bucketed_rows([params, grads, h_prevs, vs], bucket)
 
 
 def _fused_update(params, grads, vs, h_prevs, coefficients, ok, weight_decay: float) -> None:

@@ -31,6 +31,10 @@ class KOALAV(KoalaOptimizer):
     ``noise`` chooses the loss-noise measurement (E1a ``"second_moment"``, the
     default; E1b ``"variance"``; E1c ``"none"``), per group, as in
     :class:`KOALAPlusPlus`.
+
+    ``fused=True`` (CPU only) runs the ``||H||^2`` pass and the update as one
+    multi-tensor C++ call each for every layer of a dtype, without the
+    temporary ``H`` (koala_hf.optim.cpu_kernels; built on first use).
     """
 
     _shared_hyperparameters = ("sigma", "q")
@@ -48,8 +52,12 @@ class KOALAV(KoalaOptimizer):
         noise: str = "second_moment",
         weight_decay: float = 0.0,
         foreach: bool | None = None,
+        fused: bool = False,
     ) -> None:
-        defaults = dict(lr=lr, sigma=sigma, q=q, r=r, alpha_r=alpha_r, noise=noise, weight_decay=weight_decay, foreach=foreach)
+        defaults = dict(
+            lr=lr, sigma=sigma, q=q, r=r, alpha_r=alpha_r, noise=noise, weight_decay=weight_decay, foreach=foreach,
+            fused=fused,
+        )
         super().__init__(params, defaults)
 
     def check_group(self, group: dict) -> None:
@@ -75,17 +83,21 @@ class KOALAV(KoalaOptimizer):
         measured, ok = self._jacobian_norms(ok, device, dtype)
 
         information = []  # ||H||^2 / s of every updated layer, for E22
-        for index, group, stepped, params, jacobians, norms, foreach in measured:
+        for index, group, stepped, params, jacobians, norms, foreach, kernels in measured:
             hh, theta_sq = norms.unbind(-1)
             s = p_hat * hh + noise[index]  # E21
             gain = group["lr"] * (loss + 0.5 * group["weight_decay"] * theta_sq) * p_hat / s
             update = ok & (hh >= MIN_JACOBIAN_NORM**2) & (s > 0) & torch.isfinite(gain)
             information.append(torch.where(update, hh / s, 0.0))
             layers = [self._layer_state(p) for p in stepped]
-            previous = torch.stack([layer["information"].to(device, dtype) for layer in layers])
+            previous = torch.stack([layer["information"] for layer in layers]).to(device, dtype)
             for layer, value in zip(layers, torch.where(ok, information[-1], previous).unbind()):
                 layer["information"] = value  # a skipped step keeps the last one
             steps = torch.where(update, -gain, 0.0)
+            if kernels is not None:  # H recomputed inside; a skipped step writes nothing
+                for (p, g), indices in group_by_device_and_dtype([params, jacobians]).values():
+                    kernels.koala_v_update(p, g, steps[indices].cpu(), ok.cpu(), group["weight_decay"])
+                continue
             jacobians = finite_mask(jacobians, ok, owned=group["weight_decay"] != 0)
             _apply(params, jacobians, steps, foreach)
 

@@ -127,3 +127,19 @@ def group_by_device_and_dtype(tensor_lists: list[list[torch.Tensor]]):
             bucket_list.append(tensors[index])
         indices.append(index)
     return buckets
+
+
+def bucketed_rows(tensor_lists: list[list[torch.Tensor]], call) -> torch.Tensor:
+    """Per-layer rows computed one (device, dtype) bucket at a time, ``call(*bucket_lists) -> [n_bucket, k]``,
+    returned in layer order (float64 when buckets differ in dtype)."""
+    buckets = group_by_device_and_dtype(tensor_lists)
+    if len(buckets) == 1:
+        (lists, _), = buckets.values()
+        return call(*lists)
+    parts = [(indices, call(*lists)) for lists, indices in buckets.values()]
+    dtypes = {rows.dtype for _, rows in parts}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float64
+    out = torch.empty(len(tensor_lists[0]), parts[0][1].shape[1], dtype=dtype, device=parts[0][1].device)
+    for indices, rows in parts:
+        out[indices] = rows.to(out.device, dtype)
+    return out

@@ -105,7 +105,7 @@ def poison_gradient(model, optimizer, x, y):
 
 
 PATHS = [(name, {"foreach": foreach}) for name in OPTIMIZERS for foreach in (False, True)]
-PATHS += [("koala++", {"fused": True})]
+PATHS += [(name, {"fused": True}) for name in ("koala++", "koala-v", "koala-m")]
 
 
 @pytest.mark.parametrize("poison", [poison_loss, poison_gradient], ids=["nan-loss", "inf-gradient"])

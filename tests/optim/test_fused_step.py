@@ -1,5 +1,5 @@
-"""The fused KOALA++ step (``fused=True``): one multi-tensor call per pass on the CPU (koala_hf.optim.cpu_kernels),
-per-layer ``torch.compile`` kernels elsewhere or where those cannot be built; both against the per-tensor path."""
+"""The fused steps (``fused=True``): one multi-tensor call per pass on the CPU (koala_hf.optim.cpu_kernels); for
+KOALA++ per-layer ``torch.compile`` kernels elsewhere or where those cannot be built; against the per-tensor paths."""
 
 import warnings
 
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from koala_hf import KOALAPlusPlus
+from koala_hf import KOALAM, KOALAV, KOALAPlusPlus
 from koala_hf.optim import cpu_kernels as cpu_kernels_module
 from koala_hf.optim import koala_plus_plus
 
@@ -58,14 +58,18 @@ def train(model: MixedNetwork, optimizer: KOALAPlusPlus, inputs, nan_at: int | N
     return losses
 
 
-def run(path: dict, nan_at: int | None = None):
+STATE_KEYS = {KOALAPlusPlus: ("v", "H_prev", "filter"), KOALAV: ("information",), KOALAM: ("u", "w_avg")}
+
+
+def run(path: dict, nan_at: int | None = None, variant=KOALAPlusPlus):
     model = MixedNetwork()
     assert model.conv.is_contiguous(memory_format=torch.channels_last) and not model.transposed.is_contiguous()
+    second = {"symmetric": False, "lr": 0.1} if variant is KOALAPlusPlus else {"lr": 0.05}  # KOALA++ (NS)
     groups = [
         {"params": [model.conv, model.transposed, model.strided, model.wide], "weight_decay": 1e-2},
-        {"params": [model.bias, model.scale, model.low], "symmetric": False, "lr": 0.1},  # KOALA++ (NS)
+        {"params": [model.bias, model.scale, model.low], **second},
     ]
-    optimizer = KOALAPlusPlus(groups, lr=0.3, **path)
+    optimizer = variant(groups, lr=0.3 if variant is KOALAPlusPlus else 0.1, **path)
     losses = train(model, optimizer, batches(), nan_at)
     return model, optimizer, losses
 
@@ -77,11 +81,25 @@ def assert_same_run(fused, per_tensor, rtol):
         tolerance = 2e-2 if p_f.dtype == torch.bfloat16 else rtol
         assert p_f.dtype == p_p.dtype and p_f.stride() == p_p.stride(), name
         torch.testing.assert_close(p_f, p_p, rtol=tolerance, atol=tolerance * p_p.abs().max().item(), msg=name)
-        for key in ("v", "H_prev", "filter"):
+        for key in STATE_KEYS[type(opt_f)]:
             expected = opt_p.state[p_p][key]
             torch.testing.assert_close(opt_f.state[p_f][key], expected, rtol=tolerance,
                                        atol=tolerance * expected.abs().max().item(), msg=f"{name} {key}")
     assert int(opt_f.state["koala"]["skipped_steps"]) == int(opt_p.state["koala"]["skipped_steps"])
+
+
+@pytest.mark.parametrize("variant", [KOALAV, KOALAM], ids=["koala-v", "koala-m"])
+@pytest.mark.parametrize("nan_at", [None, 3], ids=["", "non-finite-step"])
+def test_koala_v_and_m_fused_match_their_per_tensor_paths(variant, nan_at):
+    fused = run({"fused": True}, nan_at, variant)
+    assert_same_run(fused, run({"foreach": False}, nan_at, variant), rtol=1e-5)
+    assert int(fused[1].state["koala"]["skipped_steps"]) == (0 if nan_at is None else 1)
+
+
+def test_koala_v_and_m_fused_refuse_parameters_off_the_cpu_naming_what_to_use():
+    optimizer = KOALAV([nn.Parameter(torch.zeros(3))], fused=True)
+    with pytest.raises(RuntimeError, match="CPU kernels only.*meta.*foreach=True"):
+        optimizer._fused_cpu_kernels(optimizer.param_groups[0], [torch.zeros(3, device="meta")])
 
 
 @pytest.fixture
@@ -139,19 +157,24 @@ def direct_ops(optimizer, loss) -> list[str]:
     return sorted(e.name for e in events if e.cpu_parent is not None and id(e.cpu_parent) in steps)
 
 
-def test_the_calls_per_step_do_not_grow_with_the_number_of_layers():
+@pytest.mark.parametrize("variant, kernels", [
+    (KOALAPlusPlus, ("koala_plus_plus_products", "koala_plus_plus_update")),
+    (KOALAV, ("koala_jacobian_sums", "koala_v_update")),
+    (KOALAM, ("koala_jacobian_sums", "koala_m_update")),
+], ids=["koala++", "koala-v", "koala-m"])
+def test_the_calls_per_step_do_not_grow_with_the_number_of_layers(variant, kernels):
     calls = {}
     for layers in (4, 64):
         torch.manual_seed(0)
         params = [nn.Parameter(torch.randn(3 + i, 5)) for i in range(layers)]
-        optimizer = KOALAPlusPlus(params, fused=True, lr=0.1)
-        for step in range(2):
+        optimizer = variant(params, fused=True, lr=0.1)
+        for step in range(3):  # KOALA-M's first step differs (E30's first distance)
             for p in params:
                 p.grad = torch.randn_like(p)
             calls[layers] = direct_ops(optimizer, torch.tensor(1.0 + step))
     assert calls[4] == calls[64]
-    assert calls[64].count("koala_hf::koala_plus_plus_products") == 1
-    assert calls[64].count("koala_hf::koala_plus_plus_update") == 1
+    for kernel in kernels:
+        assert calls[64].count(f"koala_hf::{kernel}") == 1
 
 
 @pytest.mark.parametrize("kernels", ["cpu", "compiled"])

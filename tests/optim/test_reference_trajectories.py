@@ -48,17 +48,17 @@ KOALA_PP_GROUPS = (
 )
 
 
-KOALA_PP_PATHS = {"per-tensor": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+PATHS = {"per-tensor": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
 
 
-@pytest.mark.parametrize("path", list(KOALA_PP_PATHS))
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("symmetric", [True, False], ids=["koala++", "koala++ns"])
 def test_koala_plus_plus_follows_the_spec(symmetric, path):
-    """Every implementation path, the torch.compile'd fused kernels included."""
+    """Every implementation path, the fused kernels included."""
     model = tiny_network()
     reference_model = copy.deepcopy(model)
     optimizer = KOALAPlusPlus(
-        weight_and_bias_groups(model, *KOALA_PP_GROUPS), symmetric=symmetric, **KOALA_PP_PATHS[path]
+        weight_and_bias_groups(model, *KOALA_PP_GROUPS), symmetric=symmetric, **PATHS[path]
     )
     reference = KoalaPlusPlusReference(
         reference_layers(reference_model, weight_and_bias_groups(reference_model, *KOALA_PP_GROUPS)),
@@ -77,11 +77,11 @@ V_GROUPS = (
 )
 
 
-@pytest.mark.parametrize("foreach", [False, True], ids=["per-tensor", "foreach"])
-def test_koala_v_follows_the_spec(foreach):
+@pytest.mark.parametrize("path", list(PATHS))
+def test_koala_v_follows_the_spec(path):
     model = tiny_network()
     reference_model = copy.deepcopy(model)
-    optimizer = KOALAV(weight_and_bias_groups(model, *V_GROUPS), sigma=0.1, q=1.0, foreach=foreach)
+    optimizer = KOALAV(weight_and_bias_groups(model, *V_GROUPS), sigma=0.1, q=1.0, **PATHS[path])
     reference = KoalaVReference(
         reference_layers(reference_model, weight_and_bias_groups(reference_model, *V_GROUPS)), sigma=0.1, q=1.0
     )
@@ -99,11 +99,11 @@ M_GROUPS = (
 )
 
 
-@pytest.mark.parametrize("foreach", [False, True], ids=["per-tensor", "foreach"])
-def test_koala_m_follows_the_papers_loop(foreach):
+@pytest.mark.parametrize("path", list(PATHS))
+def test_koala_m_follows_the_papers_loop(path):
     model = tiny_network()
     reference_model = copy.deepcopy(model)
-    optimizer = KOALAM(weight_and_bias_groups(model, *M_GROUPS), **M_FILTER, foreach=foreach)
+    optimizer = KOALAM(weight_and_bias_groups(model, *M_GROUPS), **M_FILTER, **PATHS[path])
     reference = KoalaMReference(
         reference_layers(reference_model, weight_and_bias_groups(reference_model, *M_GROUPS)), **M_FILTER
     )
