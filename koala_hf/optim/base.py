@@ -401,13 +401,16 @@ class KoalaOptimizer(torch.optim.Optimizer):
         (not fused; or the kernels cannot be built here, which :func:`cpu_kernels` warned about: foreach then)."""
         if not group.get("fused"):
             return None
+        self._refuse_fused_off_cpu(params)
+        return cpu_kernels()
+
+    def _refuse_fused_off_cpu(self, params: list[torch.Tensor]) -> None:
         devices = sorted({p.device.type for p in params} - {"cpu"})
         if devices:
             raise RuntimeError(
                 f"{type(self).__name__}(fused=True) has CPU kernels only, and parameters are on {', '.join(devices)}; "
                 "use foreach=True there (the default on CUDA), or KOALAPlusPlus(fused=True)"
             )
-        return cpu_kernels()
 
     def _foreach(self, group: dict, params: list[torch.Tensor]) -> bool:
         if group["foreach"] is not None:

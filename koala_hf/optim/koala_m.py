@@ -88,6 +88,8 @@ class KOALAM(KoalaOptimizer):
 
     def check_group(self, group: dict) -> None:
         super().check_group(group)
+        if group["fused"]:
+            self._refuse_fused_off_cpu(group["params"])
         check_range("sw", group["sw"], 0.0, low_open=True)
         check_range("sv", group["sv"], 0.0)
         check_range("sc", group["sc"])

@@ -62,6 +62,8 @@ class KOALAV(KoalaOptimizer):
 
     def check_group(self, group: dict) -> None:
         super().check_group(group)
+        if group["fused"]:
+            self._refuse_fused_off_cpu(group["params"])
         check_prior(group)
 
     def _init_global_state(self, options: dict) -> dict:

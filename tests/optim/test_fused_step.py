@@ -96,8 +96,11 @@ def test_koala_v_and_m_fused_match_their_per_tensor_paths(variant, nan_at):
     assert int(fused[1].state["koala"]["skipped_steps"]) == (0 if nan_at is None else 1)
 
 
-def test_koala_v_and_m_fused_refuse_parameters_off_the_cpu_naming_what_to_use():
-    optimizer = KOALAV([nn.Parameter(torch.zeros(3))], fused=True)
+@pytest.mark.parametrize("variant", [KOALAV, KOALAM], ids=["koala-v", "koala-m"])
+def test_koala_v_and_m_fused_refuse_parameters_off_the_cpu_naming_what_to_use(variant):
+    with pytest.raises(RuntimeError, match="CPU kernels only.*meta.*foreach=True"):
+        variant([nn.Parameter(torch.zeros(3, device="meta"))], fused=True)
+    optimizer = variant([nn.Parameter(torch.zeros(3))], fused=True)  # moved off the CPU after construction
     with pytest.raises(RuntimeError, match="CPU kernels only.*meta.*foreach=True"):
         optimizer._fused_cpu_kernels(optimizer.param_groups[0], [torch.zeros(3, device="meta")])
 
