@@ -381,7 +381,8 @@ class KoalaOptimizer(torch.optim.Optimizer):
                 if not wd:
                     norms[:, 1] = 0.0  # ||theta||^2 only enters through wd (E3), as in the other paths
             else:
-                jacobians = measurement_jacobians(params, grads, wd, foreach, out=self._workspace.get(stepped, params) if foreach else None)
+                workspace = self._workspace.get(stepped, params) if foreach and wd else None  # H = g without wd
+                jacobians = measurement_jacobians(params, grads, wd, foreach, out=workspace)
                 zero = torch.zeros((), dtype=dtype, device=device)
                 norms = torch.stack(
                     [torch.stack([dot(h, h, dtype).to(device), dot(p, p, dtype).to(device) if wd else zero])

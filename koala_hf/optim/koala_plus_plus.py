@@ -145,7 +145,7 @@ class KOALAPlusPlus(KoalaOptimizer):
                 products = _fused_products(params, grads, h_prevs, vs, wd).to(device, dtype)
             else:
                 foreach = self._foreach(group, params)
-                workspace = self._workspace.get(stepped, params) if foreach else None
+                workspace = self._workspace.get(stepped, params) if foreach and wd else None  # H = g without wd
                 jacobians = measurement_jacobians(params, grads, wd, foreach, out=workspace)
                 products = torch.stack(
                     [layer_products(p, h, h_prev, v, wd) for p, h, v, h_prev in zip(params, jacobians, vs, h_prevs)]

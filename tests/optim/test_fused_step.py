@@ -231,3 +231,16 @@ def test_a_failed_build_warns_once_and_falls_back_to_the_compiled_kernels(monkey
         warnings.simplefilter("error")
         assert cpu_kernels_module.cpu_kernels() is None  # not tried again, not warned again
     assert_same_run(fused, run({"foreach": False}), rtol=1e-5)
+
+
+@pytest.mark.parametrize("weight_decay, buffers", [(0.0, 0), (1e-2, 3)])
+def test_the_cpu_foreach_workspace_holds_h_only_when_weight_decay_makes_one_and_is_never_saved(weight_decay, buffers):
+    params = [nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(2, 2))]
+    optimizer = KOALAPlusPlus(params, foreach=True, weight_decay=weight_decay)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.observe(torch.tensor(1.0))
+    optimizer.step()
+    assert len(optimizer._workspace._buffers) == buffers
+    assert "_jacobian_workspace" not in optimizer.__getstate__()
+    assert all(set(state) == {"v", "H_prev", "filter"} for key, state in optimizer.state_dict()["state"].items())
