@@ -15,8 +15,8 @@
 //
 // Arithmetic runs in at::opmath_type (float32 for float16/bfloat16/float32, float64 for float64). Each
 // block sums into vector lanes, the block sums are added per layer in double, in block order: results
-// do not depend on the number of threads. A layer whose four tensors do not share one dense layout
-// (same sizes and strides, no gaps or overlaps) runs on contiguous copies that the update writes back.
+// do not depend on the number of threads. A layer whose tensors do not share one dense layout (same
+// sizes and strides, no gaps or overlaps) runs on contiguous copies that the update writes back.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -108,7 +108,7 @@ void for_each_block_backwards(Layers& layers, F block) {
   });
 }
 
-template <typename Acc>
+// Per-layer coefficients as a contiguous CPU table in the math type, checked to be [rows, columns].
 at::Tensor coefficient_table(const at::Tensor& coefficients, int64_t rows, int64_t columns, at::ScalarType acc_type) {
   TORCH_CHECK(coefficients.dim() == 2 && coefficients.size(0) == rows && coefficients.size(1) == columns,
               "koala_hf fused CPU step: coefficients must be [n_layers, ", columns, "]");
@@ -195,7 +195,7 @@ void koala_plus_plus_update(at::TensorList params, at::TensorList grads, at::Ten
   const auto acc_type = at::toOpMathType(params[0].scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "koala_plus_plus_update", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor table = coefficient_table<acc_t>(coefficients, params.size(), N_COEFFICIENTS, acc_type);
+    const at::Tensor table = coefficient_table(coefficients, params.size(), N_COEFFICIENTS, acc_type);
     const acc_t* coefficient = table.const_data_ptr<acc_t>();
     const acc_t wd = static_cast<acc_t>(weight_decay);
     for_each_block_backwards(layers, [&](const Block& k) {
@@ -276,7 +276,7 @@ void koala_v_update(at::TensorList params, at::TensorList grads, const at::Tenso
   const auto acc_type = at::toOpMathType(params[0].scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "koala_v_update", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor table = coefficient_table<acc_t>(steps.reshape({-1, 1}), params.size(), 1, acc_type);
+    const at::Tensor table = coefficient_table(steps.reshape({-1, 1}), params.size(), 1, acc_type);
     const acc_t* step = table.const_data_ptr<acc_t>();
     const acc_t wd = static_cast<acc_t>(weight_decay);
     for_each_block_backwards(layers, [&](const Block& k) {
@@ -300,7 +300,7 @@ void koala_m_update(at::TensorList params, at::TensorList grads, at::TensorList 
   const auto acc_type = at::toOpMathType(params[0].scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "koala_m_update", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor table = coefficient_table<acc_t>(coefficients, params.size(), M_COEFFICIENTS, acc_type);
+    const at::Tensor table = coefficient_table(coefficients, params.size(), M_COEFFICIENTS, acc_type);
     const acc_t* coefficient = table.const_data_ptr<acc_t>();
     const acc_t wd = static_cast<acc_t>(weight_decay), a = static_cast<acc_t>(decay);
     for_each_block_backwards(layers, [&](const Block& k) {
