@@ -295,9 +295,11 @@ def _fused_update(params, grads, vs, h_prevs, coefficients, ok, weight_decay: fl
             kernels.koala_plus_plus_update(p, g, v, hp, coefficients[indices].cpu(), ok.cpu(), weight_decay)
             continue
         update = fused_kernels()[1]
+        table, flag = coefficients.to(device), ok.to(device)
         for index, layer in zip(indices, zip(p, g, v, hp)):
             flats, copies = _flat_views(list(layer))
-            update(*flats, coefficients[index].to(device), ok.to(device), weight_decay)
+            # The whole table and the row index as a tensor: a row view's offset would be a guard per row.
+            update(*flats, table, torch.tensor([index], device=device), flag, weight_decay)
             if copies is not None:  # a layout that cannot be viewed flat: store the results
                 for original, copy in zip((layer[0], layer[2], layer[3]), (copies[0], copies[2], copies[3])):
                     original.detach().copy_(copy)
@@ -315,11 +317,16 @@ def _flat_views(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[t
     strides = first.stride()
     if all(t.stride() == strides for t in tensors):
         order = sorted(range(first.dim()), key=lambda d: -strides[d])
-        views = [t.detach().permute(order) for t in tensors]
-        if views[0].is_contiguous():
-            return [v.view(-1) for v in views], None
+        if first.detach().permute(order).is_contiguous():  # dense: numel elements from storage_offset on
+            return [_storage_vector(t) for t in tensors], None
     copies = [t.detach().contiguous() for t in tensors]
-    return [c.view(-1) for c in copies], copies
+    return [_storage_vector(c) for c in copies], copies
+
+
+def _storage_vector(t: torch.Tensor) -> torch.Tensor:
+    """A dense tensor's elements as a 1-D tensor on its storage, in memory order, that is not a view: dynamo
+    guards on a view's base (its rank), which would compile the kernels again for every parameter rank."""
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,))
 
 
 def _layer_products_kernel(g, p, h_prev, v_prev, weight_decay: float):
@@ -330,8 +337,10 @@ def _layer_products_kernel(g, p, h_prev, v_prev, weight_decay: float):
     return torch.stack([(h * h).sum(), (h * h_prev.to(dtype)).sum(), (h * v_prev.to(dtype)).sum(), (theta * theta).sum()])
 
 
-def _layer_update_kernel(p, g, v, h_prev, c, ok, weight_decay: float):
-    """One pass over theta, g, v, H_prev writing theta, v, H_prev (E3, E14, E16, E17), masked by ``ok``."""
+def _layer_update_kernel(p, g, v, h_prev, table, row, ok, weight_decay: float):
+    """One pass over theta, g, v, H_prev writing theta, v, H_prev (E3, E14, E16, E17) with the coefficients
+    ``table[row]``, masked by ``ok``."""
+    c = table.index_select(0, row)[0]
     dtype = reduction_dtype(p.dtype)
     theta = p.to(dtype)
     h = torch.where(ok, g.to(dtype) + weight_decay * theta, 0.0)
@@ -345,8 +354,11 @@ _FUSED = None
 
 
 def fused_kernels():
-    """The per-layer compiled kernels, for dynamic shapes: the first step compiles a variant per parameter rank
-    (and for one-element layers, which dynamo specialises), later steps and learning rates none."""
+    """The per-layer compiled kernels, for dynamic shapes. Layers reach them as 1-D tensors on their storage
+    (not views) and the coefficients as the whole table and a row index, so the first step compiles a few
+    variants whatever the layers' ranks and number: for one-element layers (dynamo specialises size 1) and,
+    on the CPU, for reductions over more than 4,096 elements (inductor's cascade sum); later steps and
+    learning rates compile nothing."""
     global _FUSED
     if _FUSED is None:
         _FUSED = (torch.compile(_layer_products_kernel, dynamic=True), torch.compile(_layer_update_kernel, dynamic=True))
