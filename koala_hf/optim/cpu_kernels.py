@@ -13,7 +13,11 @@ kernels, KOALA-V/M their foreach path (the same results, more calls per step).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -59,12 +63,29 @@ def _build():
     flags = ["-O3", "-fopenmp", *ISA_FLAGS.get(capability, [])]
     # One build per source, torch version and instruction set (a home directory shared by different CPUs).
     digest = hashlib.sha256(SOURCE.read_bytes() + f"{torch.__version__} {flags}".encode()).hexdigest()[:12]
-    load(
-        name=f"koala_hf_cpu_{capability.lower()}_{digest}",
-        sources=[str(SOURCE)],
-        extra_cflags=flags,
-        extra_ldflags=["-fopenmp"],
-        is_python_module=False,
-        verbose=False,
-    )
+    with ninja_on_path():
+        load(
+            name=f"koala_hf_cpu_{capability.lower()}_{digest}",
+            sources=[str(SOURCE)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
     return torch.ops.koala_hf
+
+
+@contextlib.contextmanager
+def ninja_on_path():
+    """``torch.utils.cpp_extension`` runs ``ninja`` from ``PATH``; ``pip install ninja`` puts it beside this
+    interpreter, which a virtual environment used without activating it leaves off ``PATH``: add it there
+    for the build, when no ``ninja`` is on ``PATH`` already."""
+    if shutil.which("ninja"):
+        yield
+        return
+    previous = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), previous])
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = previous

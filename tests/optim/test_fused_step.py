@@ -244,3 +244,17 @@ def test_the_cpu_foreach_workspace_holds_h_only_when_weight_decay_makes_one_and_
     assert len(optimizer._workspace._buffers) == buffers
     assert "_jacobian_workspace" not in optimizer.__getstate__()
     assert all(set(state) == {"v", "H_prev", "filter"} for key, state in optimizer.state_dict()["state"].items())
+
+
+def test_the_build_finds_pips_ninja_beside_the_interpreter_when_path_lacks_one(monkeypatch, tmp_path):
+    import shutil
+    import sys
+    from pathlib import Path
+
+    if not (Path(sys.executable).parent / "ninja").exists():
+        pytest.skip("ninja is not installed in this environment (the test extra installs it)")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert shutil.which("ninja") is None
+    with cpu_kernels_module.ninja_on_path():
+        assert Path(shutil.which("ninja")).parent == Path(sys.executable).parent
+    assert shutil.which("ninja") is None
