@@ -296,10 +296,11 @@ def _fused_update(params, grads, vs, h_prevs, coefficients, ok, weight_decay: fl
             continue
         update = fused_kernels()[1]
         table, flag = coefficients.to(device), ok.to(device)
+        rows = torch.arange(len(table), device=device)  # made on the device: no host-to-device copy per layer
         for index, layer in zip(indices, zip(p, g, v, hp)):
             flats, copies = _flat_views(list(layer))
             # The whole table and the row index as a tensor: a row view's offset would be a guard per row.
-            update(*flats, table, torch.tensor([index], device=device), flag, weight_decay)
+            update(*flats, table, _storage_vector(rows, index, 1), flag, weight_decay)
             if copies is not None:  # a layout that cannot be viewed flat: store the results
                 for original, copy in zip((layer[0], layer[2], layer[3]), (copies[0], copies[2], copies[3])):
                     original.detach().copy_(copy)
@@ -323,10 +324,14 @@ def _flat_views(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[t
     return [_storage_vector(c) for c in copies], copies
 
 
-def _storage_vector(t: torch.Tensor) -> torch.Tensor:
-    """A dense tensor's elements as a 1-D tensor on its storage, in memory order, that is not a view: dynamo
-    guards on a view's base (its rank), which would compile the kernels again for every parameter rank."""
-    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,))
+def _storage_vector(t: torch.Tensor, start: int = 0, length: int | None = None) -> torch.Tensor:
+    """A dense tensor's elements (``length`` of them from ``start``, all by default) as a 1-D tensor on its
+    storage, in memory order, that is not a view: dynamo guards on a view's base (its rank) and offset, which
+    would compile the kernels again for every parameter rank or coefficient row."""
+    length = t.numel() if length is None else length
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(
+        t.untyped_storage(), t.storage_offset() + start, (length,), (1,)
+    )
 
 
 def _layer_products_kernel(g, p, h_prev, v_prev, weight_decay: float):
