@@ -282,12 +282,19 @@ class KoalaOptimizer(torch.optim.Optimizer):
         return torch.stack(estimates)
 
     # ----------------------------------------------------------------- state
-    @property
-    def _workspace(self) -> StepWorkspace:
-        """The foreach path's reused ``H`` tensors on the CPU (not state: never saved, rebuilt after a load)."""
-        if "_jacobian_workspace" not in self.__dict__:
-            self._jacobian_workspace = StepWorkspace()
-        return self._jacobian_workspace
+    def _workspace(self, name: str) -> StepWorkspace:
+        """The foreach paths' reused temporaries ``name`` (``"H"``, KOALA-M's ``"d"``) on the CPU; not state:
+        never saved, rebuilt after a load."""
+        workspaces = self.__dict__.setdefault("_workspaces", {})
+        if name not in workspaces:
+            workspaces[name] = StepWorkspace()
+        return workspaces[name]
+
+    def _jacobians(self, stepped, params, grads, weight_decay: float, foreach: bool) -> list[torch.Tensor]:
+        """``H`` per layer (E3, :func:`measurement_jacobians`), into the reused ``"H"`` workspace on the CPU's
+        foreach path (with ``wd == 0``, ``H`` is the gradient itself and needs none)."""
+        workspace = self._workspace("H").get(stepped, params) if foreach and weight_decay else None
+        return measurement_jacobians(params, grads, weight_decay, foreach, out=workspace)
 
     def _device(self) -> torch.device:
         return self.param_groups[0]["params"][0].device
@@ -381,8 +388,7 @@ class KoalaOptimizer(torch.optim.Optimizer):
                 if not wd:
                     norms[:, 1] = 0.0  # ||theta||^2 only enters through wd (E3), as in the other paths
             else:
-                workspace = self._workspace.get(stepped, params) if foreach and wd else None  # H = g without wd
-                jacobians = measurement_jacobians(params, grads, wd, foreach, out=workspace)
+                jacobians = self._jacobians(stepped, params, grads, wd, foreach)
                 zero = torch.zeros((), dtype=dtype, device=device)
                 norms = torch.stack(
                     [torch.stack([dot(h, h, dtype).to(device), dot(p, p, dtype).to(device) if wd else zero])

@@ -7,7 +7,6 @@ import torch
 from koala_hf.optim.base import GLOBAL_STATE, MIN_JACOBIAN_NORM, KoalaOptimizer, check_range
 from koala_hf.optim.sharding import local, reduce_sums, sharding_group
 from koala_hf.optim.layers import (
-    StepWorkspace,
     dot,
     finite_mask,
     group_by_device_and_dtype,
@@ -215,7 +214,7 @@ class KOALAM(KoalaOptimizer):
         """``[d.d, d.H]`` per layer, ``d = w_avg - theta`` before the update (E30's distance, see ``_update``)."""
         averages = [local(self._layer_state(p)["w_avg"]) for p in params]
         wide = all(theta.dtype == dtype for theta in local_params)  # d = w_avg - theta never in 16 bits
-        out = self._distance_workspace.get(params, local_params) if foreach and wide else None
+        out = self._workspace("d").get(params, local_params) if foreach and wide else None
         if out is not None:  # multi-tensor, into reused tensors (on the CPU)
             torch._foreach_copy_(out, averages)
             torch._foreach_sub_(out, local_params)
@@ -223,13 +222,6 @@ class KOALAM(KoalaOptimizer):
         else:
             distances = [w.to(dtype) - theta.to(dtype) for w, theta in zip(averages, local_params)]
         return torch.stack([torch.stack([dot(d, d, dtype), dot(d, h, dtype)]) for d, h in zip(distances, jacobians)])
-
-    @property
-    def _distance_workspace(self) -> StepWorkspace:
-        """Reused tensors for ``d`` on the CPU, like the ``H`` workspace (never saved)."""
-        if "_distance_buffers" not in self.__dict__:
-            self._distance_buffers = StepWorkspace()
-        return self._distance_buffers
 
     def _predict_weights(self, params, us, ok, foreach: bool, dtype) -> None:
         """E31 for the layers stepped (their grad is not ``None``): ``theta += u``, ``u *= a``, masked by ``ok``."""

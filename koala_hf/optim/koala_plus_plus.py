@@ -22,7 +22,6 @@ from koala_hf.optim.layers import (
     dot,
     finite_mask,
     group_by_device_and_dtype,
-    measurement_jacobians,
     reduction_dtype,
     skipped_on_host,
     widen,
@@ -144,9 +143,7 @@ class KOALAPlusPlus(KoalaOptimizer):
                 jacobians = grads  # H is recomputed inside the fused kernels, never stored
                 products = _fused_products(params, grads, h_prevs, vs, wd).to(device, dtype)
             else:
-                foreach = self._foreach(group, params)
-                workspace = self._workspace.get(stepped, params) if foreach and wd else None  # H = g without wd
-                jacobians = measurement_jacobians(params, grads, wd, foreach, out=workspace)
+                jacobians = self._jacobians(stepped, params, grads, wd, self._foreach(group, params))
                 products = torch.stack(
                     [layer_products(p, h, h_prev, v, wd) for p, h, v, h_prev in zip(params, jacobians, vs, h_prevs)]
                 ).to(device, dtype)

@@ -241,8 +241,8 @@ def test_the_cpu_foreach_workspace_holds_h_only_when_weight_decay_makes_one_and_
         p.grad = torch.randn_like(p)
     optimizer.observe(torch.tensor(1.0))
     optimizer.step()
-    assert len(optimizer._workspace._buffers) == buffers
-    assert "_jacobian_workspace" not in optimizer.__getstate__()
+    assert len(optimizer._workspace("H")._buffers) == buffers
+    assert "_workspaces" not in optimizer.__getstate__()
     assert all(set(state) == {"v", "H_prev", "filter"} for key, state in optimizer.state_dict()["state"].items())
 
 
