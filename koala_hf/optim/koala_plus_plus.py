@@ -57,10 +57,10 @@ class KOALAPlusPlus(KoalaOptimizer):
         foreach: use the multi-tensor path (default: on CUDA).
         fused: run the step as two fused passes over the tensors, the reduction
             (E11-E13) and the update (E14-E17), without the temporary ``H``: the
-            memory-traffic floor of the step (11 tensor passes). On the CPU each
-            pass is one call of a multi-tensor C++ kernel for every layer of a
-            dtype (koala_hf.optim.cpu_kernels: built on first use, about 10 s,
-            then cached); on other devices, two ``torch.compile`` kernels per
+            fewest tensor passes a step can make (11). On the CPU each pass is
+            one call of a multi-tensor C++ kernel for every layer of a dtype
+            (koala_hf.optim.cpu_kernels: built on first use, 10-15 s, then
+            cached); on other devices, two ``torch.compile`` kernels per
             layer (Triton on GPU), compiled at the first step.
 
     Call :meth:`observe` with the loss before :meth:`step`, or use
