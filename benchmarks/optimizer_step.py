@@ -155,7 +155,7 @@ def time_steps(implementations: dict, shapes, device: str, steps: int, warmup: i
     results = {}
     for name, (params, optimizer) in runs.items():
         koala = hasattr(optimizer, "observe")
-        if koala and int(optimizer.global_state()["skipped_steps"]) != 0:
+        if koala and int(optimizer.state["koala"]["skipped_steps"]) != 0:
             raise RuntimeError(f"{name} skipped steps: its times would not be those of a step")
         measured = times[name][warmup:]
         state_bytes = sum(

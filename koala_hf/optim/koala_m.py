@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from koala_hf.optim.base import GLOBAL_STATE, MIN_JACOBIAN_NORM, KoalaOptimizer, check_range
+from koala_hf.optim.base import MIN_JACOBIAN_NORM, KoalaOptimizer
+from koala_hf.optim.checkpoint import FILTER_STATE
+from koala_hf.optim.cpu_kernels import cpu_kernels
+from koala_hf.optim.dispatch import Backend
+from koala_hf.optim.group_step import GroupStep, complete_sums, gather
+from koala_hf.optim.jacobian_norms import cpu_norms, eager_norms
+from koala_hf.optim.layers import dot, finite_mask, group_by_device_and_dtype, widen, write_back
 from koala_hf.optim.sharding import local, reduce_sums, sharding_group
-from koala_hf.optim.layers import (
-    dot,
-    finite_mask,
-    group_by_device_and_dtype,
-    widen,
-    write_back,
-)
+from koala_hf.optim.validation import check_range
 
 # Columns of the per-layer update coefficients (E33, E34).
 STEP_THETA, STEP_U, KEEP_AVG, TAKE_THETA = range(4)
@@ -34,8 +36,8 @@ class KOALAM(KoalaOptimizer):
     ``u / a``, exact up to floating-point rounding.
 
     ``sw, sc, sv, a, qw, qv`` describe the shared filter and must be equal in
-    every parameter group; ``lr``, ``weight_decay``, ``r`` and ``alpha_r`` may
-    differ.
+    every parameter group (they are read from the first); ``lr``,
+    ``weight_decay``, ``r`` and ``alpha_r`` may differ.
 
     A parameter whose ``grad`` is ``None`` at a step (frozen, or unused) is
     skipped altogether at that step, as torch documents: no update (E33) and
@@ -58,7 +60,10 @@ class KOALAM(KoalaOptimizer):
     on first use).
     """
 
-    _shared_hyperparameters = ("sw", "sc", "sv", "a", "qw", "qv")
+    layer_state_keys = ("u", "w_avg")
+    filter_state_keys = ("P", "qw_avg")
+    identifying_hyperparameters = ("sw", "sv", "a")
+    shared_hyperparameters = ("sw", "sc", "sv", "a", "qw", "qv")
     _carried_attributes = ("_measurement", "_training")
 
     def __init__(
@@ -87,8 +92,6 @@ class KOALAM(KoalaOptimizer):
 
     def check_group(self, group: dict) -> None:
         super().check_group(group)
-        if group["fused"]:
-            self._refuse_fused_off_cpu(group["params"])
         check_range("sw", group["sw"], 0.0, low_open=True)
         check_range("sv", group["sv"], 0.0)
         check_range("sc", group["sc"])
@@ -112,14 +115,14 @@ class KOALAM(KoalaOptimizer):
 
     @torch.no_grad()
     def _set_mode(self, training: bool) -> None:
-        state = self.state.get(GLOBAL_STATE)
+        state = self.state.get(FILTER_STATE)
         if state is None:  # nothing predicted yet: the weights are the same in both modes
             self._training = training
             return
         if state["training"] == training:
             return
         # After the trailing predict, theta = posterior + u_post and u = a u_post (E31).
-        shift = (1.0 if training else -1.0) / self.defaults["a"]
+        shift = (1.0 if training else -1.0) / self.shared("a")
         for group in self.param_groups:
             for p in group["params"]:
                 if p in self.state:
@@ -127,9 +130,9 @@ class KOALAM(KoalaOptimizer):
         state["training"] = training
 
     # ---------------------------------------------------------------- state
-    def _init_global_state(self, options: dict) -> dict:
-        """Create every layer's ``u`` and ``w_avg`` and take the first call's predict (E30, E32)."""
-        hp = self.defaults
+    def _init_filter_state(self, options: dict) -> dict:
+        """At the first step: every layer's ``u`` and ``w_avg``, and the first call's predict (E30, E32)."""
+        hp = {name: self.shared(name) for name in self.shared_hyperparameters}
         params = [p for group in self.param_groups for p in group["params"]]
         for p in params:
             self._layer_state(p)
@@ -153,93 +156,127 @@ class KOALAM(KoalaOptimizer):
         return {"koala/P_weights": state["P"][0, 0], "koala/P_velocity": state["P"][1, 1], "koala/qw_avg": state["qw_avg"]}
 
     def _update(self, loss, noise, ok):
-        state = self.global_state()
+        state = self._filter_state()
         if not state["training"]:
             raise RuntimeError("KOALAM.step() was called in eval mode; call optimizer.train() first")
         device, dtype = loss.device, loss.dtype
         covariance = state["P"]
-        measured, ok = self._jacobian_norms(
-            ok, device, dtype, extra_sums=self._distance_sums,
-            averages=lambda stepped: [self._layer_state(p)["w_avg"] for p in stepped],
-        )
+        steps = gather(self, off_cpu=self.fused_off_cpu)
+        sums = [SUMS[step.backend](self, step, device, dtype) for step in steps]
+        ok = complete_sums(steps, sums, ok, type(self).__name__)
 
         information = [torch.zeros(1, dtype=dtype, device=device)]  # ||H||^2 / S of updated layers (E35)
         distance_sq = torch.zeros((), dtype=dtype, device=device)
         n_params = 0
-        for index, group, stepped, params, jacobians, norms, foreach, kernels in measured:
-            hh, theta_sq, dd, dh = norms.unbind(-1)
-            s = hh * covariance[0, 0] + noise[index]  # E33
-            scale = group["lr"] * (loss + 0.5 * group["weight_decay"] * theta_sq) / s
-            k1, k2 = scale * covariance[0, 0], scale * covariance[1, 0]
-            update = ok & (hh >= MIN_JACOBIAN_NORM**2) & (s > 0) & torch.isfinite(k1) & torch.isfinite(k2)
-            information.append(torch.where(update, hh / s, 0.0))
-            # E30's distance after E33-E34, ||w_avg - theta||^2: an updated layer has moved theta by -k1 H and
-            # w_avg to 0.9 w_avg + 0.1 theta, so w_avg - theta = 0.9 (d + k1 H); the others keep d.
-            moved = 0.81 * (dd + 2.0 * k1 * dh + k1 * k1 * hh)
-            distance_sq = distance_sq + torch.where(update, moved, dd).sum()
-            n_params += sum(p.numel() for p in stepped)
-            zero = torch.zeros_like(s)
-            coefficients = torch.stack(
-                [
-                    torch.where(update, -k1, zero),
-                    torch.where(update, -k2, zero),
-                    torch.where(update, 0.9, torch.ones_like(s)),  # E34
-                    torch.where(update, 0.1, zero),
-                ],
-                dim=-1,
-            )
-            states = [self._layer_state(p) for p in stepped]
-            us = [local(s["u"]) for s in states]
-            averages = [local(s["w_avg"]) for s in states]
-            if kernels is not None:  # E33, E34 and E31's predict in one pass; a skipped step writes nothing
-                lists = [params, jacobians, us, averages]
-                for (p, g, u, w), indices in group_by_device_and_dtype(lists).values():
-                    kernels.koala_m_update(p, g, u, w, coefficients[indices].cpu(), ok.cpu(), self.defaults["a"],
-                                           group["weight_decay"])
-                continue
-            jacobians = finite_mask(jacobians, ok, owned=group["weight_decay"] != 0)
-            _update_layers(params, jacobians, us, averages, coefficients, foreach)
-            self._predict_weights(params, us, ok, foreach, dtype)
+        a = self.shared("a")
+        for step in steps:
+            result = koala_m_coefficients(step.sums, covariance, loss=loss, noise=noise[step.index], ok=ok,
+                                          lr=step.group["lr"], weight_decay=step.weight_decay)
+            information.append(result.information)
+            distance_sq = distance_sq + result.distance_sq
+            n_params += sum(p.numel() for p in step.params)
+            UPDATES[step.backend](self, step, result.coefficients, ok, a, dtype)
 
         h = torch.cat(information).max()  # E35
         column = covariance[:, 0]
         posterior = covariance - h * torch.outer(column, column)  # E36
         distance = torch.sqrt(torch.where(ok, distance_sq, 0.0)) / max(n_params, 1)
-        qw_avg, predicted = _predict_covariance(posterior, state["qw_avg"], distance, self.defaults)
+        hp = {name: self.shared(name) for name in self.shared_hyperparameters}
+        qw_avg, predicted = _predict_covariance(posterior, state["qw_avg"], distance, hp)
         state["P"] = torch.where(ok, predicted, covariance)
         state["qw_avg"] = torch.where(ok, qw_avg, state["qw_avg"])
         return ok
 
-    def _distance_sums(self, params, local_params, jacobians, dtype, foreach: bool) -> torch.Tensor:
-        """``[d.d, d.H]`` per layer, ``d = w_avg - theta`` before the update (E30's distance, see ``_update``)."""
-        averages = [local(self._layer_state(p)["w_avg"]) for p in params]
-        wide = all(theta.dtype == dtype for theta in local_params)  # d = w_avg - theta never in 16 bits
-        out = self._workspace("d").get(params, local_params) if foreach and wide else None
-        if out is not None:  # multi-tensor, into reused tensors (on the CPU)
-            torch._foreach_copy_(out, averages)
-            torch._foreach_sub_(out, local_params)
-            distances = out
-        else:
-            distances = [w.to(dtype) - theta.to(dtype) for w, theta in zip(averages, local_params)]
-        return torch.stack([torch.stack([dot(d, d, dtype), dot(d, h, dtype)]) for d, h in zip(distances, jacobians)])
+class KoalaMCoefficients(NamedTuple):
+    coefficients: torch.Tensor  # [n, 4], columns STEP_THETA ... TAKE_THETA (E33, E34)
+    information: torch.Tensor  # [n]: ||H||^2 / S of an updated layer, else 0 (E35's terms)
+    distance_sq: torch.Tensor  # sum over the layers of ||w_avg - theta||^2 after the update (E30)
 
-    def _predict_weights(self, params, us, ok, foreach: bool, dtype) -> None:
-        """E31 for the layers stepped (their grad is not ``None``): ``theta += u``, ``u *= a``, masked by ``ok``."""
-        take = ok.to(dtype)
-        decay = torch.where(ok, self.defaults["a"], torch.ones((), dtype=dtype, device=ok.device))
-        if foreach:
-            for (dev, _), ((p, u), _) in group_by_device_and_dtype([params, us]).items():
-                p_w, u_w = widen(p), widen(u)
-                torch._foreach_addcmul_(p_w, u_w, [take.to(dev)] * len(p_w))
-                torch._foreach_mul_(u_w, decay.to(dev))
-                write_back(p, p_w)
-                write_back(u, u_w)
-        else:
-            for p, u in zip(params, us):
-                p_w, u_w = widen([p, u])
-                p_w.addcmul_(u_w, take.to(p.device))
-                u_w.mul_(decay.to(p.device))
-                write_back([p, u], [p_w, u_w])
+
+def koala_m_coefficients(sums, covariance, *, loss, noise, ok, lr, weight_decay) -> KoalaMCoefficients:
+    """E33-E35 for a batch of layers from their ``[n, 4]`` rows ``[||H||^2, ||theta||^2, d.d, d.H]``, with
+    ``d = w_avg - theta`` before the update (pure, on the device)."""
+    hh, theta_sq, dd, dh = sums.unbind(-1)
+    s = hh * covariance[0, 0] + noise  # E33
+    scale = lr * (loss + 0.5 * weight_decay * theta_sq) / s
+    k1, k2 = scale * covariance[0, 0], scale * covariance[1, 0]
+    update = ok & (hh >= MIN_JACOBIAN_NORM**2) & (s > 0) & torch.isfinite(k1) & torch.isfinite(k2)
+    # E30's distance after E33-E34, ||w_avg - theta||^2: an updated layer has moved theta by -k1 H and
+    # w_avg to 0.9 w_avg + 0.1 theta, so w_avg - theta = 0.9 (d + k1 H); the others keep d.
+    moved = 0.81 * (dd + 2.0 * k1 * dh + k1 * k1 * hh)
+    zero = torch.zeros_like(s)
+    coefficients = torch.stack(
+        [
+            torch.where(update, -k1, zero),
+            torch.where(update, -k2, zero),
+            torch.where(update, 0.9, torch.ones_like(s)),  # E34
+            torch.where(update, 0.1, zero),
+        ],
+        dim=-1,
+    )
+    return KoalaMCoefficients(coefficients, torch.where(update, hh / s, 0.0), torch.where(update, moved, dd).sum())
+
+
+# --------------------------------------------------------------- the passes
+def _eager_sums(optimizer: KOALAM, step: GroupStep, device, dtype) -> torch.Tensor:
+    """``[||H||^2, ||theta||^2, d.d, d.H]`` per layer from the formed ``H``."""
+    return torch.cat([eager_norms(step, device, dtype), _distance_sums(optimizer, step, dtype).to(device)], dim=1)
+
+
+def _distance_sums(optimizer: KOALAM, step: GroupStep, dtype) -> torch.Tensor:
+    """``[d.d, d.H]`` per layer, ``d = w_avg - theta`` before the update (E30's distance, see
+    :func:`koala_m_coefficients`); on the CPU's foreach path ``d`` goes into the optimizer's reused workspace."""
+    averages = step.state_shards("w_avg")
+    wide = all(theta.dtype == dtype for theta in step.shards)  # d = w_avg - theta never in 16 bits
+    foreach = step.backend is Backend.FOREACH
+    out = optimizer._workspace("d").get(step.params, step.shards) if foreach and wide else None
+    if out is not None:  # multi-tensor, into reused tensors
+        torch._foreach_copy_(out, averages)
+        torch._foreach_sub_(out, step.shards)
+        distances = out
+    else:
+        distances = [w.to(dtype) - theta.to(dtype) for w, theta in zip(averages, step.shards)]
+    return torch.stack([torch.stack([dot(d, d, dtype), dot(d, h, dtype)]) for d, h in zip(distances, step.jacobians)])
+
+
+def _cpu_sums(optimizer: KOALAM, step: GroupStep, device, dtype) -> torch.Tensor:
+    return cpu_norms(step, device, dtype, averages=step.state_shards("w_avg"))
+
+
+def _eager_update(optimizer: KOALAM, step: GroupStep, coefficients, ok, a: float, dtype) -> None:
+    """E33, E34, then E31's predict, on the formed ``H``, masked by ``ok``."""
+    jacobians = finite_mask(step.jacobians, ok, owned=step.weight_decay != 0)
+    us, averages = step.state_shards("u"), step.state_shards("w_avg")
+    foreach = step.backend is Backend.FOREACH
+    _update_layers(step.shards, jacobians, us, averages, coefficients, foreach)
+    _predict_weights(step.shards, us, ok, foreach, dtype, a)
+
+
+def _predict_weights(params, us, ok, foreach: bool, dtype, a: float) -> None:
+    """E31 for the layers stepped (their grad is not ``None``): ``theta += u``, ``u *= a``, masked by ``ok``."""
+    take = ok.to(dtype)
+    decay = torch.where(ok, a, torch.ones((), dtype=dtype, device=ok.device))
+    if foreach:
+        for (dev, _), ((p, u), _) in group_by_device_and_dtype([params, us]).items():
+            p_w, u_w = widen(p), widen(u)
+            torch._foreach_addcmul_(p_w, u_w, [take.to(dev)] * len(p_w))
+            torch._foreach_mul_(u_w, decay.to(dev))
+            write_back(p, p_w)
+            write_back(u, u_w)
+    else:
+        for p, u in zip(params, us):
+            p_w, u_w = widen([p, u])
+            p_w.addcmul_(u_w, take.to(p.device))
+            u_w.mul_(decay.to(p.device))
+            write_back([p, u], [p_w, u_w])
+
+
+def _cpu_update(optimizer: KOALAM, step: GroupStep, coefficients, ok, a: float, dtype) -> None:
+    """E33, E34 and E31's predict in one multi-tensor C++ call per dtype; a skipped step writes nothing."""
+    kernels = cpu_kernels()
+    lists = [step.shards, step.grads, step.state_shards("u"), step.state_shards("w_avg")]
+    for (p, g, u, w), indices in group_by_device_and_dtype(lists).values():
+        kernels.koala_m_update(p, g, u, w, coefficients[indices].cpu(), ok.cpu(), a, step.weight_decay)
 
 
 def _predict_covariance(covariance, qw_avg, distance, hp):
@@ -272,3 +309,8 @@ def _update_layers(params, jacobians, us, averages, coefficients, foreach: bool)
         torch._foreach_addcmul_(w_w, p_w, c[TAKE_THETA])
         for originals, copies in ((p, p_w), (u, u_w), (w, w_w)):
             write_back(originals, copies)
+
+
+# The passes of each backend (koala_hf.optim.dispatch chooses the backend).
+SUMS = {Backend.PER_TENSOR: _eager_sums, Backend.FOREACH: _eager_sums, Backend.FUSED_CPU: _cpu_sums}
+UPDATES = {Backend.PER_TENSOR: _eager_update, Backend.FOREACH: _eager_update, Backend.FUSED_CPU: _cpu_update}

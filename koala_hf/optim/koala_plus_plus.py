@@ -4,19 +4,25 @@ Per layer the filter keeps ``v = H P`` (the gradient-covariance product),
 ``H_prev`` and, in the ``filter`` vector, last step's innovation variance
 ``S_prev``, ``H_prev . H_prev`` and ``H_prev . v_prev`` (carried instead of
 recomputed, spec cost notes). A step is one reduction pass (``H.H``,
-``H.H_prev``, ``H.v_prev`` and, with weight decay, ``theta.theta``) and one
-elementwise pass; the scalar algebra in between runs on all layers of a group at
-once, on the device. Under FSDP2 the reduction pass runs on this process's
-shards and one collective sums every layer's products (koala_hf.optim.sharding).
+``H.H_prev``, ``H.v_prev`` and, with weight decay, ``theta.theta``:
+:func:`layer_products`), the scalar algebra on all layers of a group at once
+(:func:`kalman_coefficients`), and one elementwise pass (E14, E16, E17). Each
+pass has a per-tensor, a foreach and a fused implementation; the group's
+backend (koala_hf.optim.dispatch) picks one (``REDUCTIONS`` and ``UPDATES``).
+Under FSDP2 the reduction runs on this process's shards and one collective sums
+every layer's products (koala_hf.optim.sharding).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from koala_hf.optim.base import MIN_JACOBIAN_NORM, KoalaOptimizer, check_prior
+from koala_hf.optim.base import MIN_JACOBIAN_NORM, KoalaOptimizer
 from koala_hf.optim.cpu_kernels import cpu_kernels
-from koala_hf.optim.sharding import local
+from koala_hf.optim.dispatch import Backend
+from koala_hf.optim.group_step import GroupStep, complete_sums, gather
 from koala_hf.optim.layers import (
     bucketed_rows,
     dot,
@@ -27,6 +33,7 @@ from koala_hf.optim.layers import (
     widen,
     write_back,
 )
+from koala_hf.optim.validation import check_prior
 
 # Columns of the per-layer ``filter`` state.
 S_PREV, HH_PREV, VH_PREV, READY = range(4)
@@ -70,7 +77,10 @@ class KOALAPlusPlus(KoalaOptimizer):
     ``skipped_steps`` counter.
     """
 
-    _float_state_keys = ("filter",)
+    layer_state_keys = ("v", "H_prev", "filter")
+    layer_scalar_keys = ("filter",)
+    identifying_hyperparameters = ("sigma", "q", "symmetric")
+    fused_off_cpu = Backend.COMPILED
 
     def __init__(
         self,
@@ -127,48 +137,19 @@ class KOALAPlusPlus(KoalaOptimizer):
                 "koala/effective_step": steps.sum() / count}
 
     def _update(self, loss, noise, ok):
-        device, dtype = loss.device, loss.dtype
-        measured = []
-        for index, group in enumerate(self.param_groups):
-            params, grads = self._params_with_grad(group)
-            if not params:
-                continue
-            states = [self._layer_state(p) for p in params]
-            stepped = params
-            # This process's shards under FSDP2 (koala_hf.optim.sharding), the tensors themselves otherwise.
-            params, grads = [local(p) for p in params], [local(g) for g in grads]
-            vs, h_prevs = [local(s["v"]) for s in states], [local(s["H_prev"]) for s in states]
-            wd = group["weight_decay"]
-            if group["fused"]:
-                jacobians = grads  # H is recomputed inside the fused kernels, never stored
-                products = _fused_products(params, grads, h_prevs, vs, wd).to(device, dtype)
-            else:
-                jacobians = self._jacobians(stepped, params, grads, wd, self._foreach(group, params))
-                products = torch.stack(
-                    [layer_products(p, h, h_prev, v, wd) for p, h, v, h_prev in zip(params, jacobians, vs, h_prevs)]
-                ).to(device, dtype)
-            measured.append((index, group, stepped, params, jacobians, states, vs, h_prevs, products))
-        if not measured:
-            return ok
-        # The whole layers' sums: one collective for every layer when the parameters are sharded.
-        whole = self._whole_layer_sums([m[-1] for m in measured], [p for m in measured for p in m[2]])
-        ok = ok & torch.isfinite(torch.cat(whole)).all()
-
-        for (index, group, _, params, jacobians, states, vs, h_prevs, _), products in zip(measured, whole):
-            filters = [s["filter"] for s in states]
-            coefficients, new_filters = kalman_coefficients(
-                products,
-                torch.stack(filters).to(device, dtype),
-                loss=loss, noise=noise[index], ok=ok, lr=group["lr"], sigma=group["sigma"], q=group["q"],
+        steps = gather(self, off_cpu=self.fused_off_cpu)
+        products = [REDUCTIONS[step.backend](step).to(loss.device, loss.dtype) for step in steps]
+        ok = complete_sums(steps, products, ok, type(self).__name__)  # whole layers': one collective under FSDP2
+        for step in steps:
+            group = step.group
+            filters = [state["filter"] for state in step.states]  # per-layer scalars, never sharded
+            result = kalman_coefficients(
+                step.sums, torch.stack(filters).to(loss.device, loss.dtype),
+                loss=loss, noise=noise[step.index], ok=ok, lr=group["lr"], sigma=group["sigma"], q=group["q"],
                 weight_decay=group["weight_decay"], symmetric=group["symmetric"],
             )
-            if group["fused"]:
-                _fused_update(params, jacobians, vs, h_prevs, coefficients, ok, group["weight_decay"])
-            elif not skipped_on_host(ok):
-                jacobians = finite_mask(jacobians, ok, owned=group["weight_decay"] != 0)
-                update = _foreach_update if self._foreach(group, params) else _single_tensor_update
-                update(params, jacobians, vs, h_prevs, coefficients)
-            torch._foreach_copy_(filters, list(new_filters.unbind(0)))
+            UPDATES[step.backend](step, result.coefficients, ok)
+            torch._foreach_copy_(filters, list(result.filters.unbind(0)))
         return ok
 
 
@@ -180,8 +161,13 @@ def layer_products(p, h, h_prev, v_prev, weight_decay: float) -> torch.Tensor:
     return torch.stack([torch.dot(flat, flat), dot(flat, h_prev, dtype), dot(flat, v_prev, dtype), theta_sq])
 
 
-def kalman_coefficients(products, filters, *, loss, noise, ok, lr, sigma, q, weight_decay, symmetric):
-    """The scalar algebra of E10-E17 for a batch of layers.
+class KalmanCoefficients(NamedTuple):
+    coefficients: torch.Tensor  # [n, 7], columns C_V ... TAKE_H
+    filters: torch.Tensor  # [n, 4], the layers' new filter state
+
+
+def kalman_coefficients(products, filters, *, loss, noise, ok, lr, sigma, q, weight_decay, symmetric) -> KalmanCoefficients:
+    """The scalar algebra of E10-E17 for a batch of layers (pure: tensors in, tensors out, on the device).
 
     ``products``: ``[n, 4]`` rows of :func:`layer_products`; ``filters``:
     ``[n, 4]`` rows of ``S_prev, H_prev.H_prev, H_prev.v_prev, ready``. Returns
@@ -234,7 +220,50 @@ def kalman_coefficients(products, filters, *, loss, noise, ok, lr, sigma, q, wei
         torch.stack([s, hh, vh, torch.ones_like(s)], dim=-1),  # E17
         filters * keep.unsqueeze(-1),
     )
-    return coefficients, new_filters
+    return KalmanCoefficients(coefficients, new_filters)
+
+
+# --------------------------------------------------------------- reduction pass
+def _eager_products(step: GroupStep) -> torch.Tensor:
+    """``[n_layers, 4]`` rows of :func:`layer_products` from the formed ``H`` (per-tensor and foreach)."""
+    vs, h_prevs = step.state_shards("v"), step.state_shards("H_prev")
+    return torch.stack([layer_products(p, h, h_prev, v, step.weight_decay)
+                        for p, h, v, h_prev in zip(step.shards, step.jacobians, vs, h_prevs)])
+
+
+def _cpu_products(step: GroupStep) -> torch.Tensor:
+    """One call of the multi-tensor C++ kernel per dtype for all layers (koala_hf.optim.cpu_kernels)."""
+    kernels = cpu_kernels()
+    return bucketed_rows([step.shards, step.grads, step.state_shards("H_prev"), step.state_shards("v")],
+                         lambda p, g, hp, v: kernels.koala_plus_plus_products(p, g, hp, v, step.weight_decay))
+
+
+def _compiled_products(step: GroupStep) -> torch.Tensor:
+    """One ``torch.compile`` kernel per layer (the fused step off the CPU)."""
+    reduce = fused_kernels()[0]
+    layers = zip(step.grads, step.shards, step.state_shards("H_prev"), step.state_shards("v"))
+    return torch.stack([reduce(*_flat_views(list(layer))[0], step.weight_decay) for layer in layers])
+
+
+# ------------------------------------------------------------------ update pass
+def _eager_update(step: GroupStep, coefficients: torch.Tensor, ok: torch.Tensor) -> None:
+    """E14, E16, E17 on the formed ``H``: skipped where ``ok`` reads back for free, else masked."""
+    if skipped_on_host(ok):
+        return
+    jacobians = finite_mask(step.jacobians, ok, owned=step.weight_decay != 0)
+    update = _foreach_update if step.backend is Backend.FOREACH else _single_tensor_update
+    update(step.shards, jacobians, step.state_shards("v"), step.state_shards("H_prev"), coefficients)
+
+
+def _cpu_update(step: GroupStep, coefficients: torch.Tensor, ok: torch.Tensor) -> None:
+    """One multi-tensor C++ call per dtype; ``H`` is recomputed inside and a skipped step writes nothing."""
+    _fused_update(step.shards, step.grads, step.state_shards("v"), step.state_shards("H_prev"), coefficients, ok,
+                  step.weight_decay)
+
+
+def _compiled_update(step: GroupStep, coefficients: torch.Tensor, ok: torch.Tensor) -> None:
+    _compiled_layer_updates(step.shards, step.grads, step.state_shards("v"), step.state_shards("H_prev"),
+                            coefficients, ok, step.weight_decay)
 
 
 def _single_tensor_update(params, jacobians, vs, h_prevs, coefficients):
@@ -265,33 +294,18 @@ def _foreach_update(params, jacobians, vs, h_prevs, coefficients):
             write_back(originals, copies)
 
 
-# ---------------------------------------------------------------- fused path
-def _fused_products(params, grads, h_prevs, vs, weight_decay: float) -> torch.Tensor:
-    """The reduction pass of every layer, ``[n_layers, 4]`` rows of :func:`layer_products` (E3, E11-E13).
-
-    Per (device, dtype) bucket: on the CPU one call of the multi-tensor kernel
-    for all its layers (koala_hf.optim.cpu_kernels), elsewhere (or where that
-    kernel cannot be built) one ``torch.compile`` kernel per layer.
-    """
-
-    def bucket(p, g, hp, v):
-        kernels = cpu_kernels() if p[0].device.type == "cpu" else None
-        if kernels is not None:
-            return kernels.koala_plus_plus_products(p, g, hp, v, weight_decay)
-        reduce = fused_kernels()[0]
-        return torch.stack([reduce(*_flat_views(list(layer))[0], weight_decay) for layer in zip(g, p, hp, v)])
-
-    return bucketed_rows([params, grads, h_prevs, vs], bucket)
-
-
+# ---------------------------------------------------------------- fused kernels
 def _fused_update(params, grads, vs, h_prevs, coefficients, ok, weight_decay: float) -> None:
-    """The update pass of every layer (E3, E14, E16, E17), masked by ``ok``; bucketed as :func:`_fused_products`."""
+    """The C++ update pass (E3, E14, E16, E17) per dtype bucket, masked by ``ok``."""
+    kernels = cpu_kernels()
+    for (_, _), ((p, g, v, hp), indices) in group_by_device_and_dtype([params, grads, vs, h_prevs]).items():
+        kernels.koala_plus_plus_update(p, g, v, hp, coefficients[indices].cpu(), ok.cpu(), weight_decay)
+
+
+def _compiled_layer_updates(params, grads, vs, h_prevs, coefficients, ok, weight_decay: float) -> None:
+    """The per-layer compiled update pass (E3, E14, E16, E17), masked by ``ok``."""
+    update = fused_kernels()[1]
     for (device, _), ((p, g, v, hp), indices) in group_by_device_and_dtype([params, grads, vs, h_prevs]).items():
-        kernels = cpu_kernels() if device.type == "cpu" else None
-        if kernels is not None:
-            kernels.koala_plus_plus_update(p, g, v, hp, coefficients[indices].cpu(), ok.cpu(), weight_decay)
-            continue
-        update = fused_kernels()[1]
         table, flag = coefficients.to(device), ok.to(device)
         rows = torch.arange(len(table), device=device)  # made on the device: no host-to-device copy per layer
         for index, layer in zip(indices, zip(p, g, v, hp)):
@@ -365,3 +379,10 @@ def fused_kernels():
     if _FUSED is None:
         _FUSED = (torch.compile(_layer_products_kernel, dynamic=True), torch.compile(_layer_update_kernel, dynamic=True))
     return _FUSED
+
+
+# The passes of each backend (koala_hf.optim.dispatch chooses the backend).
+REDUCTIONS = {Backend.PER_TENSOR: _eager_products, Backend.FOREACH: _eager_products,
+              Backend.FUSED_CPU: _cpu_products, Backend.COMPILED: _compiled_products}
+UPDATES = {Backend.PER_TENSOR: _eager_update, Backend.FOREACH: _eager_update,
+           Backend.FUSED_CPU: _cpu_update, Backend.COMPILED: _compiled_update}

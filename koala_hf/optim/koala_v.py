@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from koala_hf.optim.base import MIN_JACOBIAN_NORM, KoalaOptimizer, check_prior
-from koala_hf.optim.layers import (
-    finite_mask,
-    group_by_device_and_dtype,
-    reduction_dtype,
-    widen,
-    write_back,
-)
+from koala_hf.optim.base import MIN_JACOBIAN_NORM, KoalaOptimizer
+from koala_hf.optim.cpu_kernels import cpu_kernels
+from koala_hf.optim.dispatch import Backend
+from koala_hf.optim.group_step import GroupStep, complete_sums, gather
+from koala_hf.optim.jacobian_norms import cpu_norms, eager_norms
+from koala_hf.optim.layers import finite_mask, group_by_device_and_dtype, reduction_dtype, widen, write_back
+from koala_hf.optim.validation import check_prior
 
 
 class KOALAV(KoalaOptimizer):
@@ -25,8 +26,9 @@ class KOALAV(KoalaOptimizer):
     E22 maximises over; 0 when the layer was not updated, unchanged by a
     skipped step).
     ``sigma`` and ``q`` belong to the shared ``P`` and so must be equal in every
-    parameter group; ``lr``, ``weight_decay``, ``r`` and ``alpha_r`` may differ.
-    The official training script uses ``sigma=0.1, q=1, lr=0.1``.
+    parameter group (they are read from the first); ``lr``, ``weight_decay``,
+    ``r`` and ``alpha_r`` may differ. The official training script uses
+    ``sigma=0.1, q=1, lr=0.1``.
 
     ``noise`` chooses the loss-noise measurement (E1a ``"second_moment"``, the
     default; E1b ``"variance"``; E1c ``"none"``), per group, as in
@@ -37,9 +39,11 @@ class KOALAV(KoalaOptimizer):
     temporary ``H`` (koala_hf.optim.cpu_kernels; built on first use).
     """
 
-    _shared_hyperparameters = ("sigma", "q")
-    # Per layer, the last step's ||H||^2 / s (0 for a layer not updated): the layer's share in E22.
-    _float_state_keys = ("information",)
+    layer_state_keys = ("information",)
+    layer_scalar_keys = ("information",)  # per layer, the last step's ||H||^2 / s: the layer's share in E22
+    filter_state_keys = ("P",)
+    identifying_hyperparameters = ("sigma", "q")
+    shared_hyperparameters = ("sigma", "q")
 
     def __init__(
         self,
@@ -62,12 +66,10 @@ class KOALAV(KoalaOptimizer):
 
     def check_group(self, group: dict) -> None:
         super().check_group(group)
-        if group["fused"]:
-            self._refuse_fused_off_cpu(group["params"])
         check_prior(group)
 
-    def _init_global_state(self, options: dict) -> dict:
-        return {"P": torch.full((), float(self.defaults["sigma"]), **options)}
+    def _init_filter_state(self, options: dict) -> dict:
+        return {"P": torch.full((), float(self.shared("sigma")), **options)}  # P_0 = sigma
 
     def _signals(self, state: dict) -> dict:
         return {"koala/P": state["P"]}
@@ -79,29 +81,22 @@ class KOALAV(KoalaOptimizer):
         return state
 
     def _update(self, loss, noise, ok):
-        state = self.global_state()
+        state = self._filter_state()
         device, dtype = loss.device, loss.dtype
-        p_hat = state["P"] + self.param_groups[0]["q"]  # E20
-        measured, ok = self._jacobian_norms(ok, device, dtype)
+        p_hat = state["P"] + self.shared("q")  # E20
+        steps = gather(self, off_cpu=self.fused_off_cpu)
+        norms = [NORMS[step.backend](step, device, dtype) for step in steps]
+        ok = complete_sums(steps, norms, ok, type(self).__name__)
 
         information = []  # ||H||^2 / s of every updated layer, for E22
-        for index, group, stepped, params, jacobians, norms, foreach, kernels in measured:
-            hh, theta_sq = norms.unbind(-1)
-            s = p_hat * hh + noise[index]  # E21
-            gain = group["lr"] * (loss + 0.5 * group["weight_decay"] * theta_sq) * p_hat / s
-            update = ok & (hh >= MIN_JACOBIAN_NORM**2) & (s > 0) & torch.isfinite(gain)
-            information.append(torch.where(update, hh / s, 0.0))
-            layers = [self._layer_state(p) for p in stepped]
-            previous = torch.stack([layer["information"] for layer in layers]).to(device, dtype)
-            for layer, value in zip(layers, torch.where(ok, information[-1], previous).unbind()):
+        for step in steps:
+            result = koala_v_coefficients(step.sums, p_hat=p_hat, loss=loss, noise=noise[step.index], ok=ok,
+                                          lr=step.group["lr"], weight_decay=step.weight_decay)
+            information.append(result.information)
+            previous = torch.stack([layer["information"] for layer in step.states]).to(device, dtype)
+            for layer, value in zip(step.states, torch.where(ok, result.information, previous).unbind()):
                 layer["information"] = value  # a skipped step keeps the last one
-            steps = torch.where(update, -gain, 0.0)
-            if kernels is not None:  # H recomputed inside; a skipped step writes nothing
-                for (p, g), indices in group_by_device_and_dtype([params, jacobians]).values():
-                    kernels.koala_v_update(p, g, steps[indices].cpu(), ok.cpu(), group["weight_decay"])
-                continue
-            jacobians = finite_mask(jacobians, ok, owned=group["weight_decay"] != 0)
-            _apply(params, jacobians, steps, foreach)
+            UPDATES[step.backend](step, result.steps, ok)
 
         if information:
             p_new = p_hat - p_hat * p_hat * torch.cat(information).max()  # E22
@@ -109,15 +104,42 @@ class KOALAV(KoalaOptimizer):
         return ok
 
 
-def _apply(params, jacobians, steps, foreach: bool) -> None:
-    """``theta += step * H`` per layer (E21), per tensor or with multi-tensor ops."""
-    if not foreach:
-        for p, h, step in zip(params, jacobians, steps.unbind()):
+class KoalaVCoefficients(NamedTuple):
+    steps: torch.Tensor  # [n]: theta += steps[i] * H (E21), 0 for a layer not updated
+    information: torch.Tensor  # [n]: ||H||^2 / s of an updated layer, else 0 (E22's terms)
+
+
+def koala_v_coefficients(norms, *, p_hat, loss, noise, ok, lr, weight_decay) -> KoalaVCoefficients:
+    """E21 for a batch of layers from their ``[n, 2]`` rows ``[||H||^2, ||theta||^2]`` (pure, on the device)."""
+    hh, theta_sq = norms.unbind(-1)
+    s = p_hat * hh + noise  # E21
+    gain = lr * (loss + 0.5 * weight_decay * theta_sq) * p_hat / s
+    update = ok & (hh >= MIN_JACOBIAN_NORM**2) & (s > 0) & torch.isfinite(gain)
+    return KoalaVCoefficients(torch.where(update, -gain, 0.0), torch.where(update, hh / s, 0.0))
+
+
+def _eager_update(step: GroupStep, steps: torch.Tensor, ok: torch.Tensor) -> None:
+    """``theta += step * H`` per layer (E21), per tensor or with multi-tensor ops, masked by ``ok``."""
+    jacobians = finite_mask(step.jacobians, ok, owned=step.weight_decay != 0)
+    if step.backend is Backend.PER_TENSOR:
+        for p, h, factor in zip(step.shards, jacobians, steps.unbind()):
             p_w, h_w = widen([p, h])
-            p_w.addcmul_(h_w, step.to(p.device))
+            p_w.addcmul_(h_w, factor.to(p.device))
             write_back([p], [p_w])
         return
-    for (device, _), ((p, h), indices) in group_by_device_and_dtype([params, jacobians]).items():
+    for (device, _), ((p, h), indices) in group_by_device_and_dtype([step.shards, jacobians]).items():
         p_w, h_w = widen(p), widen(h)
         torch._foreach_addcmul_(p_w, h_w, list(steps[indices].to(device).unbind()))
         write_back(p, p_w)
+
+
+def _cpu_update(step: GroupStep, steps: torch.Tensor, ok: torch.Tensor) -> None:
+    """One multi-tensor C++ call per dtype; ``H`` recomputed inside, a skipped step writes nothing."""
+    kernels = cpu_kernels()
+    for (p, g), indices in group_by_device_and_dtype([step.shards, step.grads]).values():
+        kernels.koala_v_update(p, g, steps[indices].cpu(), ok.cpu(), step.weight_decay)
+
+
+# The passes of each backend (koala_hf.optim.dispatch chooses the backend).
+NORMS = {Backend.PER_TENSOR: eager_norms, Backend.FOREACH: eager_norms, Backend.FUSED_CPU: cpu_norms}
+UPDATES = {Backend.PER_TENSOR: _eager_update, Backend.FOREACH: _eager_update, Backend.FUSED_CPU: _cpu_update}

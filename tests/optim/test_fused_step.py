@@ -10,7 +10,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from koala_hf import KOALAM, KOALAV, KOALAPlusPlus
 from koala_hf.optim import cpu_kernels as cpu_kernels_module
-from koala_hf.optim import koala_plus_plus
+from koala_hf.optim import dispatch, group_step
 
 STEPS = 6
 
@@ -100,15 +100,29 @@ def test_koala_v_and_m_fused_match_their_per_tensor_paths(variant, nan_at):
 def test_koala_v_and_m_fused_refuse_parameters_off_the_cpu_naming_what_to_use(variant):
     with pytest.raises(RuntimeError, match="CPU kernels only.*meta.*foreach=True"):
         variant([nn.Parameter(torch.zeros(3, device="meta"))], fused=True)
-    optimizer = variant([nn.Parameter(torch.zeros(3))], fused=True)  # moved off the CPU after construction
+    optimizer = variant([nn.Parameter(torch.zeros(3))], fused=True)
+    moved = nn.Parameter(torch.zeros(3, device="meta"))  # swapped in after construction, as accelerate does
+    moved.grad = torch.zeros(3, device="meta")
+    optimizer.param_groups[0]["params"] = [moved]
+    optimizer.observe(1.0)
     with pytest.raises(RuntimeError, match="CPU kernels only.*meta.*foreach=True"):
-        optimizer._fused_cpu_kernels(optimizer.param_groups[0], [torch.zeros(3, device="meta")])
+        optimizer.step()
+
+
+def force_the_compiled_kernels(monkeypatch):
+    """KOALA++'s per-layer torch.compile kernels (what other devices run) instead of the CPU multi-tensor ones."""
+    choose = dispatch.choose_backend
+
+    def compiled_for_fused(group, tensors, optimizer, *, off_cpu):
+        backend = choose(group, tensors, optimizer, off_cpu=off_cpu)
+        return dispatch.Backend.COMPILED if backend is dispatch.Backend.FUSED_CPU else backend
+
+    monkeypatch.setattr(group_step, "choose_backend", compiled_for_fused)
 
 
 @pytest.fixture
 def compiled_fallback(monkeypatch):
-    """The per-layer torch.compile kernels (what other devices run) instead of the CPU multi-tensor ones."""
-    monkeypatch.setattr(koala_plus_plus, "cpu_kernels", lambda: None)
+    force_the_compiled_kernels(monkeypatch)
 
 
 def test_the_multi_tensor_cpu_step_matches_the_per_tensor_path_on_mixed_layouts_and_dtypes():
@@ -123,7 +137,7 @@ def test_the_per_layer_compiled_step_matches_the_per_tensor_path(compiled_fallba
 @pytest.mark.parametrize("kernels", ["cpu", "compiled"])
 def test_a_non_finite_gradient_skips_the_whole_step_in_the_fused_paths(kernels, monkeypatch):
     if kernels == "compiled":
-        monkeypatch.setattr(koala_plus_plus, "cpu_kernels", lambda: None)
+        force_the_compiled_kernels(monkeypatch)
     fused = run({"fused": True}, nan_at=3)
     assert int(fused[1].state["koala"]["skipped_steps"]) == 1
     assert_same_run(fused, run({"foreach": False}, nan_at=3), rtol=1e-5)
@@ -188,7 +202,7 @@ def test_lr_scheduler_steps_trigger_no_recompilation(kernels, monkeypatch):
     from torch._dynamo.utils import counters
 
     if kernels == "compiled":
-        monkeypatch.setattr(koala_plus_plus, "cpu_kernels", lambda: None)
+        force_the_compiled_kernels(monkeypatch)
     torch._dynamo.reset()
     counters.clear()
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3), nn.Tanh(), nn.Linear(3, 1))

@@ -61,7 +61,7 @@ def test_low_precision_parameters_train_like_float32(name, foreach, dtype):
         trajectories[run_dtype] = (torch.stack(losses), flat_parameters(model).float())
         first = next(iter(model.parameters()))
         for key, value in optimizer.state[first].items():
-            if key in type(optimizer)._float_state_keys:  # per-layer scalars: float32 or wider
+            if key in type(optimizer).layer_scalar_keys:  # per-layer scalars: float32 or wider
                 assert value.dtype == torch.float32
             else:
                 assert value.dtype == run_dtype, key

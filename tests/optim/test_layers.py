@@ -1,0 +1,83 @@
+"""koala_hf.optim.layers: per-layer building blocks (E3's H, reductions, masking, buckets, the CPU workspace)."""
+
+import gc
+
+import torch
+
+from koala_hf.optim.layers import (
+    StepWorkspace,
+    bucketed_rows,
+    dot,
+    finite_mask,
+    group_by_device_and_dtype,
+    measurement_jacobians,
+    reduction_dtype,
+    skipped_on_host,
+    widen,
+    write_back,
+)
+
+
+def test_reductions_run_in_float32_or_wider():
+    assert reduction_dtype(torch.bfloat16) is torch.float32 and reduction_dtype(torch.float16) is torch.float32
+    assert reduction_dtype(torch.float32) is torch.float32 and reduction_dtype(torch.float64) is torch.float64
+    x = torch.full((4096,), 1.0 + 2**-7, dtype=torch.bfloat16)  # bf16 rounding would lose the sum's low bits
+    assert dot(x, x, torch.float32).item() == (4096 * (1.0 + 2**-7) ** 2)
+
+
+def test_h_is_the_gradient_itself_without_weight_decay_and_g_plus_wd_theta_with_it():
+    torch.manual_seed(0)
+    params, grads = [torch.randn(3, 2), torch.randn(4)], [torch.randn(3, 2), torch.randn(4)]
+    for foreach in (False, True):
+        same = measurement_jacobians(params, grads, 0.0, foreach)
+        assert all(h is g for h, g in zip(same, grads))
+        with_decay = measurement_jacobians(params, grads, 0.1, foreach)
+        for h, g, p in zip(with_decay, grads, params):
+            torch.testing.assert_close(h, g + 0.1 * p)  # to rounding: add(alpha=) may fuse the multiply
+    out = [torch.empty(3, 2), torch.empty(4)]
+    assert measurement_jacobians(params, grads, 0.1, True, out=out) is out
+    torch.testing.assert_close(out[1], grads[1] + 0.1 * params[1])
+
+
+def test_the_workspace_reuses_its_buffers_rebuilds_them_on_a_new_layout_and_forgets_dropped_parameters():
+    workspace = StepWorkspace()
+    p = torch.nn.Parameter(torch.randn(3, 4))
+    first = workspace.get([p], [p.detach()])
+    assert workspace.get([p], [p.detach()])[0] is first[0]
+    assert workspace.get([p], [p.detach().t()])[0] is not first[0]  # other strides: a new buffer
+    assert workspace.get([p], [torch.zeros(3, device="meta")]) is None  # off the CPU: none (CUDA caches its own)
+    del p, first
+    gc.collect()
+    assert len(workspace._buffers) == 0
+
+
+def test_a_skipped_step_is_skipped_on_the_host_and_masked_on_a_device():
+    assert skipped_on_host(torch.tensor(False)) and not skipped_on_host(torch.tensor(True))
+    assert not skipped_on_host(torch.tensor(False, device="meta"))  # would need a sync: mask instead
+
+
+def test_masking_zeroes_a_non_finite_step_without_writing_into_the_users_gradients():
+    grads = [torch.tensor([1.0, float("nan")]), torch.tensor([2.0])]
+    masked = finite_mask(grads, torch.tensor(False), owned=False)
+    assert all(torch.equal(m, torch.zeros_like(m)) for m in masked)
+    assert torch.isnan(grads[0][1])  # untouched
+    owned = [g.clone() for g in grads]
+    assert finite_mask(owned, torch.tensor(False), owned=True) is owned and owned[0].eq(0).all()
+    assert finite_mask(grads, torch.tensor(True), owned=False) is grads
+
+
+def test_low_precision_arithmetic_runs_on_float32_copies_written_back():
+    low, wide = torch.ones(3, dtype=torch.bfloat16), torch.ones(3)
+    copies = widen([low, wide])
+    assert copies[0].dtype is torch.float32 and copies[1] is wide
+    copies[0].add_(2**-9)  # below bf16's resolution at 1
+    write_back([low, wide], copies)
+    assert low.dtype is torch.bfloat16 and torch.equal(low, torch.ones(3, dtype=torch.bfloat16))
+
+
+def test_buckets_keep_each_tensors_index_and_rows_come_back_in_layer_order():
+    tensors = [torch.zeros(2), torch.zeros(2, dtype=torch.float64), torch.zeros(3), torch.zeros(1, dtype=torch.float64)]
+    buckets = group_by_device_and_dtype([tensors, tensors])
+    assert [indices for _, indices in buckets.values()] == [[0, 2], [1, 3]]
+    rows = bucketed_rows([tensors], lambda ts: torch.stack([torch.tensor([float(t.numel())], dtype=t.dtype) for t in ts]))
+    assert rows.dtype is torch.float64 and rows[:, 0].tolist() == [2.0, 2.0, 3.0, 1.0]
