@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -23,12 +22,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
+from koala_hf import KOALAPlusPlus
+from koala_hf.optim.sharding import local
+from koala_hf.recipe_support.results import provenance, write_report
 
-from koala_hf import KOALAPlusPlus  # noqa: E402
-from koala_hf.optim.sharding import local  # noqa: E402
-from run_support import provenance, write_report  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MIB = 2**20
 
@@ -92,7 +90,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(worker, args=(os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
         rows += [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
-    report = {**provenance(__file__, argv, "cpu"), "rows": rows}
+    report = {**provenance(__file__, argv, "cpu", root=ROOT), "rows": rows}
     write_report(args.output, "fsdp2_state_memory_cpu", report, markdown(report))
     print(markdown(report))
     return report

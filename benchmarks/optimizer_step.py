@@ -43,11 +43,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
+from koala_hf import KOALAM, KOALAV, KOALAPlusPlus
+from koala_hf.recipe_support.results import provenance, write_report
 
-from koala_hf import KOALAM, KOALAV, KOALAPlusPlus  # noqa: E402
-from run_support import provenance, write_report  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # Tensor passes per element of a step at the memory-traffic floor (spec, cost notes; issue 7).
 KOALA_PP_PASSES = 11
@@ -262,7 +261,7 @@ def main(argv=None) -> dict:
     report = {
         "benchmark": "optimizer_step",
         "torch": torch.__version__,
-        **provenance(__file__, argv, args.device),
+        **provenance(__file__, argv, args.device, root=ROOT),
         "copy_bandwidth_gb_s": bandwidth / 1e9,
         "cpu_kernel_build_s": build_s,
         "steps": args.steps,

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benchmarks/results/vision_smoke_cpu}
 data=$(mktemp -d)
-python -c "import sys; from pathlib import Path; sys.path.insert(0, '.'); from tests.recipes.archives import write_cifar10; write_cifar10(Path('$data'))"
+python -c "from pathlib import Path; from tests.recipes.archives import write_cifar10; write_cifar10(Path('$data'))"
 for optimizer in koala++ sgd; do
   python recipes/timm_vision.py --preset smoke --data_dir "$data" --optimizer $optimizer --output_dir "$out/$optimizer" \
     --disable_tqdm true --save_strategy no --report_to none

@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
+from koala_hf import KOALAPlusPlus, per_sample_losses
+from koala_hf.recipe_support.results import provenance, write_report
 
-from koala_hf import KOALAPlusPlus, per_sample_losses  # noqa: E402
-from run_support import provenance, write_report  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def lm_workload(batch: int, device: str):
@@ -99,7 +97,7 @@ def main(argv=None) -> dict:
     report = {
         "benchmark": "train_step",
         "torch": torch.__version__,
-        **provenance(__file__, argv, args.device),
+        **provenance(__file__, argv, args.device, root=ROOT),
         "bf16": args.bf16,
         "koala_fused": args.koala_fused,
         "rows": rows,

@@ -39,10 +39,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from koala_hf.recipe_support import compare
+from koala_hf.recipe_support.plots import plot_curves
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
-import compare  # noqa: E402
-from run_support import plot_curves  # noqa: E402
 
 GRID = {  # (optimizer, noise) -> learning rates; noise None: not a KOALA run
     ("adamw", None): (3e-4, 1e-3, 3e-3),

@@ -16,12 +16,13 @@ when given ``--push_to_hub``.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import shutil
 from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+
+from koala_hf.recipe_support.results import load_results, schema
 
 TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "template.md"  # shipped in the wheel
 TITLES = {
@@ -29,25 +30,30 @@ TITLES = {
     "adamw": "AdamW", "adam": "Adam", "sgd": "SGD",
 }
 DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet32": "ImageNet32"}
-# The recipe scripts pushed beside the model, so that its card's reproduction runs from the repository alone.
-RECIPE_FILES = {"wikitext2_gpt": ("wikitext2_gpt.py", "run_support.py", "extras.py"),
-                "timm_vision": ("timm_vision.py", "run_support.py", "extras.py")}
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # in a source checkout; a wheel has no recipes
 LM_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
             "tokenizer_config.json", "special_tokens_map.json")
 
 
-def load_results(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / "results.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir} has no results.json: pass the --output_dir of a finished recipe run")
-    return json.loads(path.read_text())
+def recipe_script(results: dict) -> Path | None:
+    """The recipe script a run's command names (``python recipes/<script>.py ...``), where it exists from the
+    current directory (a checkout's root, as the command was recorded); ``None`` otherwise."""
+    script = Path(shlex.split(results["command"])[1])
+    return script if script.name == Path(schema(results["task"]).recipe).name and script.is_file() else None
 
 
-def prepare(run_dir: str | Path, output: str | Path | None = None, repo_id: str | None = None) -> Path:
-    """Write the push folder for ``run_dir`` (default ``run_dir/hub``); return it."""
+def prepare(run_dir: str | Path, output: str | Path | None = None, repo_id: str | None = None,
+            recipe: str | Path | None = None) -> Path:
+    """Write the push folder for ``run_dir`` (default ``run_dir/hub``); return it.
+
+    ``recipe``: the recipe script to push beside the model (the recipes pass their own file), so that the card's
+    reproduction runs from the repository alone; by default the one the run's command names, when it is found
+    from the current directory. Without it the card says to run it from a checkout.
+    """
     run_dir = Path(run_dir)
-    results = load_results(run_dir)
+    try:
+        results = load_results(run_dir)
+    except ValueError as error:
+        raise ValueError(f"{run_dir}: {error}") from None
     output = Path(output) if output else run_dir / "hub"
     output.mkdir(parents=True, exist_ok=True)
     if results["task"] == "wikitext2_gpt":
@@ -57,19 +63,16 @@ def prepare(run_dir: str | Path, output: str | Path | None = None, repo_id: str 
         for name in LM_FILES:
             if (run_dir / name).exists():
                 shutil.copy2(run_dir / name, output / name)
-    elif results["task"] == "timm_vision":
+    else:  # timm_vision (load_results knows no other task)
         _export_timm(run_dir, results, output)
-    else:
-        raise ValueError(f"unknown task {results['task']!r} in {run_dir}/results.json")
     for name in ("results.json", "curves.png"):
         if (run_dir / name).exists():
             shutil.copy2(run_dir / name, output / name)
-    shipped = all((RECIPES / name).is_file() for name in RECIPE_FILES[results["task"]])
-    if shipped:
+    script = Path(recipe) if recipe is not None else recipe_script(results)
+    if script is not None:
         (output / "recipe").mkdir(exist_ok=True)
-        for name in RECIPE_FILES[results["task"]]:
-            shutil.copy2(RECIPES / name, output / "recipe" / name)
-    model_card(results, repo_id or f"koala-hf/{run_dir.resolve().name}", shipped).save(output / "README.md")
+        shutil.copy2(script, output / "recipe" / Path(schema(results["task"]).recipe).name)
+    model_card(results, repo_id or f"koala-hf/{run_dir.resolve().name}", script is not None).save(output / "README.md")
     return output
 
 
@@ -145,7 +148,7 @@ def model_card(results: dict, repo_id: str, recipe_shipped: bool = True) -> Mode
                           f'print(tokenizer.decode(model.generate(**ids, max_new_tokens=20)[0]))'),
             limitations="A small research model: WikiText-2 text only (Wikipedia articles), no safety "
                         "tuning; words outside its vocabulary become `<unk>`. Not for production text generation.",
-            recipe="recipes/wikitext2_gpt.py",
+            recipe=schema("wikitext2_gpt").recipe,
             data_flag="a folder with WikiText-2's `train.txt`/`valid.txt`/`test.txt`",
         )
     else:
@@ -179,7 +182,7 @@ def model_card(results: dict, repo_id: str, recipe_shipped: bool = True) -> Mode
                           f'config = timm.data.resolve_data_config({{}}, model=model)  # 32x32, CIFAR normalisation'),
             limitations=f"Trained on 32x32 {pretty} images; expects 32x32 inputs normalised as in its "
                         "`pretrained_cfg`. Not for other resolutions or domains without fine-tuning.",
-            recipe="recipes/timm_vision.py",
+            recipe=schema("timm_vision").recipe,
             data_flag=f"a folder with the original {pretty} archives",
         )
     data_flag = details.pop("data_flag")
@@ -285,8 +288,9 @@ def push(folder: str | Path, repo_id: str, private: bool | None = None, token: s
     return str(getattr(commit, "commit_url", commit))
 
 
-def prepare_and_push(run_dir, repo_id: str, private: bool | None = None, token: str | None = None) -> str:
-    return push(prepare(run_dir, repo_id=repo_id), repo_id, private=private, token=token)
+def prepare_and_push(run_dir, repo_id: str, private: bool | None = None, token: str | None = None,
+                     recipe: str | Path | None = None) -> str:
+    return push(prepare(run_dir, repo_id=repo_id, recipe=recipe), repo_id, private=private, token=token)
 
 
 def main(argv=None) -> None:
@@ -296,6 +300,8 @@ def main(argv=None) -> None:
     prep.add_argument("run_dir")
     prep.add_argument("--output", default=None, help="default: RUN_DIR/hub")
     prep.add_argument("--hub_model_id", default=None, help="the repository id the card names")
+    prep.add_argument("--recipe", default=None, help="the recipe script to push beside the model (default: the "
+                                                    "one the run's command names, from the current directory)")
     up = commands.add_parser("push", help="prepare (if needed) and push a run folder")
     up.add_argument("run_dir")
     up.add_argument("--hub_model_id", required=True)
@@ -303,7 +309,7 @@ def main(argv=None) -> None:
     up.add_argument("--hub_token", default=None)
     args = parser.parse_args(argv)
     if args.command == "prepare":
-        print(prepare(args.run_dir, args.output, args.hub_model_id))
+        print(prepare(args.run_dir, args.output, args.hub_model_id, args.recipe))
     else:
         print(prepare_and_push(args.run_dir, args.hub_model_id, args.hub_private_repo or None, args.hub_token))
 

@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import math
 import pickle
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from extras import require_extras  # noqa: E402
+from koala_hf.recipe_support.extras import require_extras  # noqa: E402
 
 require_extras("timm", "torchvision", "evaluate", "matplotlib", extra="recipes")
 
@@ -37,28 +35,19 @@ from torch.utils.data import Dataset  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 from transformers import HfArgumentParser, set_seed  # noqa: E402
 
-from run_support import (  # noqa: E402
-    OPTIMIZER_CHOICES,
-    RecipeTrainingArguments,
-    RunHistory,
-    all_hyperparameters,
-    canonical_optimizer_name,
-    epoch_table,
-    parse_optimizer_kwargs,
-    plot_curves,
-    provenance,
-    require_hub,
-    run_record,
-    train_losses,
-    use_the_machines_cores,
-    write_results,
-)
+from koala_hf.recipe_support.arguments import RecipeTrainingArguments  # noqa: E402
+from koala_hf.recipe_support.history import epoch_table, run_record, RunHistory, train_losses  # noqa: E402
+from koala_hf.recipe_support.machine import require_hub, use_the_machines_cores  # noqa: E402
+from koala_hf.recipe_support.optimizers import all_hyperparameters, canonical_optimizer_name, OPTIMIZER_CHOICES, parse_optimizer_kwargs  # noqa: E402
+from koala_hf.recipe_support.plots import plot_curves  # noqa: E402
+from koala_hf.recipe_support.results import provenance, record, write_results  # noqa: E402
 
 from koala_hf import KoalaTrainer  # noqa: E402
 from koala_hf.hub import prepare_and_push  # noqa: E402
 from koala_hf.metrics import TOP_K_ERROR  # noqa: E402
 from koala_hf.vision import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, ImageClassifier, create_model  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository: commands are recorded from there
 DATASETS = {
     # name: (classes, Hub id, image column, label column, normalisation)
     "cifar10": (10, "uoft-cs/cifar10", "img", "label", (CIFAR_MEAN, CIFAR_STD)),
@@ -356,43 +345,43 @@ def run(argv=None):
     best = min((e for e in epochs if "validation_top1_error" in e), key=lambda e: e["validation_top1_error"], default=None)
     training_speed = totals["images_per_second"]
     source = f"--data_dir {data.data_dir}" if data.data_dir else f"Hub: {data.hub_dataset or hub_id}"
-    results = {
-        "task": "timm_vision",
-        "preset": model_args.preset,
-        "dataset": dataset,
-        "num_classes": classes,
-        "hub_dataset": None if data.data_dir else data.hub_dataset or hub_id,
-        "data_source": source,
-        "model": architecture,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "optimizer": canonical_optimizer_name(model_args.optimizer),
-        "optimizer_kwargs": optimizer_kwargs,
-        "hyperparameters": all_hyperparameters(optimizer_cls, {**optimizer_kwargs, "weight_decay": training.weight_decay}),
-        "learning_rate": training.learning_rate,
-        "weight_decay": training.weight_decay,
-        "batch_size": training.per_device_train_batch_size * training.gradient_accumulation_steps * training.world_size,
+    results = record(
+        "timm_vision",
+        preset=model_args.preset,
+        dataset=dataset,
+        num_classes=classes,
+        hub_dataset=None if data.data_dir else data.hub_dataset or hub_id,
+        data_source=source,
+        model=architecture,
+        parameters=sum(p.numel() for p in model.parameters()),
+        optimizer=canonical_optimizer_name(model_args.optimizer),
+        optimizer_kwargs=optimizer_kwargs,
+        hyperparameters=all_hyperparameters(optimizer_cls, {**optimizer_kwargs, "weight_decay": training.weight_decay}),
+        learning_rate=training.learning_rate,
+        weight_decay=training.weight_decay,
+        batch_size=training.per_device_train_batch_size * training.gradient_accumulation_steps * training.world_size,
         **run_record(trainer, training),
-        "schedule": preset.get("schedule") or f"multistep {list(preset.get('milestones', ()))} x0.1",
-        "augmentation": "random crop 32 (padding 4) + horizontal flip" + (" + cutout 16" if cutout else ""),
-        "seed": training.seed,
-        "train_samples": len(train),
-        "test_samples": len(test),
-        "epochs": epochs,
-        "best_epoch": best["epoch"] if best else None,
-        "best_validation_top1_error": best["validation_top1_error"] if best else None,
-        "test_top1_error": final["test_top1_error"],
-        "test_top5_error": final["test_top5_error"],
-        "test_loss": final["test_loss"],
+        schedule=preset.get("schedule") or f"multistep {list(preset.get('milestones', ()))} x0.1",
+        augmentation="random crop 32 (padding 4) + horizontal flip" + (" + cutout 16" if cutout else ""),
+        seed=training.seed,
+        train_samples=len(train),
+        test_samples=len(test),
+        epochs=epochs,
+        best_epoch=best["epoch"] if best else None,
+        best_validation_top1_error=best["validation_top1_error"] if best else None,
+        test_top1_error=final["test_top1_error"],
+        test_top5_error=final["test_top5_error"],
+        test_loss=final["test_loss"],
         **totals,
-        "data_images_per_second": loading,
-        "data_pipeline_headroom": loading / training_speed if training_speed else None,
-        "train_loss_curve": train_losses(trainer.state.log_history),
-    }
+        data_images_per_second=loading,
+        data_pipeline_headroom=loading / training_speed if training_speed else None,
+        train_loss_curve=train_losses(trainer.state.log_history),
+    )
     if trainer.is_world_process_zero():
-        write_results(training.output_dir, results, provenance(__file__, argv))
+        write_results(training.output_dir, results, provenance(__file__, argv, root=ROOT))
         plot_curves([results], "validation_top1_error", Path(training.output_dir) / "curves.png", "top-1 error (%)")
         if push_request:
-            print(f"pushed: {prepare_and_push(training.output_dir, **push_request)}")
+            print(f"pushed: {prepare_and_push(training.output_dir, **push_request, recipe=__file__)}")
     if math.isfinite(loading) and loading < training_speed:
         print(f"warning: the data pipeline ({loading:,.0f} images/s) is slower than training "
               f"({training_speed:,.0f} images/s); raise --dataloader_num_workers")

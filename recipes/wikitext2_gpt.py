@@ -22,12 +22,10 @@ epoch, the command, device and date) and ``curves.png``.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from extras import require_extras  # noqa: E402
+from koala_hf.recipe_support.extras import require_extras  # noqa: E402
 
 require_extras("datasets", "matplotlib", extra="recipes")
 
@@ -46,24 +44,12 @@ from transformers import (  # noqa: E402
     set_seed,
 )
 
-from run_support import (  # noqa: E402
-    OPTIMIZER_CHOICES,
-    RecipeTrainingArguments,
-    RunHistory,
-    all_hyperparameters,
-    canonical_optimizer_name,
-    epoch_table,
-    explicitly_given,
-    parse_optimizer_kwargs,
-    perplexity,
-    plot_curves,
-    provenance,
-    require_hub,
-    run_record,
-    train_losses,
-    use_the_machines_cores,
-    write_results,
-)
+from koala_hf.recipe_support.arguments import explicitly_given, RecipeTrainingArguments  # noqa: E402
+from koala_hf.recipe_support.history import epoch_table, perplexity, run_record, RunHistory, train_losses  # noqa: E402
+from koala_hf.recipe_support.machine import require_hub, use_the_machines_cores  # noqa: E402
+from koala_hf.recipe_support.optimizers import all_hyperparameters, canonical_optimizer_name, OPTIMIZER_CHOICES, parse_optimizer_kwargs  # noqa: E402
+from koala_hf.recipe_support.plots import plot_curves  # noqa: E402
+from koala_hf.recipe_support.results import provenance, record, write_results  # noqa: E402
 
 from koala_hf import KoalaTrainer  # noqa: E402
 from koala_hf.hub import prepare_and_push  # noqa: E402
@@ -104,6 +90,7 @@ PAPER_OPTIMIZER_SETTINGS = {
     "koala++ns": dict(lr=2e-3, sigma=0.1, q=0.1, weight_decay=1e-4, noise="none"),
     "adamw": dict(lr=1e-5, weight_decay=0.1),
 }
+ROOT = Path(__file__).resolve().parents[1]  # the repository: commands are recorded from there
 LOCAL_FILES = {"train": "train.txt", "validation": "valid.txt", "test": "test.txt"}
 EOS = "<eos>"
 UNK = "<unk>"
@@ -405,41 +392,41 @@ def main(argv=None) -> dict:
         if "validation_loss" in entry:
             entry["validation_perplexity"] = perplexity(entry["validation_loss"])
     best = min((e for e in epochs if e["epoch"] > 0 and "validation_loss" in e), key=lambda e: e["validation_loss"], default=None)
-    results = {
-        "task": "wikitext2_gpt",
-        "preset": model_args.preset,
-        "optimizer": canonical_optimizer_name(model_args.optimizer),
-        "optimizer_kwargs": optimizer_kwargs,
-        "hyperparameters": all_hyperparameters(optimizer_cls, {**optimizer_kwargs, "weight_decay": training.weight_decay}),
-        "learning_rate": training.learning_rate,
-        "weight_decay": training.weight_decay,
-        "model": {"architecture": type(model).__name__, **shape, "vocab_size": vocab_size,
-                  "parameters": sum(p.numel() for p in model.parameters()),
-                  "trainable_parameters": trainable,
-                  "frozen_parameters": sum(p.numel() for p in model.parameters()) - trainable,
-                  "embeddings_from": embeddings_from, "frozen_embeddings": frozen},
-        "data": {"source": data.data_dir or f"{data.dataset_name}/{data.dataset_config}",
-                 "hub_dataset": None if data.data_dir else data.dataset_name, "train_split": data.train_split,
-                 "halve_test_split": data.halve_test_split, "layout": preset.get("chunks", "blocks"),
-                 **{f"{k}_blocks": len(v) for k, v in splits.items()}},
-        "batch_size": training.per_device_train_batch_size * training.gradient_accumulation_steps * training.world_size,
+    results = record(
+        "wikitext2_gpt",
+        preset=model_args.preset,
+        optimizer=canonical_optimizer_name(model_args.optimizer),
+        optimizer_kwargs=optimizer_kwargs,
+        hyperparameters=all_hyperparameters(optimizer_cls, {**optimizer_kwargs, "weight_decay": training.weight_decay}),
+        learning_rate=training.learning_rate,
+        weight_decay=training.weight_decay,
+        model={"architecture": type(model).__name__, **shape, "vocab_size": vocab_size,
+               "parameters": sum(p.numel() for p in model.parameters()),
+               "trainable_parameters": trainable,
+               "frozen_parameters": sum(p.numel() for p in model.parameters()) - trainable,
+               "embeddings_from": embeddings_from, "frozen_embeddings": frozen},
+        data={"source": data.data_dir or f"{data.dataset_name}/{data.dataset_config}",
+              "hub_dataset": None if data.data_dir else data.dataset_name, "train_split": data.train_split,
+              "halve_test_split": data.halve_test_split, "layout": preset.get("chunks", "blocks"),
+              **{f"{k}_blocks": len(v) for k, v in splits.items()}},
+        batch_size=training.per_device_train_batch_size * training.gradient_accumulation_steps * training.world_size,
         **run_record(trainer, training),
-        "lr_scheduler": str(getattr(training.lr_scheduler_type, "value", training.lr_scheduler_type)),
-        "max_grad_norm": training.max_grad_norm,
-        "seed": training.seed,
-        "epochs": epochs,
-        "best_epoch": best["epoch"] if best else None,
-        "best_validation_perplexity": best["validation_perplexity"] if best else None,
-        "test_loss": test["test_loss"],
-        "test_perplexity": perplexity(test["test_loss"]),
+        lr_scheduler=str(getattr(training.lr_scheduler_type, "value", training.lr_scheduler_type)),
+        max_grad_norm=training.max_grad_norm,
+        seed=training.seed,
+        epochs=epochs,
+        best_epoch=best["epoch"] if best else None,
+        best_validation_perplexity=best["validation_perplexity"] if best else None,
+        test_loss=test["test_loss"],
+        test_perplexity=perplexity(test["test_loss"]),
         **totals,
-        "train_loss_curve": train_losses(trainer.state.log_history),
-    }
+        train_loss_curve=train_losses(trainer.state.log_history),
+    )
     if trainer.is_world_process_zero():
-        write_results(training.output_dir, results, provenance(__file__, argv))
+        write_results(training.output_dir, results, provenance(__file__, argv, root=ROOT))
         plot_curves([results], "validation_perplexity", Path(training.output_dir) / "curves.png", "validation perplexity")
         if push_request:
-            print(f"pushed: {prepare_and_push(training.output_dir, **push_request)}")
+            print(f"pushed: {prepare_and_push(training.output_dir, **push_request, recipe=__file__)}")
     return results
 
 

@@ -1,12 +1,10 @@
-"""Shared fixtures: the recipe scripts importable as modules, the shared data, smoke runs trained once."""
+"""Shared fixtures: the shared data, smoke runs trained once (the recipes import as ``recipes.<script>``)."""
 
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
@@ -31,8 +29,7 @@ def wikitext_dir() -> Path:
 @pytest.fixture(scope="session")
 def lm_smoke_run(wikitext_dir, tmp_path_factory):
     """The LM smoke preset on the real WikiText-2 text, with KOALA++: (results, output folder)."""
-    import wikitext2_gpt
-
+    from recipes import wikitext2_gpt
     output = tmp_path_factory.mktemp("smoke-koala")
     # lr=1.0 (KOALA++'s default) rather than the paper's WikiText-2 setting of 2e-3, which moves a
     # 2-epoch smoke model too little to show learning (see the README's results).
@@ -53,8 +50,7 @@ def cifar_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def vision_smoke_run(cifar_dir, tmp_path_factory):
     """The vision smoke preset with KOALA++ on tiny CIFAR-10 archives: (results, output folder)."""
-    import timm_vision
-
+    from recipes import timm_vision
     output = tmp_path_factory.mktemp("smoke-vision")
     results = timm_vision.main([
         "--preset", "smoke", "--data_dir", str(cifar_dir), "--optimizer", "koala++", "--output_dir", str(output),

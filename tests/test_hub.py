@@ -115,8 +115,7 @@ def test_pushing_a_folder_without_a_card_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_the_recipe_flag_pushes_the_finished_run(wikitext_dir, tmp_path, monkeypatch):
-    import wikitext2_gpt
-
+    from recipes import wikitext2_gpt
     recorder = RecordingHub(monkeypatch)
     wikitext2_gpt.main([
         "--preset", "smoke", "--data_dir", str(wikitext_dir), "--train_split", "validation", "--halve_test_split",
@@ -136,7 +135,7 @@ def test_the_cards_reproduction_runs_from_the_pushed_folder_alone(lm_smoke_run, 
 
     _, run_dir = lm_smoke_run
     folder = hub.prepare(run_dir, tmp_path / "repo", repo_id="someone/gpt-koala")
-    assert sorted(p.name for p in (folder / "recipe").iterdir()) == ["extras.py", "run_support.py", "wikitext2_gpt.py"]
+    assert sorted(p.name for p in (folder / "recipe").iterdir()) == ["wikitext2_gpt.py"]  # the rest is in the package
     block = re.search(r"## How to reproduce.*?```bash\n(.*?)```", ModelCard.load(folder / "README.md").text, re.S).group(1)
     lines = block.strip().splitlines()
     assert lines[-4:-1] == ["pip install 'koala_hf[recipes]'",

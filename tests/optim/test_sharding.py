@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from koala_hf.optim.sharding import check_parameter, is_dtensor, local, reduce_sums, sharding_group
 
-pytest.importorskip("torch.distributed.fsdp")
+pytest.importorskip("torch.distributed.tensor")  # DTensor as a public module: torch >= 2.5
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, OpenAIGPTConfig, OpenAIGPTLMHeadModel
 
-import wikitext2_gpt
-
-
+from recipes import wikitext2_gpt
 @pytest.fixture(scope="module")
 def tiny_gpt1_checkpoint(wikitext_dir, tmp_path_factory):
     """A small OpenAIGPTLMHeadModel with a tokenizer, saved the way the Hub's openai-gpt is (a local stand-in)."""

@@ -8,9 +8,8 @@ import time
 
 import pytest
 
-import run_support
-import timm_vision
-import wikitext2_gpt
+from recipes import timm_vision
+from recipes import wikitext2_gpt
 from tests.conftest import ROOT
 from tests.recipes.archives import write_cifar10, write_cifar100
 
@@ -66,17 +65,6 @@ def test_the_trainers_optim_flag_is_refused_with_a_pointer_to_optimizer(tmp_path
         lm_main(tmp_path, tmp_path, "--optim", "sgd")
 
 
-@pytest.mark.parametrize("spelling", ["koalapp", "KOALA++", "koalappns", "koalav", "koala-m", "adamw"])
-def test_every_registered_optimizer_name_is_accepted(spelling):
-    args = run_support.RecipeTrainingArguments(output_dir="unused", report_to="none")
-    cls, kwargs = args.resolve_optimizer(spelling, wikitext2_gpt.OPTIMIZER_SETTINGS, {})
-    canonical = run_support.canonical_optimizer_name(spelling)
-    assert canonical in wikitext2_gpt.OPTIMIZER_SETTINGS
-    assert args.learning_rate == wikitext2_gpt.OPTIMIZER_SETTINGS[canonical]["lr"] == kwargs["lr"]
-    with pytest.raises(SystemExit, match="--optimizer 'koala' is unknown; choose one of: .*koalapp"):
-        run_support.canonical_optimizer_name("koala")
-
-
 def test_boolean_flags_take_no_value():
     parser = timm_vision.HfArgumentParser((timm_vision.DataArguments, timm_vision.ModelArguments))
     _, model = parser.parse_args_into_dataclasses(["--cutout"])
@@ -86,37 +74,6 @@ def test_boolean_flags_take_no_value():
     lm = wikitext2_gpt.HfArgumentParser((wikitext2_gpt.DataArguments,))
     (data,) = lm.parse_args_into_dataclasses(["--halve_test_split"])
     assert data.halve_test_split is True
-
-
-def test_save_strategy_no_evaluates_the_final_model():
-    args = run_support.RecipeTrainingArguments(output_dir="unused", save_strategy="no", report_to="none")
-    assert args.load_best_model_at_end is False and args.evaluated_model == "final"
-    assert run_support.RecipeTrainingArguments(output_dir="unused", report_to="none").evaluated_model == "best validation epoch"
-
-
-def test_logging_scales_to_short_runs_unless_given():
-    args = run_support.RecipeTrainingArguments(output_dir="unused", report_to="none")
-    args.scale_logging(steps_per_epoch=4)
-    assert args.logging_steps == 1
-    args.scale_logging(steps_per_epoch=1000)
-    assert args.logging_steps == 10
-    given = run_support.RecipeTrainingArguments(output_dir="unused", report_to="none", logging_steps=3)
-    given.scale_logging(steps_per_epoch=1000)
-    assert given.logging_steps == 3
-
-
-def test_accelerate_launch_on_cpu_gets_the_machines_cores(monkeypatch):
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    monkeypatch.setattr(run_support, "_accelerator_available", lambda: False)
-    before = run_support.torch.get_num_threads()
-    try:
-        run_support.torch.set_num_threads(1)
-        assert run_support.use_the_machines_cores() == max(1, os.cpu_count())
-        assert run_support.launcher() == "accelerate launch"
-    finally:
-        run_support.torch.set_num_threads(before)
 
 
 def test_a_truncated_cifar_pickle_is_named(tmp_path):

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import timm_vision
-import wikitext2_gpt
+from recipes import timm_vision
+from recipes import wikitext2_gpt
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow

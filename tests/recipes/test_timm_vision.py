@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-import compare
-import timm_vision
+from recipes import compare
+from recipes import timm_vision
 from koala_hf import KOALAPlusPlus
 from koala_hf.vision import ARCHITECTURES, CIFAR_MEAN, CIFAR_STD, ImageClassifier, create_model
 from tests.recipes.archives import learnable_images, write_cifar10, write_cifar100, write_imagenet32

@@ -7,10 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import compare
-import wikitext2_gpt
-
-
+from recipes import compare
+from recipes import wikitext2_gpt
 def smoke(wikitext_dir, output_dir, *extra):
     return wikitext2_gpt.main([
         "--preset", "smoke", "--data_dir", str(wikitext_dir), "--train_split", "validation", "--halve_test_split",

@@ -1,14 +1,11 @@
 """Run by tests/recipes/test_timm_vision.py under torchrun: the vision smoke preset on two CPU processes."""
 
 import sys
-from pathlib import Path
 
 import torch
 
+from recipes import timm_vision
 from tests.helpers import exit_distributed_process
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "recipes"))
-import timm_vision  # noqa: E402
 
 data_dir, output_dir = sys.argv[1], sys.argv[2]
 results, trainer = timm_vision.run([
