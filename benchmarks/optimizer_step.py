@@ -8,16 +8,21 @@ context 256, the classic 33,278-word vocabulary: 54M parameters), (b) ResNet-50
 (timm, CIFAR stem, 100 classes: 161 tensors) and (c) Swin-T (timm, 32x32 inputs:
 173 tensors, 108 of them LayerNorm and bias vectors). Gradients are random; every step observes a
 loss first, as training does. Reference: torch AdamW foreach (and fused where
-torch has it). On a GPU it also checks that a KOALA step never synchronises
-with the host (``torch.cuda.set_sync_debug_mode("error")``) and reports the
-achieved memory bandwidth of KOALA++ (11 tensor passes per element, the floor)
-as a fraction of the measured device-to-device copy bandwidth. For every
-implementation it reports the first step's time (for the fused path on a GPU:
-the ``torch.compile`` time) and, from the profiler, the operations one step
-dispatches: on CPU the ops launched directly by ``step()`` (a multi-tensor op
-or a compiled graph counts as one call, the loops inside it do not), on CUDA
-the device kernels. On the CPU it also times the first-use build of the fused
-path's C++ kernels in a fresh extension folder (koala_hf.optim.cpu_kernels).
+torch has it). ``fused`` is ``fused=True``: the C++ kernels on the CPU, the
+Triton kernels on CUDA (where the ``triton`` rows, ``fused="triton"``, are the
+same backend asked for by name). On a GPU it also checks that a KOALA step
+never synchronises with the host (``torch.cuda.set_sync_debug_mode("error")``)
+and reports the achieved memory bandwidth of KOALA++ (11 tensor passes per
+element, the floor) as a fraction of the measured device-to-device copy
+bandwidth. For every implementation it reports the first step's time (on a GPU
+for the Triton kernels: their compilation) and, from the profiler, the
+operations one step dispatches: on CPU the ops launched directly by ``step()``
+(a multi-tensor op counts as one call, the loops inside it do not), on CUDA the
+device kernels. Whatever the device, it also counts what one step would
+dispatch on CUDA, without a GPU: the ATen compute ops and the Triton launches on
+fake CUDA tensors (koala_hf.optim.profiling). On the CPU it also times the
+first-use build of the fused path's C++ kernels in a fresh extension folder
+(koala_hf.optim.cpu_kernels).
 
 Implementations are timed interleaved, one step each in turn, so that a slow
 phase of a shared machine slows all of them alike. A "floor" row adds to AdamW
@@ -44,6 +49,7 @@ from pathlib import Path
 import torch
 
 from koala_hf import KOALAM, KOALAV, KOALAPlusPlus
+from koala_hf.optim.profiling import step_dispatches
 from koala_hf.recipe_support.results import provenance, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,8 +106,9 @@ READ_PASS = "read 4 tensors once (2 torch.dot per layer)"
 FLOOR = "KOALA++ floor: AdamW fused + that read pass"
 
 
-def implementations() -> dict:
-    """name -> optimizer factory over a parameter list (the papers' LM settings where they matter)."""
+def implementations(device: str) -> dict:
+    """name -> optimizer factory over a parameter list (the papers' LM settings where they matter). The Triton
+    rows run only on CUDA (on the CPU Triton's interpreter is for tests, not for timing)."""
     table = {
         "AdamW foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2, foreach=True),
         "AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2, fused=True),
@@ -116,7 +123,20 @@ def implementations() -> dict:
         "KOALA-M fused": lambda ps: KOALAM(ps, weight_decay=1e-4, fused=True),
         READ_PASS: ReadPass,
     }
+    if device == "cuda":
+        table["KOALA++ triton"] = lambda ps: KOALAPlusPlus(ps, lr=2e-3, weight_decay=1e-4, fused="triton")
+        table["KOALA-V triton"] = lambda ps: KOALAV(ps, weight_decay=1e-4, fused="triton")
+        table["KOALA-M triton"] = lambda ps: KOALAM(ps, weight_decay=1e-4, fused="triton")
     return table
+
+
+def cuda_dispatches(make, shapes) -> dict:
+    """ATen compute ops and Triton launches of one step on CUDA, counted on fake tensors (no GPU needed)."""
+    if make is ReadPass:
+        return {}
+    probe = make([torch.nn.Parameter(torch.zeros(1))])
+    counted = step_dispatches(make, [tuple(s) for s in shapes], device="cuda", koala=hasattr(probe, "observe"))
+    return {"cuda_aten_ops": counted.ops, "cuda_triton_launches": counted.launches}
 
 
 def synchronize(device: str) -> None:
@@ -128,7 +148,9 @@ def time_steps(implementations: dict, shapes, device: str, steps: int, warmup: i
     """Time every implementation's steps interleaved, step by step, on its own parameters and gradients.
 
     Interleaving makes a slow phase of the machine (another tenant, frequency changes) slow every
-    implementation alike, so the ratios between them hold within one run even when the times drift.
+    implementation alike, so the ratios between them hold within one run even when the times drift. Every
+    implementation starts from the same parameters and gradients and takes the same steps, so each KOALA
+    path's parameters are also compared with its variant's per-tensor path (``vs_per_tensor``, relative).
     """
     runs = {}
     for name, make in implementations.items():
@@ -154,6 +176,7 @@ def time_steps(implementations: dict, shapes, device: str, steps: int, warmup: i
     results = {}
     for name, (params, optimizer) in runs.items():
         koala = hasattr(optimizer, "observe")
+        reference = runs.get(name.rsplit(" ", 1)[0] + " per-tensor") if koala else None
         if koala and int(optimizer.state["koala"]["skipped_steps"]) != 0:
             raise RuntimeError(f"{name} skipped steps: its times would not be those of a step")
         measured = times[name][warmup:]
@@ -164,7 +187,11 @@ def time_steps(implementations: dict, shapes, device: str, steps: int, warmup: i
         )
         result = {"median_ms": 1e3 * statistics.median(measured), "min_ms": 1e3 * min(measured),
                   "state_bytes": state_bytes, "first_step_s": times[name][0],
-                  "ops_per_step": ops_per_step(optimizer, loss, koala, device)}
+                  "ops_per_step": ops_per_step(optimizer, loss, koala, device),
+                  **cuda_dispatches(implementations[name], shapes)}
+        if reference is not None:  # the same steps from the same start: how far from the per-tensor path
+            result["vs_per_tensor"] = max(((p - q).abs().max() / q.abs().max().clamp_min(1e-30)).item()
+                                          for p, q in zip(params, reference[0]))
         if device == "cuda" and koala:
             try:
                 torch.cuda.set_sync_debug_mode("error")
@@ -239,7 +266,7 @@ def main(argv=None) -> dict:
     rows = []
     for workload, shapes in workloads.items():
         n = sum(s.numel() for s in shapes)
-        chosen = {name: make for name, make in implementations().items() if not args.only or name in args.only}
+        chosen = {name: make for name, make in implementations(args.device).items() if not args.only or name in args.only}
         for name, measured in time_steps(chosen, shapes, args.device, args.steps, args.warmup).items():
             passes = KOALA_PP_PASSES if name.startswith("KOALA++") else ADAMW_PASSES if name.startswith("AdamW") else None
             if passes:
@@ -280,16 +307,23 @@ def markdown(report: dict) -> str:
         + (f"; first-use build of the fused CPU kernels {report['cpu_kernel_build_s']:.1f} s)"
            if report.get("cpu_kernel_build_s") else ")"),
         "",
-        "| shapes | implementation | median ms | x AdamW foreach | x AdamW fused | state MiB | of copy bandwidth | ops per step | first step s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| shapes | implementation | median ms | x AdamW foreach | x AdamW fused | state MiB | of copy bandwidth | ops per step | CUDA: ATen ops + Triton launches | first step s | vs per-tensor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         ratio = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
         share = f"{100 * r['bandwidth_fraction']:.0f}%" if r.get("bandwidth_fraction") else "-"
         ops = r.get("ops_per_step", "-")
         first = f"{r['first_step_s']:.2f}" if "first_step_s" in r else "-"
+        cuda = f"{r['cuda_aten_ops']} + {r['cuda_triton_launches']}" if "cuda_aten_ops" in r else "-"
         lines.append(f"| {r['workload']} | {r['implementation']} | {r['median_ms']:.1f} | {ratio(r['vs_adamw_foreach'])} | "
-                     f"{ratio(r['vs_adamw_fused'])} | {r['state_bytes'] / 2**20:.0f} | {share} | {ops} | {first} |")
+                     f"{ratio(r['vs_adamw_fused'])} | {r['state_bytes'] / 2**20:.0f} | {share} | {ops} | {cuda} | {first} | "
+                     + (f"{r['vs_per_tensor']:.0e} |" if "vs_per_tensor" in r else "- |"))
+    lines += ["", "ops per step: on the CPU the ops `step()` calls directly (profiler), on CUDA the device kernels. "
+              "CUDA: ATen ops + Triton launches: what one step dispatches on CUDA, counted on fake CUDA tensors "
+              "(koala_hf.optim.profiling; views and device queries left out); `fused` on CUDA is the Triton backend. "
+              "vs per-tensor: the largest parameter difference from the variant's per-tensor path after the same "
+              "steps, relative to the parameters' largest magnitude."]
     return "\n".join(lines) + "\n"
 
 

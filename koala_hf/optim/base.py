@@ -31,7 +31,6 @@ import torch
 from koala_hf.measurement import LossMeasurement
 from koala_hf.optim import checkpoint, dispatch
 from koala_hf.optim.checkpoint import FILTER_STATE
-from koala_hf.optim.dispatch import Backend
 from koala_hf.optim.layers import StepWorkspace
 from koala_hf.optim.noise import noise_estimates
 from koala_hf.optim.sharding import check_parameter
@@ -48,8 +47,7 @@ class KoalaOptimizer(torch.optim.Optimizer):
       kept in float32 or wider whatever the parameter's dtype;
     * ``filter_state_keys``: its own filter-wide state (beside ``R`` and the counters);
     * ``identifying_hyperparameters``: keys its parameter groups have (to recognise its state dicts);
-    * ``shared_hyperparameters``: hyperparameters of the filter as a whole, equal in every group;
-    * ``fused_off_cpu``: the backend ``fused=True`` runs on devices other than the CPU (``None``: refused).
+    * ``shared_hyperparameters``: hyperparameters of the filter as a whole, equal in every group.
     """
 
     layer_state_keys: tuple[str, ...] = ()
@@ -57,7 +55,6 @@ class KoalaOptimizer(torch.optim.Optimizer):
     filter_state_keys: tuple[str, ...] = ()
     identifying_hyperparameters: tuple[str, ...] = ()
     shared_hyperparameters: tuple[str, ...] = ()
-    fused_off_cpu: Backend | None = None
     # Attributes that pickling and deepcopy carry besides torch's defaults, state and param_groups.
     _carried_attributes: tuple[str, ...] = ("_measurement",)
 
@@ -122,8 +119,7 @@ class KoalaOptimizer(torch.optim.Optimizer):
         check_noise(group)
         dispatch.check_options(group, type(self).__name__)
         if group["fused"]:
-            devices = {p.device.type for p in group["params"]}
-            dispatch.refuse_fused_off_cpu(devices, type(self).__name__, self.fused_off_cpu)
+            dispatch.check_fused_devices(group["fused"], {p.device.type for p in group["params"]}, type(self).__name__)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)

@@ -7,8 +7,8 @@ on this CPU. Each pass of a step is then one call for every layer of a dtype,
 like torch's fused CPU AdamW. Building needs a C++ compiler and ``ninja``
 (``pip install ninja``), as ``torch.compile`` on CPU needs a compiler; where
 the build fails, :func:`cpu_kernels` warns once, saying why, and returns
-``None``: KOALA++'s fused step then runs its per-layer ``torch.compile``
-kernels, KOALA-V/M their foreach path (the same results, more calls per step).
+``None``: the fused step then runs the foreach path (koala_hf.optim.dispatch's
+fallback rule: the same results, more calls per step).
 """
 
 from __future__ import annotations
@@ -45,9 +45,8 @@ def cpu_kernels():
             reason = next((line for line in lines if "error:" in line), lines[0])  # the compiler's, if any
             warnings.warn(
                 "fused=True could not build the multi-tensor CPU kernels of koala_hf "
-                f"({type(error).__name__}: {reason}); KOALA++ runs its per-layer torch.compile kernels instead, "
-                "KOALA-V/M their foreach path (same results, slower with many tensors). Building needs a C++ "
-                "compiler and ninja (pip install ninja).",
+                f"({type(error).__name__}: {reason}); fused=True runs the foreach path instead (same results, "
+                "slower with many tensors). Building needs a C++ compiler and ninja (pip install ninja).",
                 RuntimeWarning,
                 stacklevel=3,
             )

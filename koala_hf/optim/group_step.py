@@ -4,12 +4,15 @@ Every KOALA step runs the same way over these records: a reduction pass gives ea
 products with the state, ``theta.theta``), the sums of every group are completed over the shards in one
 collective (:func:`complete_sums`), the variant's pure coefficient functions turn them into per-layer
 coefficients, and an update pass applies them. The record's ``backend`` (koala_hf.optim.dispatch) says how
-the passes run.
+the passes run: a variant maps each backend to its passes, and :func:`reduce_by_backend` and
+:func:`update_by_backend` call each backend's pass once with all the groups it runs (so that a multi-tensor
+backend covers them in one launch).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -31,6 +34,7 @@ class GroupStep:
     backend: Backend
     jacobians: list[torch.Tensor] | None = None  # ``H = g + wd theta`` (E3) on the eager paths; fused kernels form it
     sums: torch.Tensor | None = field(default=None, repr=False)  # ``[n_layers, k]``, whole layers' after complete_sums
+    batch: object = field(default=None, repr=False)  # what a batching backend's reduction prepared for its update
 
     @property
     def weight_decay(self) -> float:
@@ -41,7 +45,7 @@ class GroupStep:
         return [local(state[key]) for state in self.states]
 
 
-def gather(optimizer, *, off_cpu: Backend | None) -> list[GroupStep]:
+def gather(optimizer) -> list[GroupStep]:
     """The groups with a parameter to step, their state created on first use (``optimizer._layer_state``).
 
     ``H`` is formed here for the eager backends, on the CPU's foreach path into the optimizer's reused workspace.
@@ -60,7 +64,7 @@ def gather(optimizer, *, off_cpu: Backend | None) -> list[GroupStep]:
                 raise RuntimeError(f"{name} does not support complex gradients")
         states = [optimizer._layer_state(p) for p in params]  # an entry per parameter, as DCP expects
         shards, grads = [local(p) for p in params], [local(p.grad) for p in params]
-        step = GroupStep(index, group, params, shards, grads, states, choose_backend(group, shards, name, off_cpu=off_cpu))
+        step = GroupStep(index, group, params, shards, grads, states, choose_backend(group, shards, name))
         if not step.backend.fused:
             foreach = step.backend is Backend.FOREACH
             workspace = optimizer._workspace("H").get(params, shards) if foreach and step.weight_decay else None
@@ -85,3 +89,45 @@ def complete_sums(steps: list[GroupStep], local_sums: list[torch.Tensor], ok: to
     for step, sums in zip(steps, whole):
         step.sums = sums
     return ok & torch.isfinite(torch.cat(whole)).all()
+
+
+def _by_backend(steps: list[GroupStep]) -> dict[Backend, list[int]]:
+    indices: dict[Backend, list[int]] = {}
+    for i, step in enumerate(steps):
+        indices.setdefault(step.backend, []).append(i)
+    return indices
+
+
+def reduce_by_backend(optimizer, steps: list[GroupStep], passes: dict[Backend, Callable], device, dtype) -> list[torch.Tensor]:
+    """Each group's local ``[n_layers, k]`` sums in ``device`` and ``dtype``: ``passes[backend](optimizer, steps,
+    device, dtype)`` called once per backend with its groups, in order."""
+    sums: list = [None] * len(steps)
+    for backend, indices in _by_backend(steps).items():
+        for i, result in zip(indices, passes[backend](optimizer, [steps[i] for i in indices], device, dtype)):
+            sums[i] = result.to(device, dtype)
+    return sums
+
+
+def update_by_backend(optimizer, steps: list[GroupStep], passes: dict[Backend, Callable], coefficients: list, ok, *extra) -> None:
+    """``passes[backend](optimizer, steps, coefficients, ok, *extra)`` once per backend with its groups and theirs."""
+    for backend, indices in _by_backend(steps).items():
+        passes[backend](optimizer, [steps[i] for i in indices], [coefficients[i] for i in indices], ok, *extra)
+
+
+def group_by_group_sums(one_group: Callable) -> Callable:
+    """A reduction written for one group, ``(optimizer, step, device, dtype) -> sums``, in the list form."""
+
+    def every_group(optimizer, steps, device, dtype):
+        return [one_group(optimizer, step, device, dtype) for step in steps]
+
+    return every_group
+
+
+def group_by_group_update(one_group: Callable) -> Callable:
+    """An update written for one group, ``(optimizer, step, coefficients, ok, *extra)``, in the list form."""
+
+    def every_group(optimizer, steps, coefficients, ok, *extra):
+        for step, group_coefficients in zip(steps, coefficients):
+            one_group(optimizer, step, group_coefficients, ok, *extra)
+
+    return every_group

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from koala_hf.optim import triton_kernels
 from koala_hf.optim.cpu_kernels import cpu_kernels
 from koala_hf.optim.group_step import GroupStep
 from koala_hf.optim.layers import bucketed_rows, dot
@@ -28,3 +29,15 @@ def cpu_norms(step: GroupStep, device: torch.device, dtype: torch.dtype, average
     if not wd:
         norms[:, 1] = 0.0  # ||theta||^2 only enters through wd (E3), as in the other paths
     return norms
+
+
+def triton_norms(optimizer, steps: list[GroupStep], device, dtype, averages: bool = False) -> list[torch.Tensor]:
+    """The Triton kernels for every group at once (a reduction and a combination launch per dtype); with
+    ``averages``, KOALA-M's ``[d.d, d.H]`` too. The tables' lists: theta, g, w_avg, u (KOALA-M) or theta, g."""
+    layers = [list(zip(s.shards, s.grads, s.state_shards("w_avg"), s.state_shards("u"))) if averages
+              else list(zip(s.shards, s.grads)) for s in steps]
+    batch = triton_kernels.StepBatch(layers, [s.weight_decay for s in steps],
+                                     optimizer.__dict__.setdefault("_triton_layouts", {}))
+    for step in steps:
+        step.batch = batch
+    return batch.sums(4 if averages else 2, "jacobian_partials", device, dtype, K=4 if averages else 2)

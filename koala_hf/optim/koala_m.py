@@ -10,8 +10,16 @@ from koala_hf.optim.base import MIN_JACOBIAN_NORM, KoalaOptimizer
 from koala_hf.optim.checkpoint import FILTER_STATE
 from koala_hf.optim.cpu_kernels import cpu_kernels
 from koala_hf.optim.dispatch import Backend
-from koala_hf.optim.group_step import GroupStep, complete_sums, gather
-from koala_hf.optim.jacobian_norms import cpu_norms, eager_norms
+from koala_hf.optim.group_step import (
+    GroupStep,
+    complete_sums,
+    gather,
+    group_by_group_sums,
+    group_by_group_update,
+    reduce_by_backend,
+    update_by_backend,
+)
+from koala_hf.optim.jacobian_norms import cpu_norms, eager_norms, triton_norms
 from koala_hf.optim.layers import dot, finite_mask, group_by_device_and_dtype, widen, write_back
 from koala_hf.optim.sharding import local, reduce_sums, sharding_group
 from koala_hf.optim.validation import check_range
@@ -54,10 +62,12 @@ class KOALAM(KoalaOptimizer):
     the update follows without another pass) go in the one collective of the
     step; the first step adds one more, for E30's first ``||theta||``.
 
-    ``fused=True`` (CPU only) runs the sums pass and the update with E31's
-    predict as one multi-tensor C++ call each for every layer of a dtype,
-    without the temporaries ``H`` and ``d`` (koala_hf.optim.cpu_kernels; built
-    on first use).
+    ``fused=True`` runs the sums pass and the update with E31's predict
+    without the temporaries ``H`` and ``d``: on the CPU as one multi-tensor C++
+    call each for every layer of a dtype (koala_hf.optim.cpu_kernels; built on
+    first use), on CUDA as three Triton launches per dtype
+    (koala_hf.optim.triton_kernels; ``fused="triton"`` asks for them, also on
+    the CPU under ``TRITON_INTERPRET=1``).
     """
 
     layer_state_keys = ("u", "w_avg")
@@ -81,7 +91,7 @@ class KOALAM(KoalaOptimizer):
         noise: str = "second_moment",
         weight_decay: float = 0.0,
         foreach: bool | None = None,
-        fused: bool = False,
+        fused: bool | str = False,
     ) -> None:
         self._training = True
         defaults = dict(
@@ -161,21 +171,22 @@ class KOALAM(KoalaOptimizer):
             raise RuntimeError("KOALAM.step() was called in eval mode; call optimizer.train() first")
         device, dtype = loss.device, loss.dtype
         covariance = state["P"]
-        steps = gather(self, off_cpu=self.fused_off_cpu)
-        sums = [SUMS[step.backend](self, step, device, dtype) for step in steps]
+        steps = gather(self)
+        sums = reduce_by_backend(self, steps, SUMS, device, dtype)
         ok = complete_sums(steps, sums, ok, type(self).__name__)
 
         information = [torch.zeros(1, dtype=dtype, device=device)]  # ||H||^2 / S of updated layers (E35)
         distance_sq = torch.zeros((), dtype=dtype, device=device)
         n_params = 0
-        a = self.shared("a")
+        coefficients = []
         for step in steps:
             result = koala_m_coefficients(step.sums, covariance, loss=loss, noise=noise[step.index], ok=ok,
                                           lr=step.group["lr"], weight_decay=step.weight_decay)
             information.append(result.information)
             distance_sq = distance_sq + result.distance_sq
             n_params += sum(p.numel() for p in step.params)
-            UPDATES[step.backend](self, step, result.coefficients, ok, a, dtype)
+            coefficients.append(result.coefficients)
+        update_by_backend(self, steps, UPDATES, coefficients, ok, self.shared("a"), dtype)
 
         h = torch.cat(information).max()  # E35
         column = covariance[:, 0]
@@ -218,6 +229,7 @@ def koala_m_coefficients(sums, covariance, *, loss, noise, ok, lr, weight_decay)
 
 
 # --------------------------------------------------------------- the passes
+@group_by_group_sums
 def _eager_sums(optimizer: KOALAM, step: GroupStep, device, dtype) -> torch.Tensor:
     """``[||H||^2, ||theta||^2, d.d, d.H]`` per layer from the formed ``H``."""
     return torch.cat([eager_norms(step, device, dtype), _distance_sums(optimizer, step, dtype).to(device)], dim=1)
@@ -239,10 +251,16 @@ def _distance_sums(optimizer: KOALAM, step: GroupStep, dtype) -> torch.Tensor:
     return torch.stack([torch.stack([dot(d, d, dtype), dot(d, h, dtype)]) for d, h in zip(distances, step.jacobians)])
 
 
+@group_by_group_sums
 def _cpu_sums(optimizer: KOALAM, step: GroupStep, device, dtype) -> torch.Tensor:
     return cpu_norms(step, device, dtype, averages=step.state_shards("w_avg"))
 
 
+def _triton_sums(optimizer: KOALAM, steps: list[GroupStep], device, dtype) -> list[torch.Tensor]:
+    return triton_norms(optimizer, steps, device, dtype, averages=True)
+
+
+@group_by_group_update
 def _eager_update(optimizer: KOALAM, step: GroupStep, coefficients, ok, a: float, dtype) -> None:
     """E33, E34, then E31's predict, on the formed ``H``, masked by ``ok``."""
     jacobians = finite_mask(step.jacobians, ok, owned=step.weight_decay != 0)
@@ -271,6 +289,7 @@ def _predict_weights(params, us, ok, foreach: bool, dtype, a: float) -> None:
             write_back([p, u], [p_w, u_w])
 
 
+@group_by_group_update
 def _cpu_update(optimizer: KOALAM, step: GroupStep, coefficients, ok, a: float, dtype) -> None:
     """E33, E34 and E31's predict in one multi-tensor C++ call per dtype; a skipped step writes nothing."""
     kernels = cpu_kernels()
@@ -311,6 +330,13 @@ def _update_layers(params, jacobians, us, averages, coefficients, foreach: bool)
             write_back(originals, copies)
 
 
+def _triton_update(optimizer: KOALAM, steps: list[GroupStep], coefficients, ok, a: float, dtype) -> None:
+    """E33, E34 and E31's predict: one launch per dtype for the layers of every group, masked by ``ok``."""
+    steps[0].batch.update("koala_m_update", coefficients, ok, (0, 2, 3), a)  # writes theta, w_avg, u
+
+
 # The passes of each backend (koala_hf.optim.dispatch chooses the backend).
-SUMS = {Backend.PER_TENSOR: _eager_sums, Backend.FOREACH: _eager_sums, Backend.FUSED_CPU: _cpu_sums}
-UPDATES = {Backend.PER_TENSOR: _eager_update, Backend.FOREACH: _eager_update, Backend.FUSED_CPU: _cpu_update}
+SUMS = {Backend.PER_TENSOR: _eager_sums, Backend.FOREACH: _eager_sums, Backend.FUSED_CPU: _cpu_sums,
+        Backend.TRITON: _triton_sums}
+UPDATES = {Backend.PER_TENSOR: _eager_update, Backend.FOREACH: _eager_update, Backend.FUSED_CPU: _cpu_update,
+           Backend.TRITON: _triton_update}

@@ -7,8 +7,9 @@ recomputed, spec cost notes). A step is one reduction pass (``H.H``,
 ``H.H_prev``, ``H.v_prev`` and, with weight decay, ``theta.theta``:
 :func:`layer_products`), the scalar algebra on all layers of a group at once
 (:func:`kalman_coefficients`), and one elementwise pass (E14, E16, E17). Each
-pass has a per-tensor, a foreach and a fused implementation; the group's
-backend (koala_hf.optim.dispatch) picks one (``REDUCTIONS`` and ``UPDATES``).
+pass has a per-tensor, a foreach, a C++ (CPU) and a Triton implementation; the
+group's backend (koala_hf.optim.dispatch) picks one (``REDUCTIONS`` and
+``UPDATES``).
 Under FSDP2 the reduction runs on this process's shards and one collective sums
 every layer's products (koala_hf.optim.sharding).
 """
@@ -19,10 +20,19 @@ from typing import NamedTuple
 
 import torch
 
+from koala_hf.optim import triton_kernels
 from koala_hf.optim.base import MIN_JACOBIAN_NORM, KoalaOptimizer
 from koala_hf.optim.cpu_kernels import cpu_kernels
 from koala_hf.optim.dispatch import Backend
-from koala_hf.optim.group_step import GroupStep, complete_sums, gather
+from koala_hf.optim.group_step import (
+    GroupStep,
+    complete_sums,
+    gather,
+    group_by_group_sums,
+    group_by_group_update,
+    reduce_by_backend,
+    update_by_backend,
+)
 from koala_hf.optim.layers import (
     bucketed_rows,
     dot,
@@ -64,11 +74,13 @@ class KOALAPlusPlus(KoalaOptimizer):
         foreach: use the multi-tensor path (default: on CUDA).
         fused: run the step as two fused passes over the tensors, the reduction
             (E11-E13) and the update (E14-E17), without the temporary ``H``: the
-            fewest tensor passes a step can make (11). On the CPU each pass is
-            one call of a multi-tensor C++ kernel for every layer of a dtype
-            (koala_hf.optim.cpu_kernels: built on first use, 10-15 s, then
-            cached); on other devices, two ``torch.compile`` kernels per
-            layer (Triton on GPU), compiled at the first step.
+            fewest tensor passes a step can make (11). ``True``: the device's
+            fused backend. On the CPU each pass is one call of a multi-tensor C++
+            kernel for every layer of a dtype (koala_hf.optim.cpu_kernels: built
+            on first use, 10-15 s, then cached); on CUDA three Triton launches
+            per dtype for every layer (koala_hf.optim.triton_kernels).
+            ``"triton"``: the Triton kernels, also on the CPU under
+            ``TRITON_INTERPRET=1`` (Triton's interpreter: for tests).
 
     Call :meth:`observe` with the loss before :meth:`step`, or use
     :class:`koala_hf.KoalaTrainer`. A layer whose innovation variance ``S`` is
@@ -80,7 +92,6 @@ class KOALAPlusPlus(KoalaOptimizer):
     layer_state_keys = ("v", "H_prev", "filter")
     layer_scalar_keys = ("filter",)
     identifying_hyperparameters = ("sigma", "q", "symmetric")
-    fused_off_cpu = Backend.COMPILED
 
     def __init__(
         self,
@@ -94,7 +105,7 @@ class KOALAPlusPlus(KoalaOptimizer):
         weight_decay: float = 0.0,
         symmetric: bool = True,
         foreach: bool | None = None,
-        fused: bool = False,
+        fused: bool | str = False,
     ) -> None:
         defaults = dict(
             lr=lr, sigma=sigma, q=q, r=r, alpha_r=alpha_r, noise=noise, weight_decay=weight_decay,
@@ -137,19 +148,23 @@ class KOALAPlusPlus(KoalaOptimizer):
                 "koala/effective_step": steps.sum() / count}
 
     def _update(self, loss, noise, ok):
-        steps = gather(self, off_cpu=self.fused_off_cpu)
-        products = [REDUCTIONS[step.backend](step).to(loss.device, loss.dtype) for step in steps]
+        steps = gather(self)
+        products = reduce_by_backend(self, steps, REDUCTIONS, loss.device, loss.dtype)
         ok = complete_sums(steps, products, ok, type(self).__name__)  # whole layers': one collective under FSDP2
+        coefficients, filters = [], []
         for step in steps:
             group = step.group
-            filters = [state["filter"] for state in step.states]  # per-layer scalars, never sharded
+            layer_filters = [state["filter"] for state in step.states]  # per-layer scalars, never sharded
             result = kalman_coefficients(
-                step.sums, torch.stack(filters).to(loss.device, loss.dtype),
+                step.sums, torch.stack(layer_filters).to(loss.device, loss.dtype),
                 loss=loss, noise=noise[step.index], ok=ok, lr=group["lr"], sigma=group["sigma"], q=group["q"],
                 weight_decay=group["weight_decay"], symmetric=group["symmetric"],
             )
-            UPDATES[step.backend](step, result.coefficients, ok)
-            torch._foreach_copy_(filters, list(result.filters.unbind(0)))
+            coefficients.append(result.coefficients)
+            filters.append((layer_filters, result.filters))
+        update_by_backend(self, steps, UPDATES, coefficients, ok)
+        for layer_filters, new_filters in filters:
+            torch._foreach_copy_(layer_filters, list(new_filters.unbind(0)))
         return ok
 
 
@@ -224,29 +239,35 @@ def kalman_coefficients(products, filters, *, loss, noise, ok, lr, sigma, q, wei
 
 
 # --------------------------------------------------------------- reduction pass
-def _eager_products(step: GroupStep) -> torch.Tensor:
+@group_by_group_sums
+def _eager_products(optimizer, step: GroupStep, device, dtype) -> torch.Tensor:
     """``[n_layers, 4]`` rows of :func:`layer_products` from the formed ``H`` (per-tensor and foreach)."""
     vs, h_prevs = step.state_shards("v"), step.state_shards("H_prev")
     return torch.stack([layer_products(p, h, h_prev, v, step.weight_decay)
                         for p, h, v, h_prev in zip(step.shards, step.jacobians, vs, h_prevs)])
 
 
-def _cpu_products(step: GroupStep) -> torch.Tensor:
+@group_by_group_sums
+def _cpu_products(optimizer, step: GroupStep, device, dtype) -> torch.Tensor:
     """One call of the multi-tensor C++ kernel per dtype for all layers (koala_hf.optim.cpu_kernels)."""
     kernels = cpu_kernels()
     return bucketed_rows([step.shards, step.grads, step.state_shards("H_prev"), step.state_shards("v")],
                          lambda p, g, hp, v: kernels.koala_plus_plus_products(p, g, hp, v, step.weight_decay))
 
 
-def _compiled_products(step: GroupStep) -> torch.Tensor:
-    """One ``torch.compile`` kernel per layer (the fused step off the CPU)."""
-    reduce = fused_kernels()[0]
-    layers = zip(step.grads, step.shards, step.state_shards("H_prev"), step.state_shards("v"))
-    return torch.stack([reduce(*_flat_views(list(layer))[0], step.weight_decay) for layer in layers])
+def _triton_products(optimizer, steps: list[GroupStep], device, dtype) -> list[torch.Tensor]:
+    """A reduction and a combination launch per dtype for the layers of every group (koala_hf.optim.triton_kernels)."""
+    batch = triton_kernels.StepBatch(
+        [list(zip(s.shards, s.grads, s.state_shards("H_prev"), s.state_shards("v"))) for s in steps],
+        [s.weight_decay for s in steps], optimizer.__dict__.setdefault("_triton_layouts", {}))
+    for step in steps:
+        step.batch = batch
+    return batch.sums(4, "koala_plus_plus_partials", device, dtype)
 
 
 # ------------------------------------------------------------------ update pass
-def _eager_update(step: GroupStep, coefficients: torch.Tensor, ok: torch.Tensor) -> None:
+@group_by_group_update
+def _eager_update(optimizer, step: GroupStep, coefficients: torch.Tensor, ok: torch.Tensor) -> None:
     """E14, E16, E17 on the formed ``H``: skipped where ``ok`` reads back for free, else masked."""
     if skipped_on_host(ok):
         return
@@ -255,15 +276,18 @@ def _eager_update(step: GroupStep, coefficients: torch.Tensor, ok: torch.Tensor)
     update(step.shards, jacobians, step.state_shards("v"), step.state_shards("H_prev"), coefficients)
 
 
-def _cpu_update(step: GroupStep, coefficients: torch.Tensor, ok: torch.Tensor) -> None:
+@group_by_group_update
+def _cpu_update(optimizer, step: GroupStep, coefficients: torch.Tensor, ok: torch.Tensor) -> None:
     """One multi-tensor C++ call per dtype; ``H`` is recomputed inside and a skipped step writes nothing."""
-    _fused_update(step.shards, step.grads, step.state_shards("v"), step.state_shards("H_prev"), coefficients, ok,
-                  step.weight_decay)
+    kernels = cpu_kernels()
+    lists = [step.shards, step.grads, step.state_shards("v"), step.state_shards("H_prev")]
+    for (p, g, v, hp), indices in group_by_device_and_dtype(lists).values():
+        kernels.koala_plus_plus_update(p, g, v, hp, coefficients[indices].cpu(), ok.cpu(), step.weight_decay)
 
 
-def _compiled_update(step: GroupStep, coefficients: torch.Tensor, ok: torch.Tensor) -> None:
-    _compiled_layer_updates(step.shards, step.grads, step.state_shards("v"), step.state_shards("H_prev"),
-                            coefficients, ok, step.weight_decay)
+def _triton_update(optimizer, steps: list[GroupStep], coefficients: list[torch.Tensor], ok: torch.Tensor) -> None:
+    """One launch per dtype for the layers of every group, masked by ``ok`` on the device."""
+    steps[0].batch.update("koala_plus_plus_update", coefficients, ok, (0, 2, 3))  # writes theta, H_prev, v
 
 
 def _single_tensor_update(params, jacobians, vs, h_prevs, coefficients):
@@ -294,95 +318,8 @@ def _foreach_update(params, jacobians, vs, h_prevs, coefficients):
             write_back(originals, copies)
 
 
-# ---------------------------------------------------------------- fused kernels
-def _fused_update(params, grads, vs, h_prevs, coefficients, ok, weight_decay: float) -> None:
-    """The C++ update pass (E3, E14, E16, E17) per dtype bucket, masked by ``ok``."""
-    kernels = cpu_kernels()
-    for (_, _), ((p, g, v, hp), indices) in group_by_device_and_dtype([params, grads, vs, h_prevs]).items():
-        kernels.koala_plus_plus_update(p, g, v, hp, coefficients[indices].cpu(), ok.cpu(), weight_decay)
-
-
-def _compiled_layer_updates(params, grads, vs, h_prevs, coefficients, ok, weight_decay: float) -> None:
-    """The per-layer compiled update pass (E3, E14, E16, E17), masked by ``ok``."""
-    update = fused_kernels()[1]
-    for (device, _), ((p, g, v, hp), indices) in group_by_device_and_dtype([params, grads, vs, h_prevs]).items():
-        table, flag = coefficients.to(device), ok.to(device)
-        rows = torch.arange(len(table), device=device)  # made on the device: no host-to-device copy per layer
-        for index, layer in zip(indices, zip(p, g, v, hp)):
-            flats, copies = _flat_views(list(layer))
-            # The whole table and the row index as a tensor: a row view's offset would be a guard per row.
-            update(*flats, table, _storage_vector(rows, index, 1), flag, weight_decay)
-            if copies is not None:  # a layout that cannot be viewed flat: store the results
-                for original, copy in zip((layer[0], layer[2], layer[3]), (copies[0], copies[2], copies[3])):
-                    original.detach().copy_(copy)
-
-
-def _flat_views(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-    """One layer's tensors as flat vectors in one common element order, and the copies to write back (or ``None``).
-
-    Dot products and elementwise updates do not depend on the element order, only
-    on every tensor using the same one. Tensors that share one dense layout
-    (contiguous, ``channels_last``, any permutation) are viewed in memory order;
-    others are copied to contiguous tensors, which the update writes back.
-    """
-    first = tensors[0]
-    strides = first.stride()
-    if all(t.stride() == strides for t in tensors):
-        order = sorted(range(first.dim()), key=lambda d: -strides[d])
-        if first.detach().permute(order).is_contiguous():  # dense: numel elements from storage_offset on
-            return [_storage_vector(t) for t in tensors], None
-    copies = [t.detach().contiguous() for t in tensors]
-    return [_storage_vector(c) for c in copies], copies
-
-
-def _storage_vector(t: torch.Tensor, start: int = 0, length: int | None = None) -> torch.Tensor:
-    """A dense tensor's elements (``length`` of them from ``start``, all by default) as a 1-D tensor on its
-    storage, in memory order, that is not a view: dynamo guards on a view's base (its rank) and offset, which
-    would compile the kernels again for every parameter rank or coefficient row."""
-    length = t.numel() if length is None else length
-    return torch.empty(0, dtype=t.dtype, device=t.device).set_(
-        t.untyped_storage(), t.storage_offset() + start, (length,), (1,)
-    )
-
-
-def _layer_products_kernel(g, p, h_prev, v_prev, weight_decay: float):
-    """One pass over g, theta, H_prev, v_prev: ``[H.H, H.H_prev, H.v_prev, theta.theta]`` (E3, E11-E13)."""
-    dtype = reduction_dtype(p.dtype)
-    theta = p.to(dtype)
-    h = g.to(dtype) + weight_decay * theta
-    return torch.stack([(h * h).sum(), (h * h_prev.to(dtype)).sum(), (h * v_prev.to(dtype)).sum(), (theta * theta).sum()])
-
-
-def _layer_update_kernel(p, g, v, h_prev, table, row, ok, weight_decay: float):
-    """One pass over theta, g, v, H_prev writing theta, v, H_prev (E3, E14, E16, E17) with the coefficients
-    ``table[row]``, masked by ``ok``."""
-    c = table.index_select(0, row)[0]
-    dtype = reduction_dtype(p.dtype)
-    theta = p.to(dtype)
-    h = torch.where(ok, g.to(dtype) + weight_decay * theta, 0.0)
-    v_new = c[C_V] * v.to(dtype) + c[C_H] * h + c[C_HP] * h_prev.to(dtype)
-    p.copy_(theta + c[STEP_V] * v_new + c[STEP_H] * h)
-    h_prev.copy_(c[KEEP_HP] * h_prev.to(dtype) + c[TAKE_H] * h)
-    v.copy_(v_new)
-
-
-_FUSED = None
-
-
-def fused_kernels():
-    """The per-layer compiled kernels, for dynamic shapes. Layers reach them as 1-D tensors on their storage
-    (not views) and the coefficients as the whole table and a row index, so the first step compiles a few
-    variants whatever the layers' ranks and number: for one-element layers (dynamo specialises size 1) and,
-    on the CPU, for reductions over more than 4,096 elements (inductor's cascade sum); later steps and
-    learning rates compile nothing."""
-    global _FUSED
-    if _FUSED is None:
-        _FUSED = (torch.compile(_layer_products_kernel, dynamic=True), torch.compile(_layer_update_kernel, dynamic=True))
-    return _FUSED
-
-
 # The passes of each backend (koala_hf.optim.dispatch chooses the backend).
 REDUCTIONS = {Backend.PER_TENSOR: _eager_products, Backend.FOREACH: _eager_products,
-              Backend.FUSED_CPU: _cpu_products, Backend.COMPILED: _compiled_products}
+              Backend.FUSED_CPU: _cpu_products, Backend.TRITON: _triton_products}
 UPDATES = {Backend.PER_TENSOR: _eager_update, Backend.FOREACH: _eager_update,
-           Backend.FUSED_CPU: _cpu_update, Backend.COMPILED: _compiled_update}
+           Backend.FUSED_CPU: _cpu_update, Backend.TRITON: _triton_update}

@@ -9,8 +9,16 @@ import torch
 from koala_hf.optim.base import MIN_JACOBIAN_NORM, KoalaOptimizer
 from koala_hf.optim.cpu_kernels import cpu_kernels
 from koala_hf.optim.dispatch import Backend
-from koala_hf.optim.group_step import GroupStep, complete_sums, gather
-from koala_hf.optim.jacobian_norms import cpu_norms, eager_norms
+from koala_hf.optim.group_step import (
+    GroupStep,
+    complete_sums,
+    gather,
+    group_by_group_sums,
+    group_by_group_update,
+    reduce_by_backend,
+    update_by_backend,
+)
+from koala_hf.optim.jacobian_norms import cpu_norms, eager_norms, triton_norms
 from koala_hf.optim.layers import finite_mask, group_by_device_and_dtype, reduction_dtype, widen, write_back
 from koala_hf.optim.validation import check_prior
 
@@ -34,9 +42,11 @@ class KOALAV(KoalaOptimizer):
     default; E1b ``"variance"``; E1c ``"none"``), per group, as in
     :class:`KOALAPlusPlus`.
 
-    ``fused=True`` (CPU only) runs the ``||H||^2`` pass and the update as one
-    multi-tensor C++ call each for every layer of a dtype, without the
-    temporary ``H`` (koala_hf.optim.cpu_kernels; built on first use).
+    ``fused=True`` runs the ``||H||^2`` pass and the update without the
+    temporary ``H``: on the CPU as one multi-tensor C++ call each for every
+    layer of a dtype (koala_hf.optim.cpu_kernels; built on first use), on CUDA
+    as three Triton launches per dtype (koala_hf.optim.triton_kernels;
+    ``fused="triton"`` asks for them, also on the CPU under ``TRITON_INTERPRET=1``).
     """
 
     layer_state_keys = ("information",)
@@ -56,7 +66,7 @@ class KOALAV(KoalaOptimizer):
         noise: str = "second_moment",
         weight_decay: float = 0.0,
         foreach: bool | None = None,
-        fused: bool = False,
+        fused: bool | str = False,
     ) -> None:
         defaults = dict(
             lr=lr, sigma=sigma, q=q, r=r, alpha_r=alpha_r, noise=noise, weight_decay=weight_decay, foreach=foreach,
@@ -84,19 +94,20 @@ class KOALAV(KoalaOptimizer):
         state = self._filter_state()
         device, dtype = loss.device, loss.dtype
         p_hat = state["P"] + self.shared("q")  # E20
-        steps = gather(self, off_cpu=self.fused_off_cpu)
-        norms = [NORMS[step.backend](step, device, dtype) for step in steps]
+        steps = gather(self)
+        norms = reduce_by_backend(self, steps, NORMS, device, dtype)
         ok = complete_sums(steps, norms, ok, type(self).__name__)
 
-        information = []  # ||H||^2 / s of every updated layer, for E22
+        information, layer_steps = [], []  # ||H||^2 / s of every updated layer, for E22
         for step in steps:
             result = koala_v_coefficients(step.sums, p_hat=p_hat, loss=loss, noise=noise[step.index], ok=ok,
                                           lr=step.group["lr"], weight_decay=step.weight_decay)
             information.append(result.information)
+            layer_steps.append(result.steps)
             previous = torch.stack([layer["information"] for layer in step.states]).to(device, dtype)
             for layer, value in zip(step.states, torch.where(ok, result.information, previous).unbind()):
                 layer["information"] = value  # a skipped step keeps the last one
-            UPDATES[step.backend](step, result.steps, ok)
+        update_by_backend(self, steps, UPDATES, layer_steps, ok)
 
         if information:
             p_new = p_hat - p_hat * p_hat * torch.cat(information).max()  # E22
@@ -118,7 +129,18 @@ def koala_v_coefficients(norms, *, p_hat, loss, noise, ok, lr, weight_decay) -> 
     return KoalaVCoefficients(torch.where(update, -gain, 0.0), torch.where(update, hh / s, 0.0))
 
 
-def _eager_update(step: GroupStep, steps: torch.Tensor, ok: torch.Tensor) -> None:
+@group_by_group_sums
+def _eager_norms(optimizer, step: GroupStep, device, dtype) -> torch.Tensor:
+    return eager_norms(step, device, dtype)
+
+
+@group_by_group_sums
+def _cpu_norms(optimizer, step: GroupStep, device, dtype) -> torch.Tensor:
+    return cpu_norms(step, device, dtype)
+
+
+@group_by_group_update
+def _eager_update(optimizer, step: GroupStep, steps: torch.Tensor, ok: torch.Tensor) -> None:
     """``theta += step * H`` per layer (E21), per tensor or with multi-tensor ops, masked by ``ok``."""
     jacobians = finite_mask(step.jacobians, ok, owned=step.weight_decay != 0)
     if step.backend is Backend.PER_TENSOR:
@@ -133,13 +155,21 @@ def _eager_update(step: GroupStep, steps: torch.Tensor, ok: torch.Tensor) -> Non
         write_back(p, p_w)
 
 
-def _cpu_update(step: GroupStep, steps: torch.Tensor, ok: torch.Tensor) -> None:
+@group_by_group_update
+def _cpu_update(optimizer, step: GroupStep, steps: torch.Tensor, ok: torch.Tensor) -> None:
     """One multi-tensor C++ call per dtype; ``H`` recomputed inside, a skipped step writes nothing."""
     kernels = cpu_kernels()
     for (p, g), indices in group_by_device_and_dtype([step.shards, step.grads]).values():
         kernels.koala_v_update(p, g, steps[indices].cpu(), ok.cpu(), step.weight_decay)
 
 
+def _triton_update(optimizer, steps: list[GroupStep], layer_steps: list[torch.Tensor], ok: torch.Tensor) -> None:
+    """One launch per dtype for the layers of every group, masked by ``ok`` on the device."""
+    steps[0].batch.update("koala_v_update", layer_steps, ok, (0,))
+
+
 # The passes of each backend (koala_hf.optim.dispatch chooses the backend).
-NORMS = {Backend.PER_TENSOR: eager_norms, Backend.FOREACH: eager_norms, Backend.FUSED_CPU: cpu_norms}
-UPDATES = {Backend.PER_TENSOR: _eager_update, Backend.FOREACH: _eager_update, Backend.FUSED_CPU: _cpu_update}
+NORMS = {Backend.PER_TENSOR: _eager_norms, Backend.FOREACH: _eager_norms, Backend.FUSED_CPU: _cpu_norms,
+         Backend.TRITON: triton_norms}
+UPDATES = {Backend.PER_TENSOR: _eager_update, Backend.FOREACH: _eager_update, Backend.FUSED_CPU: _cpu_update,
+           Backend.TRITON: _triton_update}

@@ -10,7 +10,8 @@ from koala_hf import OPTIMIZERS, create_optimizer
 from koala_hf.optim.checkpoint import saved_variant
 from tests.helpers import flat_parameters, regression_batches, tiny_network, train_step
 
-PATHS = {"per-tensor": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+PATHS = {"per-tensor": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True},
+         "triton": {"fused": "triton"}}
 # Every hyperparameter away from its default (the filter-wide ones included).
 NON_DEFAULT = {
     "koala++": dict(lr=0.3, sigma=0.2, q=0.05, alpha_r=0.8, noise="variance", weight_decay=1e-3),

@@ -22,7 +22,8 @@ WORLD = 2
 STEPS = 10
 # Every variant, on every path.
 PATHS = [(name, {"foreach": foreach}) for name in ("koala++", "koala++ns", "koala-v", "koala-m") for foreach in (False, True)]
-PATHS += [("koala++", {"fused": True}), ("koala++ns", {"fused": True})]
+PATHS += [(name, {"fused": True}) for name in ("koala++", "koala++ns", "koala-v", "koala-m")]
+PATHS += [(name, {"fused": "triton"}) for name in ("koala++", "koala++ns", "koala-v", "koala-m")]
 VARIANTS = ("koala++", "koala-v", "koala-m")
 
 
@@ -128,9 +129,9 @@ def worker(rank, init_file, out_dir):
         results["bf16"] = (full(mixed), next(mixed.parameters()).dtype)
 
         # One collective for every layer's products, next to the loss measurement's (as under DDP).
-        for name in VARIANTS:
+        for name, path in [(name, path) for name in VARIANTS for path in ({}, {"fused": "triton"})]:
             model = sharded_model()
-            optimizer = build(name, {}, model)
+            optimizer = build(name, path, model)
             train(model, optimizer, batches[:1], shard)
             optimizer.zero_grad()
             losses = per_sample_losses(model, shard(batches[1][0]), shard(batches[1][1]))
@@ -138,7 +139,7 @@ def worker(rank, init_file, out_dir):
             optimizer.observe(losses.mean(), losses)
             with CommDebugMode() as comm:
                 optimizer.step()
-            results[f"collectives-{name}"] = {str(op): count for op, count in comm.get_comm_counts().items()}
+            results[f"collectives-{name}-{path}"] = {str(op): count for op, count in comm.get_comm_counts().items()}
 
         # torch.distributed.checkpoint, sharded and full state dicts: a fresh optimizer (its state created by
         # the checkpoint code) loads the state and continues exactly like the original.
@@ -233,9 +234,10 @@ def test_a_bf16_mixed_precision_policy_trains_identically_on_both_ranks(ranks):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("path", [{}, {"fused": "triton"}], ids=["default", "triton"])
 @pytest.mark.parametrize("name", VARIANTS)
-def test_one_collective_is_added_for_the_products_of_every_layer(ranks, name):
-    counts = ranks[0][f"collectives-{name}"]
+def test_one_collective_is_added_for_the_products_of_every_layer(ranks, name, path):
+    counts = ranks[0][f"collectives-{name}-{path}"]
     # The loss measurement's all_reduce (as under DDP) and one for the products of all 6 layers.
     assert sum(counts.values()) == 2 and all("allreduce" in op for op in counts), counts
 

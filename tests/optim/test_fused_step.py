@@ -1,5 +1,6 @@
-"""The fused steps (``fused=True``): one multi-tensor call per pass on the CPU (koala_hf.optim.cpu_kernels); for
-KOALA++ per-layer ``torch.compile`` kernels elsewhere or where those cannot be built; against the per-tensor paths."""
+"""The fused steps on the CPU (``fused=True``): one multi-tensor C++ call per pass (koala_hf.optim.cpu_kernels),
+against the per-tensor paths; where the kernels cannot be built, the foreach path. (The Triton kernels:
+test_triton_kernels.py.)"""
 
 import warnings
 
@@ -96,33 +97,17 @@ def test_koala_v_and_m_fused_match_their_per_tensor_paths(variant, nan_at):
     assert int(fused[1].state["koala"]["skipped_steps"]) == (0 if nan_at is None else 1)
 
 
-@pytest.mark.parametrize("variant", [KOALAV, KOALAM], ids=["koala-v", "koala-m"])
-def test_koala_v_and_m_fused_refuse_parameters_off_the_cpu_naming_what_to_use(variant):
-    with pytest.raises(RuntimeError, match="CPU kernels only.*meta.*foreach=True"):
+@pytest.mark.parametrize("variant", [KOALAPlusPlus, KOALAV, KOALAM], ids=["koala++", "koala-v", "koala-m"])
+def test_fused_refuses_parameters_on_a_device_it_has_no_kernels_for_naming_what_to_use(variant):
+    with pytest.raises(RuntimeError, match="C\\+\\+ kernels on the CPU and Triton kernels on CUDA.*meta.*foreach=True"):
         variant([nn.Parameter(torch.zeros(3, device="meta"))], fused=True)
     optimizer = variant([nn.Parameter(torch.zeros(3))], fused=True)
     moved = nn.Parameter(torch.zeros(3, device="meta"))  # swapped in after construction, as accelerate does
     moved.grad = torch.zeros(3, device="meta")
     optimizer.param_groups[0]["params"] = [moved]
     optimizer.observe(1.0)
-    with pytest.raises(RuntimeError, match="CPU kernels only.*meta.*foreach=True"):
+    with pytest.raises(RuntimeError, match="C\\+\\+ kernels on the CPU and Triton kernels on CUDA.*meta.*foreach=True"):
         optimizer.step()
-
-
-def force_the_compiled_kernels(monkeypatch):
-    """KOALA++'s per-layer torch.compile kernels (what other devices run) instead of the CPU multi-tensor ones."""
-    choose = dispatch.choose_backend
-
-    def compiled_for_fused(group, tensors, optimizer, *, off_cpu):
-        backend = choose(group, tensors, optimizer, off_cpu=off_cpu)
-        return dispatch.Backend.COMPILED if backend is dispatch.Backend.FUSED_CPU else backend
-
-    monkeypatch.setattr(group_step, "choose_backend", compiled_for_fused)
-
-
-@pytest.fixture
-def compiled_fallback(monkeypatch):
-    force_the_compiled_kernels(monkeypatch)
 
 
 def test_the_multi_tensor_cpu_step_matches_the_per_tensor_path_on_mixed_layouts_and_dtypes():
@@ -130,14 +115,7 @@ def test_the_multi_tensor_cpu_step_matches_the_per_tensor_path_on_mixed_layouts_
     assert_same_run(run({"fused": True}), run({"foreach": False}), rtol=1e-5)
 
 
-def test_the_per_layer_compiled_step_matches_the_per_tensor_path(compiled_fallback):
-    assert_same_run(run({"fused": True}), run({"foreach": False}), rtol=1e-5)
-
-
-@pytest.mark.parametrize("kernels", ["cpu", "compiled"])
-def test_a_non_finite_gradient_skips_the_whole_step_in_the_fused_paths(kernels, monkeypatch):
-    if kernels == "compiled":
-        force_the_compiled_kernels(monkeypatch)
+def test_a_non_finite_gradient_skips_the_whole_step_in_the_fused_path():
     fused = run({"fused": True}, nan_at=3)
     assert int(fused[1].state["koala"]["skipped_steps"]) == 1
     assert_same_run(fused, run({"foreach": False}, nan_at=3), rtol=1e-5)
@@ -194,15 +172,11 @@ def test_the_calls_per_step_do_not_grow_with_the_number_of_layers(variant, kerne
         assert calls[64].count(f"koala_hf::{kernel}") == 1
 
 
-@pytest.mark.parametrize("kernels", ["cpu", "compiled"])
-def test_lr_scheduler_steps_trigger_no_recompilation(kernels, monkeypatch):
-    """The learning rate reaches the kernels inside the coefficient tensor, never as a compile-time constant.
-    The CPU kernels compile nothing at a step; the per-layer kernels compile for dynamic shapes at the first
-    step (a variant for one-element layers, which dynamo specialises, whatever the ranks) and never again."""
+def test_lr_scheduler_steps_trigger_no_recompilation():
+    """The learning rate reaches the kernels inside the coefficient tensor, never as a compile-time constant:
+    the CPU kernels compile nothing at a step."""
     from torch._dynamo.utils import counters
 
-    if kernels == "compiled":
-        force_the_compiled_kernels(monkeypatch)
     torch._dynamo.reset()
     counters.clear()
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3), nn.Tanh(), nn.Linear(3, 1))
@@ -219,10 +193,7 @@ def test_lr_scheduler_steps_trigger_no_recompilation(kernels, monkeypatch):
 
     step()
     compiled, recompiles = counters["stats"]["unique_graphs"], dict(counters["recompiles"])
-    if kernels == "cpu":
-        assert compiled == 0
-    else:  # the reduction and update kernels, for the 2-D and 1-D parameters alike and for the one-element bias
-        assert compiled == 4
+    assert compiled == 0
     rates = []
     for _ in range(3):
         scheduler.step()
@@ -233,7 +204,7 @@ def test_lr_scheduler_steps_trigger_no_recompilation(kernels, monkeypatch):
     assert dict(counters["recompiles"]) == recompiles
 
 
-def test_a_failed_build_warns_once_and_falls_back_to_the_compiled_kernels(monkeypatch):
+def test_a_failed_build_warns_once_and_falls_back_to_the_foreach_path(monkeypatch):
     def no_compiler():
         raise RuntimeError("Ninja is required to load C++ extensions")
 

@@ -18,7 +18,7 @@ def optimizer_with_grads(**options):
 
 def test_a_record_per_group_with_a_gradient_holding_what_the_step_needs():
     optimizer, (a, b, frozen) = optimizer_with_grads(foreach=True)
-    first, second = gather(optimizer, off_cpu=None)
+    first, second = gather(optimizer)
     assert (first.index, second.index) == (0, 1)
     assert first.params == [a] and frozen not in optimizer.state  # grad None: not stepped, no state
     assert first.backend is Backend.FOREACH and first.states == [optimizer.state[a]]
@@ -29,7 +29,7 @@ def test_a_record_per_group_with_a_gradient_holding_what_the_step_needs():
 
 def test_fused_records_leave_h_to_the_kernels():
     optimizer, _ = optimizer_with_grads(fused=True)
-    assert all(step.backend is Backend.FUSED_CPU and step.jacobians is None for step in gather(optimizer, off_cpu=None))
+    assert all(step.backend is Backend.FUSED_CPU and step.jacobians is None for step in gather(optimizer))
 
 
 def test_sparse_gradients_are_refused():
@@ -37,12 +37,12 @@ def test_sparse_gradients_are_refused():
     optimizer = KOALAPlusPlus([p])
     p.grad = torch.randn(3).to_sparse()
     with pytest.raises(RuntimeError, match="sparse gradients"):
-        gather(optimizer, off_cpu=None)
+        gather(optimizer)
 
 
 def test_completed_sums_land_in_the_records_and_a_non_finite_sum_clears_ok():
     optimizer, _ = optimizer_with_grads()
-    steps = gather(optimizer, off_cpu=None)
+    steps = gather(optimizer)
     sums = [torch.ones(1, 4), torch.ones(1, 4)]
     ok = complete_sums(steps, sums, torch.tensor(True), "KOALAPlusPlus")
     assert bool(ok) and steps[0].sums is sums[0]

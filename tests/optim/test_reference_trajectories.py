@@ -48,7 +48,8 @@ KOALA_PP_GROUPS = (
 )
 
 
-PATHS = {"per-tensor": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+PATHS = {"per-tensor": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True),
+         "triton": dict(fused="triton")}
 
 
 @pytest.mark.parametrize("path", list(PATHS))

@@ -18,7 +18,7 @@ from koala_hf import KOALAM, KOALAV, OPTIMIZERS, KOALAPlusPlus, create_optimizer
 from tests.helpers import flat_parameters, per_sample_losses, regression_batches, tiny_network, train_step
 
 PATHS = [(name, {"foreach": foreach}) for name in OPTIMIZERS for foreach in (False, True)]
-PATHS += [(name, {"fused": True}) for name in ("koala++", "koala++ns", "koala-v", "koala-m")]
+PATHS += [(name, {"fused": fused}) for name in ("koala++", "koala++ns", "koala-v", "koala-m") for fused in (True, "triton")]
 IDS = [f"{n}-{next(iter(p))}={next(iter(p.values()))}" for n, p in PATHS]
 LR = {"koala++": 0.3, "koala++ns": 0.3, "koala-v": 0.1, "koala-m": 0.3}
 

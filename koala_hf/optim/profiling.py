@@ -1,0 +1,97 @@
+"""What one optimizer step dispatches: its ATen compute ops and its Triton launches.
+
+The count needs no GPU: :func:`step_dispatches` builds parameters of the given shapes under
+``torch._subclasses.fake_tensor.FakeTensorMode`` on ``device`` (``"cuda"`` by default), takes warm-up steps and
+then counts one step's ops in a ``TorchDispatchMode``. Ops that only describe or reshape a tensor (views,
+``detach``, device queries) are left out. On fake tensors the Triton kernels cannot run, so their launches
+(koala_hf.optim.triton_kernels.launch) are counted instead of run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from koala_hf.optim import triton_kernels
+
+
+def counts_as_compute(func) -> bool:
+    """An op that computes or moves data: not a view, not ``detach``/``alias``, not a ``prim`` device query."""
+    return not (func.is_view or func.namespace == "prim" or func.__name__.split(".")[0] in ("detach", "alias", "lift_fresh"))
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the compute ops dispatched inside it, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if counts_as_compute(func):
+            self.ops[str(func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def counting_launches(run: bool = True):
+    """Count the Triton launches inside it (``run=False``: count without launching, for fake tensors)."""
+    launches: list[str] = []
+    real = triton_kernels.launch
+
+    def counted(kernel, grid, *args, **constants):
+        launches.append(getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "kernel"))
+        if run:
+            real(kernel, grid, *args, **constants)
+
+    triton_kernels.launch = counted
+    try:
+        yield launches
+    finally:
+        triton_kernels.launch = real
+
+
+@dataclass
+class StepDispatches:
+    ops: int  # ATen compute ops of one step
+    launches: int  # Triton launches of one step
+    by_op: Counter
+
+
+def step_dispatches(make_optimizer: Callable, shapes: list[tuple[int, ...]], *, device: str = "cuda",
+                    dtype: torch.dtype = torch.float32, koala: bool = True, warmup: int = 2) -> StepDispatches:
+    """Ops and launches of one step of ``make_optimizer(params)`` over fake parameters of ``shapes``.
+
+    ``koala``: the optimizer needs ``observe(loss)`` before its step. Warm-up steps first (KOALA-M's first step
+    differs, state is created), then one counted step.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fake tensors' data_ptr() reads as 0, with a deprecation warning
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            params = [torch.nn.Parameter(torch.empty(shape, device=device, dtype=dtype)) for shape in shapes]
+            optimizer = make_optimizer(params)
+
+            def step(counter=None):
+                for p in params:
+                    p.grad = torch.empty_like(p)
+                context = counter if counter is not None else contextlib.nullcontext()
+                with context:
+                    if koala:
+                        optimizer.observe(torch.ones((), device=device))
+                    optimizer.step()
+
+            with counting_launches(run=False):
+                for _ in range(warmup):
+                    step()
+            with counting_launches(run=False) as launches:
+                counter = CountOps()
+                step(counter)
+    return StepDispatches(sum(counter.ops.values()), len(launches), counter.ops)

@@ -1,0 +1,415 @@
+"""The fused steps' Triton kernels: a fixed number of launches per step, whatever the number of layers.
+
+On CUDA these are the ``fused=True`` backend (``fused="triton"`` asks for them explicitly); on the CPU they run
+through Triton's interpreter under ``TRITON_INTERPRET=1``, which is how the tests check them without a GPU.
+
+The layers of a step are bucketed by dtype, across parameter groups. Per bucket a step launches three kernels:
+
+1. a reduction: one program per chunk of ``CHUNK`` elements of any layer computes the chunk's sums (KOALA++:
+   ``H.H``, ``H.H_prev``, ``H.v_prev``, ``theta.theta``, E11-E13; KOALA-V: ``H.H``, ``theta.theta``, E21;
+   KOALA-M: those and ``d.d``, ``d.H`` with ``d = w_avg - theta``, E30, E33), ``H = g + wd theta`` (E3) formed
+   on the fly and never stored;
+2. a combination: one program per layer adds its chunks' sums in chunk order, in float64, so that the sums
+   are the same bits on every run (no atomics): resumed and data-parallel runs stay bit-identical;
+3. an update: one program per chunk applies the layer's row of coefficients (KOALA++: E14, E16, E17;
+   KOALA-V: E21; KOALA-M: E33, E34 and E31's predict), masked by the step's ``ok`` flag read on the device: a
+   skipped step writes nothing and never reads the gradient, and no value is read back to the host.
+
+The scalar algebra in between is the variants' vectorised coefficient functions over the stacked sums. A
+layer's tensors are read through a table of addresses (``data_ptr``) uploaded once per step; the chunk layout
+depends only on the layers' sizes and is built once and kept. Arithmetic runs in float32 (float64 for float64
+parameters); float16 and bfloat16 tensors are read and written in their own dtype. A layer whose tensors do
+not share one dense memory layout (``channels_last`` and other permutations do) runs on contiguous copies that
+the update writes back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+CHUNK = 16384  # elements per program
+BLOCK = 1024  # elements per vector operation inside a program
+
+_KERNELS: dict[bool, dict] = {}  # interpret mode -> kernels
+tl = None  # triton.language, imported on first use (kernels()): importing koala_hf does not import Triton
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels through its interpreter (``TRITON_INTERPRET=1``: on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable(devices: set[str]) -> str | None:
+    """Why the Triton kernels cannot run on ``devices`` here, or ``None`` when they can."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as error:
+        return f"Triton is not installed ({error}); it comes with torch's Linux CUDA wheels"
+    others = sorted(devices - {"cuda"})
+    if others == ["cpu"] and not interpreting():
+        return "on the CPU they run only through Triton's interpreter: set TRITON_INTERPRET=1 (slow; for tests)"
+    if others and others != ["cpu"]:
+        return f"Triton kernels run on CUDA (or on the CPU under TRITON_INTERPRET=1), and parameters are on {', '.join(others)}"
+    return None
+
+
+def launch(kernel, grid: tuple[int, ...], *args, **constants) -> None:
+    """Every launch of a step goes through here (koala_hf.optim.profiling counts them)."""
+    kernel[grid](*args, **constants)
+
+
+# ------------------------------------------------------------------ the kernels (plain functions until built)
+def _rounded(x, DTYPE: tl.constexpr):
+    """``x`` (float32 or float64) in the storage dtype, rounded to nearest even, as torch rounds: done by hand for
+    bfloat16, whose cast Triton's interpreter truncates (compiled Triton rounds; these are then the same bits)."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)
+
+
+# They take ``table``: int64 [n_layers, WIDTH], each layer's tensor addresses (one column per list) and, in the
+# last column, its number of elements; ``chunks``: int64 [n_chunks, 2], a chunk's layer and first element;
+# ``decays``: float64 [n_layers], the layer's weight decay; ``rows``: int64 [n_layers], the layer's row in the
+# step's sums and coefficient tables; ``partials``: [n_chunks, K], a chunk's sums.
+
+def _koala_plus_plus_partials(table, chunks, decays, partials, WIDTH: tl.constexpr, DTYPE: tl.constexpr,
+                              ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    layer = tl.load(chunks + 2 * pid)
+    start = tl.load(chunks + 2 * pid + 1)
+    numel = tl.load(table + layer * WIDTH + WIDTH - 1)
+    p = tl.load(table + layer * WIDTH).to(tl.pointer_type(DTYPE))
+    g = tl.load(table + layer * WIDTH + 1).to(tl.pointer_type(DTYPE))
+    hp = tl.load(table + layer * WIDTH + 2).to(tl.pointer_type(DTYPE))
+    v = tl.load(table + layer * WIDTH + 3).to(tl.pointer_type(DTYPE))
+    wd = tl.load(decays + layer).to(ACC)
+    hh = tl.zeros((BLOCK,), dtype=ACC)
+    h_hp = tl.zeros((BLOCK,), dtype=ACC)
+    h_v = tl.zeros((BLOCK,), dtype=ACC)
+    th_th = tl.zeros((BLOCK,), dtype=ACC)
+    for offset in range(0, tl.minimum(numel - start, CHUNK), BLOCK):  # the chunk, not past the layer
+        index = start + offset + tl.arange(0, BLOCK)
+        inside = index < numel
+        th = tl.load(p + index, mask=inside, other=0.0).to(ACC)
+        h = tl.load(g + index, mask=inside, other=0.0).to(ACC) + wd * th
+        hh += h * h
+        h_hp += h * tl.load(hp + index, mask=inside, other=0.0).to(ACC)
+        h_v += h * tl.load(v + index, mask=inside, other=0.0).to(ACC)
+        th_th += th * th
+    out = partials + pid * 4
+    tl.store(out, tl.sum(hh, axis=0))
+    tl.store(out + 1, tl.sum(h_hp, axis=0))
+    tl.store(out + 2, tl.sum(h_v, axis=0))
+    tl.store(out + 3, tl.where(wd != 0.0, tl.sum(th_th, axis=0), 0.0))  # theta.theta only enters through wd (E3)
+
+
+def _jacobian_partials(table, chunks, decays, partials, WIDTH: tl.constexpr, DTYPE: tl.constexpr,
+                       ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, K: tl.constexpr):
+    """KOALA-V (``K = 2``): ``[H.H, theta.theta]``; KOALA-M (``K = 4``, list 2 = ``w_avg``): and ``[d.d, d.H]``."""
+    pid = tl.program_id(0)
+    layer = tl.load(chunks + 2 * pid)
+    start = tl.load(chunks + 2 * pid + 1)
+    numel = tl.load(table + layer * WIDTH + WIDTH - 1)
+    p = tl.load(table + layer * WIDTH).to(tl.pointer_type(DTYPE))
+    g = tl.load(table + layer * WIDTH + 1).to(tl.pointer_type(DTYPE))
+    w = tl.load(table + layer * WIDTH + 2).to(tl.pointer_type(DTYPE))
+    wd = tl.load(decays + layer).to(ACC)
+    hh = tl.zeros((BLOCK,), dtype=ACC)
+    th_th = tl.zeros((BLOCK,), dtype=ACC)
+    dd = tl.zeros((BLOCK,), dtype=ACC)
+    dh = tl.zeros((BLOCK,), dtype=ACC)
+    for offset in range(0, tl.minimum(numel - start, CHUNK), BLOCK):  # the chunk, not past the layer
+        index = start + offset + tl.arange(0, BLOCK)
+        inside = index < numel
+        th = tl.load(p + index, mask=inside, other=0.0).to(ACC)
+        h = tl.load(g + index, mask=inside, other=0.0).to(ACC) + wd * th
+        hh += h * h
+        th_th += th * th
+        if K == 4:
+            d = tl.load(w + index, mask=inside, other=0.0).to(ACC) - th
+            dd += d * d
+            dh += d * h
+    out = partials + pid * K
+    tl.store(out, tl.sum(hh, axis=0))
+    tl.store(out + 1, tl.where(wd != 0.0, tl.sum(th_th, axis=0), 0.0))
+    if K == 4:
+        tl.store(out + 2, tl.sum(dd, axis=0))
+        tl.store(out + 3, tl.sum(dh, axis=0))
+
+
+def _combine(partials, spans, rows, sums, K: tl.constexpr, KP: tl.constexpr):
+    """One program per layer: its chunks' sums added in chunk order, in float64, into its row of ``sums``."""
+    layer = tl.program_id(0)
+    first = tl.load(spans + 2 * layer)
+    count = tl.load(spans + 2 * layer + 1)
+    columns = tl.arange(0, KP)
+    used = columns < K
+    total = tl.zeros((KP,), dtype=tl.float64)
+    for chunk in range(0, count):
+        total += tl.load(partials + (first + chunk) * K + columns, mask=used, other=0.0).to(tl.float64)
+    tl.store(sums + tl.load(rows + layer) * K + columns, total, mask=used)
+
+
+def _koala_plus_plus_update(table, chunks, rows, decays, coefficients, ok, WIDTH: tl.constexpr,
+                            DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """E14, E16, E17 with the layer's coefficients ``C_V ... TAKE_H`` (koala_plus_plus.py), masked by ``ok``."""
+    pid = tl.program_id(0)
+    layer = tl.load(chunks + 2 * pid)
+    start = tl.load(chunks + 2 * pid + 1)
+    numel = tl.load(table + layer * WIDTH + WIDTH - 1)
+    p = tl.load(table + layer * WIDTH).to(tl.pointer_type(DTYPE))
+    g = tl.load(table + layer * WIDTH + 1).to(tl.pointer_type(DTYPE))
+    hp = tl.load(table + layer * WIDTH + 2).to(tl.pointer_type(DTYPE))
+    v = tl.load(table + layer * WIDTH + 3).to(tl.pointer_type(DTYPE))
+    wd = tl.load(decays + layer).to(ACC)
+    go = tl.load(ok) != 0  # a skipped step writes nothing and never reads the gradient
+    c = coefficients + tl.load(rows + layer) * 7
+    c_v = tl.load(c).to(ACC)
+    c_h = tl.load(c + 1).to(ACC)
+    c_hp = tl.load(c + 2).to(ACC)
+    step_v = tl.load(c + 3).to(ACC)
+    step_h = tl.load(c + 4).to(ACC)
+    keep_hp = tl.load(c + 5).to(ACC)
+    take_h = tl.load(c + 6).to(ACC)
+    for offset in range(0, tl.minimum(numel - start, CHUNK), BLOCK):  # the chunk, not past the layer
+        index = start + offset + tl.arange(0, BLOCK)
+        inside = (index < numel) & go
+        th = tl.load(p + index, mask=inside, other=0.0).to(ACC)
+        h = tl.load(g + index, mask=inside, other=0.0).to(ACC) + wd * th
+        h_prev = tl.load(hp + index, mask=inside, other=0.0).to(ACC)
+        v_new = c_v * tl.load(v + index, mask=inside, other=0.0).to(ACC) + c_h * h + c_hp * h_prev
+        tl.store(p + index, _rounded(th + step_v * v_new + step_h * h, DTYPE), mask=inside)
+        tl.store(hp + index, _rounded(keep_hp * h_prev + take_h * h, DTYPE), mask=inside)
+        tl.store(v + index, _rounded(v_new, DTYPE), mask=inside)
+
+
+def _koala_v_update(table, chunks, rows, decays, coefficients, ok, WIDTH: tl.constexpr, DTYPE: tl.constexpr,
+                    ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """E21: ``theta += step H`` with the layer's step, masked by ``ok``."""
+    pid = tl.program_id(0)
+    layer = tl.load(chunks + 2 * pid)
+    start = tl.load(chunks + 2 * pid + 1)
+    numel = tl.load(table + layer * WIDTH + WIDTH - 1)
+    p = tl.load(table + layer * WIDTH).to(tl.pointer_type(DTYPE))
+    g = tl.load(table + layer * WIDTH + 1).to(tl.pointer_type(DTYPE))
+    wd = tl.load(decays + layer).to(ACC)
+    go = tl.load(ok) != 0
+    step = tl.load(coefficients + tl.load(rows + layer)).to(ACC)
+    for offset in range(0, tl.minimum(numel - start, CHUNK), BLOCK):  # the chunk, not past the layer
+        index = start + offset + tl.arange(0, BLOCK)
+        inside = (index < numel) & go
+        th = tl.load(p + index, mask=inside, other=0.0).to(ACC)
+        h = tl.load(g + index, mask=inside, other=0.0).to(ACC) + wd * th
+        tl.store(p + index, _rounded(th + step * h, DTYPE), mask=inside)
+
+
+def _koala_m_update(table, chunks, rows, decays, coefficients, ok, decay, WIDTH: tl.constexpr,
+                    DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """E33, E34 with the layer's coefficients ``STEP_THETA ... TAKE_THETA`` (koala_m.py), then E31's predict
+    ``theta += u, u *= a`` from theta and u as stored (rounded where 16-bit, as the eager paths do); masked."""
+    pid = tl.program_id(0)
+    layer = tl.load(chunks + 2 * pid)
+    start = tl.load(chunks + 2 * pid + 1)
+    numel = tl.load(table + layer * WIDTH + WIDTH - 1)
+    p = tl.load(table + layer * WIDTH).to(tl.pointer_type(DTYPE))
+    g = tl.load(table + layer * WIDTH + 1).to(tl.pointer_type(DTYPE))
+    w = tl.load(table + layer * WIDTH + 2).to(tl.pointer_type(DTYPE))
+    u = tl.load(table + layer * WIDTH + 3).to(tl.pointer_type(DTYPE))
+    wd = tl.load(decays + layer).to(ACC)
+    go = tl.load(ok) != 0
+    c = coefficients + tl.load(rows + layer) * 4
+    k_theta = tl.load(c).to(ACC)
+    k_u = tl.load(c + 1).to(ACC)
+    keep = tl.load(c + 2).to(ACC)
+    take = tl.load(c + 3).to(ACC)
+    for offset in range(0, tl.minimum(numel - start, CHUNK), BLOCK):  # the chunk, not past the layer
+        index = start + offset + tl.arange(0, BLOCK)
+        inside = (index < numel) & go
+        th = tl.load(p + index, mask=inside, other=0.0).to(ACC)
+        h = tl.load(g + index, mask=inside, other=0.0).to(ACC) + wd * th
+        th_post = th + k_theta * h
+        u_post = _rounded(tl.load(u + index, mask=inside, other=0.0).to(ACC) + k_u * h, DTYPE).to(ACC)
+        tl.store(w + index, _rounded(keep * tl.load(w + index, mask=inside, other=0.0).to(ACC) + take * th_post, DTYPE),
+                 mask=inside)
+        tl.store(p + index, _rounded(_rounded(th_post, DTYPE).to(ACC) + u_post, DTYPE), mask=inside)
+        tl.store(u + index, _rounded(decay * u_post, DTYPE), mask=inside)
+
+
+@contextlib.contextmanager
+def _mode(interpret: bool):
+    """``triton.jit`` decides at decoration time whether a kernel is interpreted: decorate under the mode wanted."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+KERNELS = (_koala_plus_plus_partials, _jacobian_partials, _combine, _koala_plus_plus_update, _koala_v_update,
+           _koala_m_update)
+
+
+def kernels() -> dict:
+    """The kernels, built (``triton.jit``) on first use for the current mode: compiled, or interpreted on the CPU.
+
+    The kernels call ``_rounded`` by its global name, so one process builds them for one mode only.
+    """
+    global tl, _rounded
+    interpret = interpreting()
+    if interpret not in _KERNELS:
+        if _KERNELS:
+            raise RuntimeError("koala_hf's Triton kernels were built with TRITON_INTERPRET="
+                               f"{int(not interpret)} in this process; set TRITON_INTERPRET before the first fused step")
+        import triton
+        import triton.language as tl  # the kernels' ``tl``, resolved when triton.jit reads them
+
+        with _mode(interpret):
+            _rounded = triton.jit(_rounded)
+            _KERNELS[interpret] = {f.__name__.lstrip("_"): triton.jit(f) for f in KERNELS}
+    return _KERNELS[interpret]
+
+
+# ------------------------------------------------------------------ the step's buckets
+TL_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
+
+
+@dataclass
+class Layout:
+    """What depends only on a bucket's layers' sizes, rows and weight decays: built once, kept on the device."""
+
+    chunks: torch.Tensor  # int64 [n_chunks, 2]
+    spans: torch.Tensor  # int64 [n_layers, 2]: a layer's first chunk and number of chunks
+    rows: torch.Tensor  # int64 [n_layers]
+    decays: torch.Tensor  # float64 [n_layers], as given (converted to the arithmetic dtype in the kernels)
+
+    @classmethod
+    def build(cls, numels: list[int], rows: list[int], decays: list[float], device) -> "Layout":
+        chunks, spans = [], []
+        for layer, numel in enumerate(numels):
+            starts = range(0, numel, CHUNK)
+            spans.append((len(chunks), len(starts)))
+            chunks.extend((layer, start) for start in starts)
+        as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype).reshape(len(values), -1).to(device)  # noqa: E731
+        return cls(as_tensor(chunks or [(0, 0)], torch.int64)[: len(chunks)], as_tensor(spans, torch.int64),
+                   torch.tensor(rows, dtype=torch.int64, device=device), torch.tensor(decays, dtype=torch.float64, device=device))
+
+
+class Bucket:
+    """One dtype's layers of a step, as the kernels read them: addresses uploaded once, non-dense layers copied."""
+
+    def __init__(self, layers: list[list[torch.Tensor]], rows: list[int], decays: list[float], layouts: dict):
+        first = layers[0][0]
+        self.device, self.dtype = first.device, first.dtype
+        for tensors in layers:
+            if any(t.dtype != self.dtype or t.device != self.device for t in tensors):
+                raise ValueError(f"fused Triton step: a layer mixes dtypes or devices ({[(t.dtype, str(t.device)) for t in tensors]}); "
+                                 "keep each parameter's gradient and state in its own dtype, or use foreach=True")
+        self.originals = layers
+        self.tensors = [tensors if _one_dense_layout(tensors) else [t.detach().contiguous() for t in tensors] for tensors in layers]
+        numels = [tensors[0].numel() for tensors in self.tensors]
+        key = (self.device, self.dtype, tuple(numels), tuple(rows), tuple(decays))
+        if key not in layouts:
+            layouts[key] = Layout.build(numels, rows, decays, self.device)
+        self.layout = layouts[key]
+        self.table = upload([[t.data_ptr() for t in tensors] + [tensors[0].numel()] for tensors in self.tensors], self.device)
+        self.width = len(layers[0]) + 1
+
+    @property
+    def constants(self) -> dict:
+        acc = "float64" if self.dtype == torch.float64 else "float32"
+        return {"WIDTH": self.width, "DTYPE": getattr(tl, TL_DTYPES[self.dtype]), "ACC": getattr(tl, acc),
+                "CHUNK": CHUNK, "BLOCK": BLOCK}
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.layout.chunks)
+
+    def write_back(self, written: tuple[int, ...]) -> None:
+        """Store the results of the lists ``written`` into the originals of layers that ran on copies."""
+        for originals, tensors in zip(self.originals, self.tensors):
+            if tensors is not originals:
+                for k in written:
+                    originals[k].detach().copy_(tensors[k])
+
+
+def upload(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    """An int64 table on ``device`` without a synchronisation: from pinned memory, asynchronously, on CUDA."""
+    pinned = device.type == "cuda" and torch.cuda.is_available()
+    return torch.tensor(rows, dtype=torch.int64, pin_memory=pinned).to(device, non_blocking=True)
+
+
+def _one_dense_layout(tensors: list[torch.Tensor]) -> bool:
+    """The tensors share one dense memory layout (contiguous, channels_last, any permutation): element ``i`` of
+    each is then at the same offset, and the kernels can treat them as flat vectors."""
+    first = tensors[0]
+    if any(t.shape != first.shape or t.stride() != first.stride() for t in tensors):
+        return False
+    order = sorted(range(first.dim()), key=lambda d: -first.stride()[d])
+    return first.detach().permute(order).is_contiguous()
+
+
+def buckets(layer_lists: list[list[list[torch.Tensor]]], decays: list[float], layouts: dict) -> list[Bucket]:
+    """The step's layers by dtype. ``layer_lists[i]`` is layer ``i``'s tensors (list 0: the parameter); its row
+    in the step's sums and coefficients is ``i``."""
+    by_dtype: dict = {}
+    for row, tensors in enumerate(layer_lists):
+        by_dtype.setdefault((tensors[0].device, tensors[0].dtype), []).append(row)
+    return [Bucket([layer_lists[r] for r in rows], rows, [decays[r] for r in rows], layouts) for rows in by_dtype.values()]
+
+
+# ------------------------------------------------------------------ the passes
+def layer_sums(buckets_: list[Bucket], n_layers: int, width: int, kernel: str, device, dtype, **extra) -> torch.Tensor:
+    """``[n_layers, width]`` sums of every layer of the step: a reduction and a combination launch per bucket."""
+    found = kernels()
+    sums = torch.empty(n_layers, width, dtype=dtype, device=device)
+    for bucket in buckets_:
+        partials = torch.empty(bucket.n_chunks, width, dtype=torch.float64 if bucket.dtype == torch.float64 else torch.float32,
+                               device=bucket.device)
+        if bucket.n_chunks:
+            launch(found[kernel], (bucket.n_chunks,), bucket.table, bucket.layout.chunks, bucket.layout.decays, partials,
+                   **bucket.constants, **extra)
+        launch(found["combine"], (len(bucket.layout.rows),), partials, bucket.layout.spans, bucket.layout.rows, sums,
+               K=width, KP=4)
+    return sums
+
+
+def update(buckets_: list[Bucket], kernel: str, coefficients: torch.Tensor, ok: torch.Tensor, written: tuple[int, ...],
+           *scalars) -> None:
+    """The elementwise update of every layer of the step: one launch per bucket, masked by ``ok`` on the device."""
+    found = kernels()
+    for bucket in buckets_:
+        if bucket.n_chunks:
+            launch(found[kernel], (bucket.n_chunks,), bucket.table, bucket.layout.chunks, bucket.layout.rows,
+                   bucket.layout.decays, coefficients, ok, *scalars, **bucket.constants)
+        bucket.write_back(written)
+
+
+class StepBatch:
+    """Every group of a step that runs on the Triton kernels, batched: ``layers[g][i]`` is group ``g``'s layer
+    ``i`` (its tensors, the parameter first), ``decays[g]`` the group's weight decay. Built in the reduction pass
+    and kept for the update, so that both read the same addresses (and the same copies)."""
+
+    def __init__(self, layers: list[list[list[torch.Tensor]]], decays: list[float], layouts: dict):
+        self.sizes = [len(group) for group in layers]
+        flat = [tensors for group in layers for tensors in group]
+        flat_decays = [decay for group, decay in zip(layers, decays) for _ in group]
+        self.buckets = buckets(flat, flat_decays, layouts)
+        self.n_layers = len(flat)
+
+    def sums(self, width: int, kernel: str, device, dtype, **extra) -> list[torch.Tensor]:
+        """Each group's ``[n_layers, width]`` sums (views of one table for the whole step)."""
+        return list(layer_sums(self.buckets, self.n_layers, width, kernel, device, dtype, **extra).split(self.sizes))
+
+    def update(self, kernel: str, coefficients: list[torch.Tensor], ok: torch.Tensor, written: tuple[int, ...], *scalars) -> None:
+        table = coefficients[0] if len(coefficients) == 1 else torch.cat(coefficients)
+        update(self.buckets, kernel, table, ok, written, *scalars)
