@@ -1,6 +1,14 @@
-"""Shared fixtures: the shared data, smoke runs trained once (the recipes import as ``recipes.<script>``)."""
+"""Shared fixtures: the shared data, smoke runs trained once (the recipes import as ``recipes.<script>``).
 
+The optimizer tests run the Triton kernels (``fused="triton"``) on CPU tensors through Triton's interpreter:
+``TRITON_INTERPRET=1`` is set here, before any test module imports Triton (TRL does), since Triton fixes the
+mode when it is first imported; the two-process tests' workers inherit it.
+"""
+
+import os
 from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 

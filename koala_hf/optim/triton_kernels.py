@@ -1,7 +1,8 @@
 """The fused steps' Triton kernels: a fixed number of launches per step, whatever the number of layers.
 
 On CUDA these are the ``fused=True`` backend (``fused="triton"`` asks for them explicitly); on the CPU they run
-through Triton's interpreter under ``TRITON_INTERPRET=1``, which is how the tests check them without a GPU.
+through Triton's interpreter under ``TRITON_INTERPRET=1``, which is how the tests check them without a GPU (set
+it before Python starts: Triton fixes the mode when it is first imported).
 
 The layers of a step are bucketed by dtype, across parameter groups. Per bucket a step launches three kernels:
 
@@ -25,7 +26,6 @@ the update writes back.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 
@@ -52,6 +52,9 @@ def unavailable(devices: set[str]) -> str | None:
     others = sorted(devices - {"cuda"})
     if others == ["cpu"] and not interpreting():
         return "on the CPU they run only through Triton's interpreter: set TRITON_INTERPRET=1 (slow; for tests)"
+    if interpreting() != _triton_imported_interpreting():
+        return ("TRITON_INTERPRET was changed after Triton was imported, and Triton fixes its mode at import: set "
+                "it in the environment before starting Python")
     if others and others != ["cpu"]:
         return f"Triton kernels run on CUDA (or on the CPU under TRITON_INTERPRET=1), and parameters are on {', '.join(others)}"
     return None
@@ -241,18 +244,11 @@ def _koala_m_update(table, chunks, rows, decays, coefficients, ok, decay, WIDTH:
         tl.store(u + index, _rounded(decay * u_post, DTYPE), mask=inside)
 
 
-@contextlib.contextmanager
-def _mode(interpret: bool):
-    """``triton.jit`` decides at decoration time whether a kernel is interpreted: decorate under the mode wanted."""
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
+def _triton_imported_interpreting() -> bool:
+    """The mode Triton's own library (``tl.sum`` ...) was built in when ``triton.language`` was imported."""
+    import triton.language.standard as standard
+
+    return type(standard.sum).__name__ == "InterpretedFunction"
 
 
 KERNELS = (_koala_plus_plus_partials, _jacobian_partials, _combine, _koala_plus_plus_update, _koala_v_update,
@@ -260,22 +256,19 @@ KERNELS = (_koala_plus_plus_partials, _jacobian_partials, _combine, _koala_plus_
 
 
 def kernels() -> dict:
-    """The kernels, built (``triton.jit``) on first use for the current mode: compiled, or interpreted on the CPU.
-
-    The kernels call ``_rounded`` by its global name, so one process builds them for one mode only.
-    """
+    """The kernels, built (``triton.jit``) on first use: compiled, or interpreted on the CPU under
+    ``TRITON_INTERPRET=1``, which Triton fixes when it is first imported (as it does for its own library)."""
     global tl, _rounded
     interpret = interpreting()
     if interpret not in _KERNELS:
-        if _KERNELS:
-            raise RuntimeError("koala_hf's Triton kernels were built with TRITON_INTERPRET="
-                               f"{int(not interpret)} in this process; set TRITON_INTERPRET before the first fused step")
         import triton
         import triton.language as tl  # the kernels' ``tl``, resolved when triton.jit reads them
 
-        with _mode(interpret):
-            _rounded = triton.jit(_rounded)
-            _KERNELS[interpret] = {f.__name__.lstrip("_"): triton.jit(f) for f in KERNELS}
+        if _KERNELS or interpret != _triton_imported_interpreting():
+            raise RuntimeError("TRITON_INTERPRET was changed after Triton was imported, and Triton fixes its mode at "
+                               "import: set it in the environment before starting Python")
+        _rounded = triton.jit(_rounded)
+        _KERNELS[interpret] = {f.__name__.lstrip("_"): triton.jit(f) for f in KERNELS}
     return _KERNELS[interpret]
 
 
