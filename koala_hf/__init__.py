@@ -16,6 +16,8 @@ __all__ = [
     "KoalaOptimizer",
     "KoalaTrainer",
     "KoalaTrainingArguments",
+    "KoalaSFTTrainer",
+    "KoalaSeq2SeqTrainer",
     "LossMeasurement",
     "OPTIMIZERS",
     "create_optimizer",
@@ -24,8 +26,9 @@ __all__ = [
     "per_sample_losses",
 ]
 
-# The Trainer integration imports transformers' Trainer (seconds); load it on first use.
-_LAZY = {"KoalaTrainer": "koala_hf.trainer", "KoalaTrainingArguments": "koala_hf.training_args"}
+# The Trainer integrations import transformers' Trainer (seconds) or an extra (TRL); load them on first use.
+_LAZY = {"KoalaTrainer": "koala_hf.trainer", "KoalaTrainingArguments": "koala_hf.training_args",
+         "KoalaSFTTrainer": "koala_hf.integrations.trl", "KoalaSeq2SeqTrainer": "koala_hf.integrations.seq2seq"}
 
 
 def __getattr__(name):

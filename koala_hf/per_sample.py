@@ -9,7 +9,10 @@ Trainer's label smoother compute the mean, for these families:
 * masked LM and token classification: per token, ``-100`` ignored;
 * sequence and image classification: per example (cross-entropy, or binary
   cross-entropy averaged over the labels for multi-label problems);
-* regression: per example, squared error averaged over the outputs.
+* regression: per example, squared error averaged over the outputs;
+* TRL's fused LM head (``FusedCausalLMOutput``: ``log_probs`` and ``label_mask`` instead of logits): per token,
+  ``-log_probs`` where ``label_mask`` is set (the negative log-likelihood; TRL's other loss types are
+  KoalaSFTTrainer's).
 """
 
 from __future__ import annotations
@@ -28,6 +31,14 @@ def _logits(outputs) -> torch.Tensor | None:
     return None
 
 
+def fused_negative_log_likelihood(outputs) -> torch.Tensor | None:
+    """Per-token NLL of TRL's fused LM head outputs (``log_probs``, ``label_mask``: already shifted), or ``None``."""
+    if not isinstance(outputs, dict) or outputs.get("log_probs") is None or outputs.get("label_mask") is None:
+        return None
+    log_probs = outputs["log_probs"].detach()
+    return -log_probs.to(torch.promote_types(log_probs.dtype, torch.float32))[outputs["label_mask"]]
+
+
 @torch.no_grad()
 def per_sample_losses(
     outputs,
@@ -44,6 +55,9 @@ def per_sample_losses(
     ``problem_type``: the config's ``problem_type``; float labels also mean
     regression. ``label_smoothing``: the Trainer's ``label_smoothing_factor``.
     """
+    fused = fused_negative_log_likelihood(outputs)
+    if fused is not None:
+        return fused
     logits = _logits(outputs)
     if logits is None or labels is None:
         return None

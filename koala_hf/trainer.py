@@ -1,29 +1,39 @@
 """``KoalaTrainer``: a ``transformers.Trainer`` that feeds the loss into the KOALA step.
 
-KOALA measures the loss (E1), so every optimizer step needs the mean loss and
-the per-sample losses of all micro-batches that contributed gradient to it.
-``KoalaTrainer`` records them as the Trainer computes its loss:
+KOALA measures the loss (E1), so every optimizer step needs the mean loss and the per-sample losses of all
+micro-batches that contributed gradient to it. ``KoalaTrainer`` records them as the Trainer computes its loss.
 
-* models whose loss it knows (causal LM, masked LM, token / sequence / image
-  classification, regression; label smoothing included): per micro-batch, the
-  per-token or per-example losses from :meth:`KoalaTrainer.per_sample_losses`.
-  Their mean over the whole step is exactly the Trainer's token-count
-  normalised objective, across micro-batches and data-parallel ranks;
-* a custom ``compute_loss`` or ``compute_loss_func`` (unless
-  ``per_sample_losses`` is overridden too), a model it cannot read, or a model
-  whose own loss is not what the per-sample losses average to (checked once, on
-  the first step: a custom L1 or class-weighted loss, an auxiliary term): the
-  loss the Trainer back-propagated, summed over the step's micro-batches; the
-  noise measurement then falls back to ``L^2`` (a one-time notice says so).
+It combines with any Trainer subclass: ``class MyTrainer(KoalaTrainer, SomeTrainer)``, KoalaTrainer first
+(koala_hf ships ``KoalaSFTTrainer`` for TRL and ``KoalaSeq2SeqTrainer``). Whatever the subclass computes, the
+training forward's outputs are read where the model returns them (a forward hook, no extra forward pass):
 
-Everything else is the Trainer's: gradient accumulation, DDP, autocast, grad
-scaling (a step the scaler skips drops its measurement), clipping, schedulers,
-evaluation (KOALA-M's posterior weights via ``optimizer.eval()``), checkpoints.
-KOALA's own signals (``optimizer.diagnostics()``) join the training logs.
-Non-KOALA optimizers pass through untouched, so baselines train the same way.
+* per-sample losses are derived from them (:meth:`KoalaTrainer.per_sample_losses`: causal LM, masked LM,
+  token / sequence / image classification, regression, label smoothing, TRL's fused LM head), and checked once,
+  on the first step, against the loss ``compute_loss`` returned, the one back-propagated. Their mean over the
+  step is then exactly the Trainer's token-count normalised objective, across micro-batches and data-parallel
+  ranks. A model that takes ``**kwargs`` but ignores ``num_items_in_batch`` (T5, BART) returns each
+  micro-batch's own mean; its loss is then rescaled to the step's token normalisation the Trainer expects,
+  so that gradient accumulation averages over all the step's tokens (a one-time notice says so);
+* where they cannot be derived, or do not average to the loss returned (a custom or weighted loss, an
+  auxiliary term, a loss type KoalaTrainer does not read, several forward passes), KOALA measures the loss
+  the Trainer back-propagated, summed over the step's micro-batches, and the noise measurement falls back to
+  ``L^2``; a one-time notice names the cause.
+
+Without an optimizer, KoalaTrainer builds one: the variant named by :class:`KoalaTrainingArguments`, or,
+given the Trainer's own ``TrainingArguments`` (replacing ``Trainer`` by ``KoalaTrainer`` in an existing
+script), KOALA++, at its own default learning rate when ``learning_rate`` was left at the Trainer's default.
+An ``optim`` set away from its default is a Trainer optimizer, which is then trained untouched: baselines
+train the same way. One log line says which optimizer and learning rate it built.
+
+Everything else is the Trainer's: gradient accumulation, DDP, FSDP2, autocast, grad scaling (a step the
+scaler skips drops its measurement), clipping, schedulers, evaluation (KOALA-M's posterior weights via
+``optimizer.eval()``), checkpoints. KOALA's own signals (``optimizer.diagnostics()``) join the training logs.
 """
 
 from __future__ import annotations
+
+import contextlib
+import inspect
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -31,10 +41,11 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.utils import logging
 
 from koala_hf.loops import koala_optimizer
-from koala_hf.per_sample import per_sample_losses
 from koala_hf.optim.base import KoalaOptimizer
+from koala_hf.per_sample import per_sample_losses
 from koala_hf.registry import optimizer_entry
-from koala_hf.training_args import KoalaTrainingArguments
+from koala_hf.training_args import KoalaTrainingArguments, trainer_optim_chosen
+from koala_hf.unwrap import innermost_model
 
 logger = logging.get_logger(__name__)
 
@@ -43,6 +54,8 @@ SHARDED_SETUP_ERROR = (
     "one, which would silently change the algorithm, so it is not supported. Use FSDP2 (accelerate's "
     "fsdp_version: 2, recipes/accelerate_configs/fsdp.yaml), DDP (multi-GPU / multi-node configs) or one process."
 )
+FALLBACK = ("KOALA measures the loss the Trainer back-propagated instead (exact), and its noise measurement falls "
+            "back to loss**2 (E1). Override KoalaTrainer.per_sample_losses to provide per-sample losses.")
 
 
 def refuse_sharded_setups(*, fsdp: bool, deepspeed: bool) -> None:
@@ -55,55 +68,78 @@ def refuse_sharded_setups(*, fsdp: bool, deepspeed: bool) -> None:
 
 
 def is_causal_lm(model) -> bool:
-    """A causal LM by its class hierarchy (so also under wrappers that subclass it, e.g. FSDP's ``FSDP<Name>``)."""
+    """A causal LM by its class hierarchy, inside any wrapper (DDP, FSDP, PEFT's ``PeftModelForCausalLM``)."""
     names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    return any(cls.__name__ in names for cls in type(model).__mro__)
+    return any(cls.__name__ in names for cls in type(innermost_model(model)).__mro__)
 
 
 def declare_causal_lm_loss(model) -> None:
-    """Give a causal LM without a ``loss_type`` (e.g. ``GPT2LMHeadModel(config)``) the one its loss uses anyway.
+    """Give a causal LM without a ``loss_type`` (e.g. ``GPT2LMHeadModel(config)``, also inside a PEFT wrapper) the
+    one its loss uses anyway.
 
-    Its loss falls back to ``ForCausalLM`` with a warning, but the Trainer reads
-    ``loss_type`` to learn that labels are shifted: without it, it divides the
-    summed loss of ``T - 1`` predicted tokens by ``T`` labels per sequence, so
-    the loss it trains on and reports is too low by ``(T - 1) / T``.
+    Its loss falls back to ``ForCausalLM`` with a warning, but the Trainer reads ``loss_type`` to learn that
+    labels are shifted: without it, it divides the summed loss of ``T - 1`` predicted tokens by ``T`` labels per
+    sequence, so the loss it trains on and reports is too low by ``(T - 1) / T``.
     """
-    if model is not None and is_causal_lm(model) and getattr(model, "loss_type", "") is None:
-        model.loss_type = "ForCausalLM"
+    if model is None:
+        return
+    inner = innermost_model(model)
+    if is_causal_lm(inner) and getattr(inner, "loss_type", "") is None:
+        inner.loss_type = "ForCausalLM"
 
 
 class KoalaTrainer(Trainer):
     """``transformers.Trainer`` for the KOALA optimizers (see the module docstring).
 
-    Pass an optimizer (``optimizers=(KOALAPlusPlus(model.parameters(), lr=2e-3), None)``)
-    or :class:`KoalaTrainingArguments` naming the variant. A causal LM built
-    without a ``loss_type`` gets ``ForCausalLM`` (:func:`declare_causal_lm_loss`),
-    so the loss trained on and reported is the mean over the tokens predicted.
+    Pass an optimizer (``optimizers=(KOALAPlusPlus(model.parameters(), lr=2e-3), None)``), or
+    :class:`KoalaTrainingArguments` naming the variant, or nothing (KOALA++). A causal LM built without a
+    ``loss_type`` gets ``ForCausalLM`` (:func:`declare_causal_lm_loss`), so the loss trained on and reported is
+    the mean over the tokens predicted.
     """
 
     def __init__(self, *args, **kwargs):
         declare_causal_lm_loss(kwargs.get("model", args[0] if args else None))
         super().__init__(*args, **kwargs)
         if self.optimizer is None and self.optimizer_cls_and_kwargs is None:
-            if not isinstance(self.args, KoalaTrainingArguments):
-                raise TypeError(
-                    "KoalaTrainer needs an optimizer: pass optimizers=(KOALAPlusPlus(model.parameters(), lr=...), None) "
-                    "or use koala_hf.KoalaTrainingArguments(koala_optimizer='koala++', ...)"
-                )
-            entry = optimizer_entry(self.args.koala_optimizer)
-            self.optimizer_cls_and_kwargs = (entry.cls, self.args.koala_optimizer_kwargs())
+            self.optimizer_cls_and_kwargs = self._koala_optimizer_to_build()
         if self._uses_koala():
             fsdp_version = getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) if self.is_fsdp_enabled else 0
             refuse_sharded_setups(fsdp=fsdp_version == 1, deepspeed=self.is_deepspeed_enabled)
         overridden = type(self).per_sample_losses is not KoalaTrainer.per_sample_losses
-        custom_loss = type(self).compute_loss is not KoalaTrainer.compute_loss or self.compute_loss_func is not None
-        self._derive_per_sample = overridden or not custom_loss
+        self._loss_in_front = _overrides_before(type(self), "compute_loss", KoalaTrainer)  # a compute_loss before ours
+        self._derive_per_sample = overridden or self._loss_in_front is None
         self._in_training_step = self._observed_micro_batch = False
         self._backpropagated = None  # fallback measurement: the step's summed back-propagated loss
         self._fallback_noticed = False
         self._measurement_checked = False
+        self._renormalise = False  # the model ignores num_items_in_batch: its loss is rescaled (see the module)
         self.scaler_skipped_steps = 0
         self.add_callback(_FeedTheStep(self))
+
+    def _koala_optimizer_to_build(self):
+        """``(class, kwargs)`` of the optimizer KoalaTrainer builds when given none, or ``None`` for the Trainer's
+        own ``optim`` (a baseline); logs which."""
+        args = self.args
+        if trainer_optim_chosen(args) and not getattr(args, "koala_optimizer_chosen", False):
+            logger.warning(f"KoalaTrainer: optim={getattr(args.optim, 'value', args.optim)!r} is the Trainer's "
+                           f"optimizer; training with it at lr {args.learning_rate:g}, not with KOALA "
+                           "(unset optim to train KOALA++)")
+            return None
+        if isinstance(args, KoalaTrainingArguments):
+            name, kwargs = args.koala_optimizer, args.koala_optimizer_kwargs()
+        else:  # the Trainer's own arguments: KoalaTrainer swapped in for Trainer
+            name = "koala++"
+            entry = optimizer_entry(name)
+            default_lr = type(args).__dataclass_fields__["learning_rate"].default
+            lr = _variant_lr(entry.cls) if args.learning_rate == default_lr else args.learning_rate
+            if args.learning_rate == default_lr:
+                args.learning_rate = lr  # what the scheduler starts from and the logs report
+            kwargs = {**entry.defaults, "lr": lr}
+        cls = optimizer_entry(name).cls
+        logger.warning(f"KoalaTrainer: training with {cls.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+                       + ("" if isinstance(args, KoalaTrainingArguments) else
+                          " (no optimizer given; the Trainer's default learning rate is AdamW's, KOALA++ takes its own)"))
+        return cls, kwargs
 
     def _uses_koala(self) -> bool:
         if self.optimizer is not None:
@@ -116,7 +152,7 @@ class KoalaTrainer(Trainer):
 
         Override for models whose loss :func:`koala_hf.per_sample_losses` does not know.
         """
-        unwrapped = self.accelerator.unwrap_model(model)
+        unwrapped = innermost_model(model)
         if "shift_labels" in inputs:
             labels, shift = inputs["shift_labels"], False
         else:
@@ -138,44 +174,63 @@ class KoalaTrainer(Trainer):
         if not (self._in_training_step and self._derive_per_sample and optimizer is not None):
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         labels = inputs.get("labels")  # the Trainer may pop it
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        losses = self.per_sample_losses(model, outputs, labels, inputs)
-        if losses is not None and losses.numel() > 0 and not self._measurement_checked:
+        with _training_forwards(model) as forwards:
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        losses = self.per_sample_losses(model, forwards[0], labels, inputs) if len(forwards) == 1 else None
+        if losses is not None and losses.numel() == 0:
+            losses = None
+        if not self._measurement_checked:
             self._measurement_checked = True
-            if not self._matches_the_models_loss(outputs, losses, num_items_in_batch):
-                self._derive_per_sample, losses = False, None  # measure what is back-propagated from now on
-        if losses is not None and losses.numel() > 0:
+            losses = self._check_measurement(loss, losses, num_items_in_batch, len(forwards))
+            if losses is None:
+                self._derive_per_sample = False  # measure what is back-propagated from now on
+        if losses is not None:
             optimizer.observe(losses.mean(), losses)
             self._observed_micro_batch = True
-        return (loss, outputs) if return_outputs else loss
+            if self._renormalise:  # the micro-batch's token sum over the step's token count, in the loss's dtype
+                count = num_items_in_batch.to(loss.dtype) if torch.is_tensor(num_items_in_batch) else float(num_items_in_batch)
+                loss = loss * losses.numel() / count
+        return (loss, *result[1:]) if return_outputs else loss
 
-    def _matches_the_models_loss(self, outputs, losses: torch.Tensor, num_items_in_batch) -> bool:
-        """Whether the derived per-sample losses average to the loss the model returned (first step only).
-
-        A custom model whose loss is not the plain cross-entropy or squared error of its logits (an L1 loss,
-        class weights, an auxiliary term) would otherwise be filtered on a wrong measurement. The one host
-        read of the whole run happens here.
-        """
-        reported = outputs.get("loss") if isinstance(outputs, dict) else None
-        if reported is None:  # the Trainer computed the loss (label smoothing) the way per_sample_losses does
-            return True
-        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
-            derived = losses.sum() / num_items_in_batch  # the model divides its sum by the step's token count
-        else:
-            derived = losses.mean()
-        derived, reported = torch.stack([derived.float(), reported.detach().float().to(derived.device)]).tolist()
-        # With average_tokens_across_devices the count is every process's, and the Trainer multiplies the
-        # model's loss (in place) by the number of processes, so that averaging the gradients undoes it.
+    def _check_measurement(self, loss, losses, num_items_in_batch, forwards: int):
+        """The per-sample losses if they average to the loss ``compute_loss`` returned, else ``None`` with a
+        notice naming why (first step only; the one host read of the run)."""
+        name = type(self).__name__
+        if losses is None:
+            cause = (f"{forwards} forward passes computed this loss" if forwards != 1 else
+                     "the training forward's outputs give none (no logits, log-probabilities or labels)")
+            self._notice(f"{name}: no per-sample losses: {cause}. {FALLBACK}")
+            return None
+        # With average_tokens_across_devices the token count is every process's, and the Trainer multiplies
+        # the loss (in place) by the number of processes, so that averaging the gradients undoes it.
         scales = {1.0, float(self.accelerator.num_processes)}
-        if any(abs(derived * scale - reported) <= 1e-3 * abs(reported) + 1e-6 for scale in scales):
-            return True
-        self._fallback_noticed = True
-        logger.warning(
-            f"KoalaTrainer: the per-sample losses derived from the logits average {derived:.6g}, but the model's "
-            f"loss is {reported:.6g} (a custom loss?). KOALA measures the back-propagated loss instead and its noise "
-            "measurement falls back to loss**2 (E1). Override KoalaTrainer.per_sample_losses to provide the right ones."
-        )
-        return False
+        normalised = num_items_in_batch is not None and (self.model_accepts_loss_kwargs or self.compute_loss_func is not None)
+        candidates = [losses.mean().float()] + ([losses.sum().float() / num_items_in_batch] if normalised else [])
+        values = torch.stack([c.to(loss.device) for c in candidates] + [loss.detach().float()]).tolist()
+        *derived, reported = values
+
+        def matches(value: float) -> bool:
+            return any(abs(value * scale - reported) <= 1e-3 * abs(reported) + 1e-6 for scale in scales)
+
+        if normalised and matches(derived[1]):
+            return losses
+        if matches(derived[0]):
+            if normalised and abs(derived[0] - derived[1]) > 1e-3 * abs(derived[0]) + 1e-6:
+                model_name = type(innermost_model(self.model)).__name__
+                self._renormalise = True
+                self._notice(f"{name}: {model_name} takes **kwargs but ignores num_items_in_batch: its loss is each "
+                             "micro-batch's own token mean, and the Trainer, expecting a loss normalised by the "
+                             "step's token count, does not divide it by the accumulation steps. KoalaTrainer "
+                             "rescales it to the step's token normalisation, so that the gradient is that of the "
+                             "step's token mean, which KOALA measures per token.")
+            return losses
+        expected = derived[1] if normalised else derived[0]
+        self._notice(f"{name}: the loss compute_loss returned ({reported:.6g}) is not the mean of the per-sample "
+                     f"losses derived from the model's outputs ({expected:.6g}): a custom or weighted loss, an "
+                     "auxiliary term, or a loss type KoalaTrainer does not read (for TRL's, use "
+                     f"koala_hf.KoalaSFTTrainer). {FALLBACK}")
+        return None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._in_training_step, self._observed_micro_batch = True, False
@@ -184,19 +239,21 @@ class KoalaTrainer(Trainer):
         finally:
             self._in_training_step = False
         if self._uses_koala() and not self._observed_micro_batch:
-            self._notice_fallback()
+            if not self._fallback_noticed:
+                front = self._loss_in_front
+                cause = "none observed" if front is None else (
+                    f"{front.__name__}.compute_loss runs in front of KoalaTrainer's" + (
+                        "" if front is type(self) else f"; put KoalaTrainer first: class {type(self).__name__}"
+                        f"(KoalaTrainer, {front.__name__})"))
+                self._notice(f"{type(self).__name__}: no per-sample losses for this model/loss ({cause}). {FALLBACK}")
             # What was back-propagated for this micro-batch, already divided for accumulation.
             contribution = loss.detach().float()
             self._backpropagated = contribution if self._backpropagated is None else self._backpropagated + contribution
         return loss
 
-    def _notice_fallback(self) -> None:
-        if not self._fallback_noticed:
-            self._fallback_noticed = True
-            logger.warning(
-                "KoalaTrainer: no per-sample losses for this model/loss; KOALA measures the mean loss only and its "
-                "noise measurement falls back to loss**2 (E1). Override KoalaTrainer.per_sample_losses to provide them."
-            )
+    def _notice(self, message: str) -> None:
+        self._fallback_noticed = True
+        logger.warning(message)
 
     # ------------------------------------------------------ logs and saving
     def _issue_warnings_after_load(self, load_result) -> None:
@@ -224,6 +281,40 @@ class KoalaTrainer(Trainer):
         finally:
             if switch:
                 optimizer.train()
+
+
+def _variant_lr(cls) -> float:
+    return inspect.signature(cls).parameters["lr"].default
+
+
+def _overrides_before(cls, name: str, owner: type) -> type | None:
+    """The first class in front of ``owner`` in ``cls``'s MRO that defines ``name`` (an override), or ``None``."""
+    for klass in cls.__mro__:
+        if klass is owner:
+            return None
+        if name in klass.__dict__:
+            return klass
+    return None
+
+
+@contextlib.contextmanager
+def _training_forwards(model):
+    """The outputs of every forward pass of ``model`` run with gradients inside the block (forward hook: the
+    outputs as the model returned them, however a Trainer subclass then computes its loss)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    module = extract_model_from_parallel(model)
+    captured: list = []
+
+    def record(_module, _args, _kwargs, output):
+        if torch.is_grad_enabled():
+            captured.append(output)
+
+    handle = module.register_forward_hook(record, with_kwargs=True)
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 class _FeedTheStep(TrainerCallback):

@@ -11,20 +11,30 @@ from transformers import TrainingArguments
 from koala_hf.registry import optimizer_entry
 
 
+def trainer_optim_chosen(args: TrainingArguments) -> bool:
+    """Whether ``args.optim`` was set away from its default: a Trainer optimizer was asked for (a baseline)."""
+    default = type(args).__dataclass_fields__["optim"].default
+    value = getattr(args.optim, "value", args.optim)
+    return value != getattr(default, "value", default)
+
+
 @dataclass
 class KoalaTrainingArguments(TrainingArguments):
     """``TrainingArguments`` for :class:`koala_hf.KoalaTrainer`.
 
-    ``learning_rate`` left unset means the variant's own default (KOALA++ 1.0,
-    KOALA-V 0.1, KOALA-M 1.0), not the Trainer's 5e-5. ``weight_decay`` is the
-    Trainer's (biases and norm weights get none) and enters KOALA as E3.
+    ``koala_optimizer`` names the variant (KOALA++ when unset). ``learning_rate`` left unset means the
+    variant's own default (KOALA++ 1.0, KOALA-V 0.1, KOALA-M 1.0), not the Trainer's 5e-5. ``weight_decay`` is
+    the Trainer's (biases and norm weights get none) and enters KOALA as E3. An ``optim`` set away from its
+    default asks for a Trainer optimizer instead (a baseline run, at the Trainer's default learning rate unless
+    given); naming both that and ``koala_optimizer`` is refused.
     """
 
     learning_rate: float | None = field(
         default=None, metadata={"help": "Learning rate; unset: the KOALA variant's own default."}
     )
-    koala_optimizer: str = field(
-        default="koala++", metadata={"help": "koala++, koala++ns, koala-v or koala-m (timm spellings accepted)."}
+    koala_optimizer: str | None = field(
+        default=None,
+        metadata={"help": "koala++ (unset: this), koala++ns, koala-v or koala-m (timm spellings accepted)."},
     )
     koala_sigma: float | None = field(default=None, metadata={"help": "Initial uncertainty sigma (KOALA++, KOALA-V)."})
     koala_q: float | None = field(default=None, metadata={"help": "Process noise q (KOALA++, KOALA-V)."})
@@ -39,9 +49,20 @@ class KoalaTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        self.koala_optimizer_chosen = self.koala_optimizer is not None
+        baseline = trainer_optim_chosen(self)
+        if baseline and self.koala_optimizer_chosen:
+            raise ValueError(
+                f"KoalaTrainingArguments got optim={self.optim!r} (a Trainer optimizer) and koala_optimizer="
+                f"{self.koala_optimizer!r}: choose one (leave optim unset to train KOALA)"
+            )
+        self.koala_optimizer = self.koala_optimizer or "koala++"
         entry = optimizer_entry(self.koala_optimizer)  # refuses unknown names early
         if self.learning_rate is None:
-            self.learning_rate = inspect.signature(entry.cls).parameters["lr"].default
+            if baseline:
+                self.learning_rate = TrainingArguments.__dataclass_fields__["learning_rate"].default
+            else:
+                self.learning_rate = inspect.signature(entry.cls).parameters["lr"].default
         if isinstance(self.koala_kwargs, str):
             self.koala_kwargs = json.loads(self.koala_kwargs)
         super().__post_init__()

@@ -114,3 +114,35 @@ def exit_distributed_process() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def word_tokenizer(words: int = 30):
+    """A word-level tokenizer over ``w0 ... w{words-1}`` with ``<pad>`` and ``<eos>`` (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocabulary = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(words)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocabulary, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+
+
+def word_texts(n: int, words: int = 30, seed: int = 0, shortest: int = 5, longest: int = 13) -> list[str]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(shortest, longest + 1, (n,), generator=generator)
+    return [" ".join(f"w{int(i)}" for i in torch.randint(0, words, (int(k),), generator=generator)) for k in lengths]
+
+
+class RecordingMeasurements:
+    """Wraps an optimizer's measurement so that every (L_k, m_k) its steps consume is kept in ``measured``."""
+
+    def __init__(self, optimizer):
+        self.measured = []
+        consume = optimizer.measurement.consume
+
+        def recording_consume():
+            result = consume()
+            self.measured.append(tuple(t.detach().clone() for t in result))
+            return result
+
+        optimizer.measurement.consume = recording_consume

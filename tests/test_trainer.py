@@ -270,22 +270,41 @@ def test_a_plain_trainer_points_to_koala_trainer(tmp_path):
         trainer.train()
 
 
-def test_koala_signals_reach_the_logs(tmp_path):
-    trainer = KoalaTrainer(model=tiny_gpt2(), args=arguments(tmp_path, max_steps=4, logging_steps=2),
+def test_koala_signals_reach_the_logs_with_the_values_of_the_filters_state(tmp_path):
+    trainer = KoalaTrainer(model=tiny_gpt2(), args=arguments(tmp_path, max_steps=4, logging_steps=2, lr_scheduler_type="constant"),
                            train_dataset=counting_sequences(64))
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 2
     for key in ("koala/R", "koala/innovation_variance", "koala/effective_step", "koala/skipped_steps", "koala/scaler_skipped_steps"):
         assert all(key in entry for entry in logs), key
-    assert logs[0]["koala/R"] != 1.0
+    # The last log came after the last step: its signals are those of the state the run ended with.
+    optimizer = koala_optimizer(trainer.optimizer)
+    state = optimizer.state["koala"]
+    s = torch.stack([optimizer.state[p]["filter"][0] for g in optimizer.param_groups for p in g["params"]])
+    lr = torch.tensor([g["lr"] for g in optimizer.param_groups for p in g["params"]], dtype=s.dtype)
+    last = logs[-1]
+    assert last["koala/R"] == pytest.approx(state["R"].mean().item(), rel=1e-6)
+    assert last["koala/measured_loss"] == pytest.approx(state["loss"].item(), rel=1e-6)
+    assert last["koala/innovation_variance"] == pytest.approx(s.mean().item(), rel=1e-6)  # E15, every layer stepped
+    assert last["koala/effective_step"] == pytest.approx((lr * state["loss"] / s).mean().item(), rel=1e-6)  # E16
+    assert last["koala/skipped_steps"] == 0 and last["koala/R"] != 1.0
 
 
-def test_bf16_autocast_trains(tmp_path):
+def test_under_bf16_autocast_the_measurement_is_the_float32_cross_entropy_of_the_bf16_logits(tmp_path):
     model = tiny_gpt2()
+    optimizer = Recording(model.parameters())
+    seen = []
+    model.register_forward_hook(lambda module, args, kwargs, out: seen.append((kwargs["input_ids"], kwargs["labels"], out.logits.detach()))
+                                if torch.is_grad_enabled() else None, with_kwargs=True)
     trainer = KoalaTrainer(model=model, args=arguments(tmp_path, bf16=True, max_steps=30, logging_steps=10),
-                           train_dataset=counting_sequences(128))
+                           train_dataset=counting_sequences(128), optimizers=(optimizer, None))
     trainer.train()
+    for (loss, noise), (_, labels, logits) in zip(optimizer.measured[:3], seen[:3]):
+        flat_logits, targets = logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+        terms = torch.nn.functional.cross_entropy(flat_logits, targets, reduction="none")[targets != -100]
+        torch.testing.assert_close(loss, terms.mean(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(noise, (terms**2).mean(), rtol=1e-6, atol=0)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses[-1] < losses[0]
     assert koala_optimizer(trainer.optimizer).state["koala"]["skipped_steps"].item() == 0
@@ -306,12 +325,17 @@ def test_koala_m_evaluates_and_saves_the_posterior_weights(tmp_path):
     optimizer = koala_optimizer(trainer.optimizer)
     optimizer.train()
     predicted = flat(model).clone()
+    # After the trailing predict theta = posterior + u_post and u = a u_post (E31): the posterior is theta - u / a.
+    a = optimizer.param_groups[0]["a"]
+    posterior = torch.cat([(p.detach() - optimizer.state[p]["u"] / a).reshape(-1) for p in model.parameters()])
     trainer.save_model(str(tmp_path / "final"))
     saved = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "final"))
-    optimizer.eval()
-    torch.testing.assert_close(flat(saved), flat(model))
+    torch.testing.assert_close(flat(saved), posterior, rtol=1e-6, atol=1e-7)
     assert not torch.equal(flat(saved), predicted)
-    assert torch.equal(flat(model) + 0, flat(model))
+    optimizer.eval()
+    torch.testing.assert_close(flat(model), posterior, rtol=1e-6, atol=1e-7)
+    optimizer.train()  # back to the predicted weights the next forward pass needs
+    torch.testing.assert_close(flat(model), predicted, rtol=1e-6, atol=1e-7)
 
 
 # ---------------------------------------------------- arguments and setups
@@ -339,10 +363,34 @@ def test_arguments_a_variant_does_not_take_are_refused(tmp_path):
         arguments(tmp_path, koala_optimizer="adamw")
 
 
-def test_koala_trainer_without_an_optimizer_says_how_to_give_one(tmp_path):
-    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
-    with pytest.raises(TypeError, match="KoalaTrainingArguments"):
-        KoalaTrainer(model=tiny_gpt2(), args=args, train_dataset=counting_sequences(8))
+def test_replacing_trainer_by_koala_trainer_alone_trains_koala_plus_plus_at_its_own_lr(tmp_path, caplog):
+    """The one-word swap: the Trainer's own arguments, no optimizer."""
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=2, disable_tqdm=True)
+    with caplog.at_level("WARNING", logger="koala_hf.trainer"):
+        trainer = KoalaTrainer(model=tiny_gpt2(), args=args, train_dataset=counting_sequences(16))
+        trainer.train()
+    optimizer = koala_optimizer(trainer.optimizer)
+    assert isinstance(optimizer, KOALAPlusPlus) and optimizer.state["koala"]["step"].item() == 2
+    assert {group["initial_lr"] for group in optimizer.param_groups} == {1.0}  # the Trainer's 5e-5 is AdamW's
+    built = [r.getMessage() for r in caplog.records if "training with KOALAPlusPlus" in r.getMessage()]
+    assert len(built) == 1 and "lr=1.0" in built[0]
+    given = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, learning_rate=0.3)
+    trainer = KoalaTrainer(model=tiny_gpt2(), args=given, train_dataset=counting_sequences(8))
+    assert {group["lr"] for group in trainer.create_optimizer().param_groups} == {0.3}
+
+
+@pytest.mark.parametrize("arguments_class", [TrainingArguments, KoalaTrainingArguments])
+def test_an_optim_set_away_from_its_default_is_a_baseline_trained_untouched(arguments_class, tmp_path, caplog):
+    args = arguments_class(output_dir=str(tmp_path), report_to=[], use_cpu=True, optim="adafactor", max_steps=1,
+                           disable_tqdm=True)
+    with caplog.at_level("WARNING", logger="koala_hf.trainer"):
+        trainer = KoalaTrainer(model=tiny_gpt2(), args=args, train_dataset=counting_sequences(8))
+        trainer.train()
+    assert type(trainer.optimizer.optimizer).__name__ == "Adafactor" and koala_optimizer(trainer.optimizer) is None
+    assert args.learning_rate == 5e-5  # the Trainer's default, not KOALA++'s
+    assert any("optim='adafactor' is the Trainer's optimizer" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="choose one"):
+        KoalaTrainingArguments(output_dir=str(tmp_path), optim="adafactor", koala_optimizer="koala-m")
 
 
 def test_other_optimizers_train_untouched_for_baselines(tmp_path):
@@ -423,7 +471,8 @@ def test_a_custom_models_loss_is_measured_not_a_rederived_one(kind, tmp_path, ca
     for (measured, noise), optimised in zip(optimizer.measured, losses):
         assert measured.item() == pytest.approx(optimised, rel=1e-4)  # what was back-propagated (logged to 4 decimals)
         assert noise.item() == pytest.approx(optimised**2, rel=2e-4)
-    assert sum("model's loss is" in record.message for record in caplog.records) == 1
+    notices = [record.message for record in caplog.records if "is not the mean of the per-sample losses" in record.message]
+    assert len(notices) == 1 and "falls back to loss**2" in notices[0]
 
 
 def test_a_model_whose_loss_matches_keeps_its_per_sample_losses(tmp_path):
