@@ -121,3 +121,14 @@ class KoalaMReference:
             ratios.append(H.dot(H) / S)
         h = max(ratios)  # E35
         self.P = self.P - self.P @ torch.tensor([[h, 0.0], [0.0, 0.0]], dtype=torch.float64) @ self.P.T  # E36
+
+
+def add_layers(reference, layers) -> None:
+    """Layers joining a reference mid-run (a parameter group added after steps): ``R_0 = 1`` for them (E2);
+    KOALA-M's start with ``u = w_avg = 0``."""
+    for layer in layers:
+        if isinstance(reference, KoalaMReference):
+            layer["u"] = torch.zeros_like(layer["theta"])
+            layer["w_avg"] = torch.zeros_like(layer["theta"])
+        reference.layers.append(layer)
+        reference.R.append(torch.tensor(1.0, dtype=torch.float64))

@@ -228,9 +228,10 @@ def test_a_bf16_mixed_precision_policy_trains_identically_on_both_ranks(ranks):
     start = full(single)
     train(single, build("koala++", {"foreach": True}, single), float_batches(regression_batches(STEPS)), shard=lambda t: t)
     expected = full(single)
-    # bf16 compute moves the trajectory by bf16 rounding only, not by a different algorithm.
+    # bf16 compute moves the trajectory by bf16 rounding only, not by a different algorithm: measured 0.8% of
+    # the movement here (a 3% short step would be 3%).
     error = ((params - expected).abs().max() / (expected - start).abs().max()).item()
-    assert error < 0.05, error
+    assert error < 0.016, error
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from torch import nn
 
 from koala_hf import KOALAM, KOALAV, OPTIMIZERS, KOALAPlusPlus, create_optimizer
 from tests.helpers import flat_parameters, per_sample_losses, regression_batches, tiny_network, train_step
+from tests.reference import KoalaMReference, KoalaPlusPlusReference, KoalaVReference, add_layers, measurement
 
 PATHS = [(name, {"foreach": foreach}) for name in OPTIMIZERS for foreach in (False, True)]
 PATHS += [(name, {"fused": fused}) for name in ("koala++", "koala++ns", "koala-v", "koala-m") for fused in (True, "triton")]
@@ -183,17 +184,49 @@ def test_koala_m_keeps_its_train_eval_mode_through_copies(foreach):
                 copied.step()
 
 
+def reference_for(name, optimizer, model, count):
+    """The spec's straight-line implementation (tests/reference.py) over the model's first ``count`` parameters,
+    with the optimizer's hyperparameters."""
+    layers = [{"theta": p.data.view(-1), **{k: v for k, v in optimizer.param_groups[0].items() if k != "params"}}
+              for p in list(model.parameters())[:count]]
+    group = optimizer.param_groups[0]
+    if name in ("koala++", "koala++ns"):
+        return KoalaPlusPlusReference(layers, symmetric=group["symmetric"])
+    if name == "koala-v":
+        return KoalaVReference(layers, sigma=group["sigma"], q=group["q"])
+    reference = KoalaMReference(layers, **{k: group[k] for k in ("sw", "sc", "sv", "a", "qw", "qv")})
+    reference.predict()  # the papers' loop predicts before every forward pass
+    return reference
+
+
+def reference_step(name, reference, model, x, y):
+    losses = per_sample_losses(model, x, y)
+    grads = torch.autograd.grad(losses.mean(), list(model.parameters()))[: len(reference.layers)]
+    step = reference.update if name == "koala-m" else reference.step
+    step([g.reshape(-1) for g in grads], *measurement(losses.detach()))
+    if name == "koala-m":
+        reference.predict()
+
+
 @pytest.mark.parametrize("name, path", PATHS, ids=IDS)
-def test_a_parameter_group_added_after_steps_trains(name, path):
+def test_a_parameter_group_added_after_steps_follows_the_spec_from_r_0(name, path):
+    """The late group's layers start from E10 (KOALA-M: u = w_avg = 0) and its noise estimate from R_0 = 1."""
     model = tiny_network()
+    twin = copy.deepcopy(model)
     params = list(model.parameters())
     optimizer = build(name, path, params[:4])
-    run(model, optimizer, regression_batches(2))
-    late = [p.detach().clone() for p in params[4:]]
-    optimizer.add_param_group({"params": params[4:]})
-    run(model, optimizer, regression_batches(2, seed=5))
-    assert all(not torch.equal(p, before) for p, before in zip(params[4:], late))
-    assert torch.isfinite(flat_parameters(model)).all()
+    reference = reference_for(name, optimizer, twin, 4)
+    for index, (x, y) in enumerate(regression_batches(5)):
+        if index == 2:
+            optimizer.add_param_group({"params": params[4:]})
+            late = [{"theta": p.data.view(-1), **{k: v for k, v in optimizer.param_groups[1].items() if k != "params"}}
+                    for p in list(twin.parameters())[4:]]
+            add_layers(reference, late)
+        train_step(model, optimizer, x, y)
+        reference_step(name, reference, twin, x, y)
+    expected = flat_parameters(twin)
+    assert ((flat_parameters(model) - expected).abs().max() / expected.abs().max()).item() < 1e-10
+    assert not torch.equal(flat_parameters(model), flat_parameters(tiny_network()))
 
 
 @pytest.mark.parametrize("name, path", PATHS, ids=IDS)
@@ -267,20 +300,23 @@ def test_channels_last_and_non_contiguous_parameters_step_like_their_contiguous_
 
 
 @pytest.mark.parametrize("name, path", PATHS, ids=IDS)
-def test_a_tensor_learning_rate_and_a_scheduler_work(name, path):
-    model = tiny_network()
-    optimizer = create_optimizer(name, model.parameters(), lr=torch.tensor(LR[name]), **path)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
-    for x, y in regression_batches(3):
-        train_step(model, optimizer, x, y)
-        scheduler.step()
-    assert isinstance(optimizer.param_groups[0]["lr"], torch.Tensor)
-    assert optimizer.param_groups[0]["lr"].item() == pytest.approx(LR[name] / 8)
-    assert torch.isfinite(flat_parameters(model)).all()
+def test_a_tensor_learning_rate_steps_like_the_same_float_one_under_a_scheduler(name, path):
+    runs = []
+    for lr in (torch.tensor(LR[name], dtype=torch.float64), LR[name]):
+        model = tiny_network()
+        optimizer = create_optimizer(name, model.parameters(), lr=lr, **path)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        for x, y in regression_batches(3):
+            train_step(model, optimizer, x, y)
+            scheduler.step()
+        runs.append(flat_parameters(model))
+    assert isinstance(optimizer.param_groups[0]["lr"], float) and optimizer.param_groups[0]["lr"] == pytest.approx(LR[name] / 8)
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-14, atol=0)
+    assert not torch.equal(runs[0], flat_parameters(tiny_network()))
 
 
-@pytest.mark.parametrize("name, path", PATHS, ids=IDS)
-def test_mixed_dtypes_in_one_optimizer(name, path):
+def mixed_dtype_run(name, path):
+    """A bfloat16 first layer and float32 others in one optimizer, three steps."""
     model = tiny_network(torch.float32)
     model[0].to(torch.bfloat16)
     optimizer = create_optimizer(name, model.parameters(), lr=LR[name], **path)
@@ -292,8 +328,21 @@ def test_mixed_dtypes_in_one_optimizer(name, path):
         optimizer.observe(losses.mean(), losses)
         optimizer.step()
     assert model[0].weight.dtype == torch.bfloat16 and model[2].weight.dtype == torch.float32
-    assert torch.isfinite(flat_parameters(model).float()).all()
     assert optimizer.state["koala"]["step"].item() == 3
+    return model
+
+
+@pytest.mark.parametrize("name, path", PATHS, ids=IDS)
+def test_mixed_dtypes_in_one_optimizer_step_like_another_path(name, path):
+    """Each path against another (per-tensor against foreach): the dtype buckets' rows land on their layers."""
+    other = {"foreach": True} if path == {"foreach": False} else {"foreach": False}
+    model, twin = mixed_dtype_run(name, path), mixed_dtype_run(name, other)
+    for (key, p), q in zip(model.named_parameters(), twin.parameters()):
+        if p.dtype == torch.bfloat16:  # one bfloat16 rounding of H apart at most (the fused paths form it in float32)
+            torch.testing.assert_close(p.float(), q.float(), rtol=2**-7, atol=2**-7 * q.float().abs().max().item(), msg=key)
+        else:
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=key)
+    assert not torch.equal(model[0].weight, tiny_network(torch.float32)[0].weight.bfloat16())
 
 
 VARIANTS = {"KOALAPlusPlus": KOALAPlusPlus, "KOALAV": KOALAV, "KOALAM": KOALAM}

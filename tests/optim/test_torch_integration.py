@@ -35,13 +35,16 @@ def test_transformers_schedulers_drive_the_lr():
     model = tiny_network()
     optimizer = create_optimizer("koala++", model.parameters(), lr=2e-3)
     scheduler = transformers.get_scheduler("linear", optimizer, num_warmup_steps=2, num_training_steps=10)
-    seen = []
+    seen, moved = [], []
     for x, y in regression_batches(4):
         seen.append(optimizer.param_groups[0]["lr"])
+        before = flat_parameters(model).clone()
         train_step(model, optimizer, x, y)
+        moved.append(not torch.equal(flat_parameters(model), before))
         scheduler.step()
     assert seen == pytest.approx([0.0, 1e-3, 2e-3, 2e-3 * 7 / 8])
     # the first step ran at lr = 0: nothing moved then, and the state still advanced
+    assert moved == [False, True, True, True]
     assert optimizer.state["koala"]["step"].item() == 4
 
 
@@ -69,7 +72,37 @@ def test_low_precision_parameters_train_like_float32(name, foreach, dtype):
     high_losses, high_params = trajectories[torch.float32]
     assert torch.isfinite(low_params).all()
     assert low_losses[-1] < low_losses[0] and high_losses[-1] < high_losses[0]
-    assert (low_losses - high_losses).abs().max() < 0.02 * high_losses[0]
+    # Measured here: at most 0.31% (bfloat16) and 0.04% (float16) of the initial loss apart after 10 steps.
+    tolerance = 0.006 if dtype == torch.bfloat16 else 0.001
+    assert (low_losses - high_losses).abs().max() < tolerance * high_losses[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("foreach", [False, True], ids=["per-tensor", "foreach"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_low_precision_step_is_the_float32_step_from_the_same_values_rounded(name, foreach, dtype):
+    """The arithmetic runs in float32 and is rounded at the end: from the same low-precision values and
+    gradients, the step equals float32's to rounding, element by element (two roundings at most: KOALA-M's
+    predict starts from the stored values) and in size (its ratio, where rounding errors average out)."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 64).to(dtype)
+    x = torch.randn(32, 64, dtype=dtype)
+    losses = (layer(x).float() ** 2).mean(-1)
+    losses.mean().backward()
+    wide = [torch.nn.Parameter(p.detach().float().clone()) for p in layer.parameters()]
+    for w, p in zip(wide, layer.parameters()):
+        w.grad = p.grad.float()
+    before = [p.detach().float().clone() for p in layer.parameters()]
+    for params in (list(layer.parameters()), wide):  # lr 5: steps of a few % of the values, well above rounding
+        optimizer = create_optimizer(name, params, foreach=foreach, lr=5.0)
+        optimizer.observe(losses.mean().detach(), losses.detach())
+        optimizer.step()
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    for p, w, start in zip(layer.parameters(), wide, before):
+        low, high = (p.detach().float() - start).reshape(-1), (w.detach() - start).reshape(-1)
+        scale = torch.maximum(w.detach().abs(), start.abs()).reshape(-1)  # a rounding of either end: an ulp of it
+        assert (low - high).abs().le(2 * ulp * scale + 1e-30).all()
+        assert (low.dot(high) / high.dot(high)).item() == pytest.approx(1.0, abs=0.01)
 
 
 def forbid_host_reads(monkeypatch):
@@ -108,5 +141,6 @@ def test_the_fused_path_trains_bfloat16_like_the_per_tensor_path():
         (x, y), = regression_batches(1, batch=64, dtype=torch.float32)
         runs[fused] = torch.stack([train_step(model, optimizer, x.bfloat16(), y.bfloat16()).float() for _ in range(8)])
         assert optimizer.state[next(iter(model.parameters()))]["v"].dtype == torch.bfloat16
-    assert (runs[True] - runs[False]).abs().max() < 0.02 * runs[False][0]
+    # Without weight decay H is the gradient on both paths and the arithmetic the same: the same bits.
+    assert torch.equal(runs[True], runs[False])
     assert runs[True][-1] < runs[True][0]

@@ -1,4 +1,5 @@
-"""Run by tests/test_trainer_distributed.py under torchrun: KoalaTrainer on two CPU processes (gloo)."""
+"""Run by tests/test_trainer_distributed.py under torchrun (KoalaTrainer on two CPU processes, gloo) and as one
+process on the whole batch: ``ddp_koala_trainer.py OUTPUT_DIR PER_DEVICE_BATCH STEPS``."""
 
 import sys
 
@@ -9,12 +10,12 @@ from koala_hf import KoalaTrainer, KoalaTrainingArguments
 from tests.helpers import exit_distributed_process, counting_sequences, tiny_gpt2
 
 transformers.logging.set_verbosity_error()
-output_dir = sys.argv[1]
+output_dir, per_device, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 args = KoalaTrainingArguments(
-    output_dir=output_dir, per_device_train_batch_size=8, max_steps=24, logging_steps=8, report_to=[],
-    use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
+    output_dir=output_dir, per_device_train_batch_size=per_device, max_steps=steps, logging_steps=steps // 3,
+    report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
 )
-trainer = KoalaTrainer(model=tiny_gpt2(), args=args, train_dataset=counting_sequences(512))
+trainer = KoalaTrainer(model=tiny_gpt2(torch.float64), args=args, train_dataset=counting_sequences(512))
 trainer.train()
 torch.save(
     {
