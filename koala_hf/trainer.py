@@ -25,6 +25,9 @@ script), KOALA++, at its own default learning rate when ``learning_rate`` was le
 An ``optim`` set away from its default is a Trainer optimizer, which is then trained untouched: baselines
 train the same way. One log line says which optimizer and learning rate it built.
 
+Under data parallelism it sets ``average_tokens_across_devices`` (off by default before transformers 4.50),
+so that the gradient is that of the step's token mean over all processes, which KOALA measures.
+
 Everything else is the Trainer's: gradient accumulation, DDP, FSDP2, autocast, grad scaling (a step the
 scaler skips drops its measurement), clipping, schedulers, evaluation (KOALA-M's posterior weights via
 ``optimizer.eval()``), checkpoints. KOALA's own signals (``optimizer.diagnostics()``) join the training logs.
@@ -105,6 +108,12 @@ class KoalaTrainer(Trainer):
         if self._uses_koala():
             fsdp_version = getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) if self.is_fsdp_enabled else 0
             refuse_sharded_setups(fsdp=fsdp_version == 1, deepspeed=self.is_deepspeed_enabled)
+            if self.args.world_size > 1 and getattr(self.args, "average_tokens_across_devices", True) is False:
+                # KOALA measures the step's token mean over every process (E1); so must the gradients be.
+                self.args.average_tokens_across_devices = True
+                logger.warning("KoalaTrainer: average_tokens_across_devices=True, so that the data-parallel gradient "
+                               "is that of the step's token mean over all processes, which KOALA measures (it "
+                               "would otherwise be the mean of each process's own token mean)")
         overridden = type(self).per_sample_losses is not KoalaTrainer.per_sample_losses
         self._loss_in_front = _overrides_before(type(self), "compute_loss", KoalaTrainer)  # a compute_loss before ours
         self._derive_per_sample = overridden or self._loss_in_front is None

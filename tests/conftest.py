@@ -24,6 +24,18 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    reason = triton_interpreter_missing()
+    if reason:
+        for item in items:
+            if "triton" in item.nodeid.lower():
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def triton_interpreter_missing() -> str | None:
+    """Why the Triton kernels cannot be tested on this machine's CPU, or ``None`` (koala_hf.optim.triton_kernels)."""
+    from koala_hf.optim import triton_kernels
+
+    return triton_kernels.unavailable({"cpu"})
 
 
 @pytest.fixture(scope="session")

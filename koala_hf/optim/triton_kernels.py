@@ -26,6 +26,7 @@ the update writes back.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -36,6 +37,8 @@ BLOCK = 1024  # elements per vector operation inside a program
 
 _KERNELS: dict[bool, dict] = {}  # interpret mode -> kernels
 tl = None  # triton.language, imported on first use (kernels()): importing koala_hf does not import Triton
+# Triton reads a kernel's annotations as text; "constexpr" marks a compile-time argument (Triton 3.0 and later).
+constexpr = "constexpr"
 
 
 def interpreting() -> bool:
@@ -55,6 +58,11 @@ def unavailable(devices: set[str]) -> str | None:
     if interpreting() != _triton_imported_interpreting():
         return ("TRITON_INTERPRET was changed after Triton was imported, and Triton fixes its mode at import: set "
                 "it in the environment before starting Python")
+    if others == ["cpu"] and not interpreter_runs():
+        import triton
+
+        return (f"Triton {triton.__version__}'s interpreter leaves CPU tensors unwritten (checked with one kernel); "
+                "a newer Triton runs these kernels on the CPU")
     if others and others != ["cpu"]:
         return f"Triton kernels run on CUDA (or on the CPU under TRITON_INTERPRET=1), and parameters are on {', '.join(others)}"
     return None
@@ -66,7 +74,7 @@ def launch(kernel, grid: tuple[int, ...], *args, **constants) -> None:
 
 
 # ------------------------------------------------------------------ the kernels (plain functions until built)
-def _rounded(x, DTYPE: tl.constexpr):
+def _rounded(x, DTYPE: constexpr):
     """``x`` (float32 or float64) in the storage dtype, rounded to nearest even, as torch rounds: done by hand for
     bfloat16, whose cast Triton's interpreter truncates (compiled Triton rounds; these are then the same bits)."""
     if DTYPE == tl.bfloat16:
@@ -81,8 +89,8 @@ def _rounded(x, DTYPE: tl.constexpr):
 # ``decays``: float64 [n_layers], the layer's weight decay; ``rows``: int64 [n_layers], the layer's row in the
 # step's sums and coefficient tables; ``partials``: [n_chunks, K], a chunk's sums.
 
-def _koala_plus_plus_partials(table, chunks, decays, partials, WIDTH: tl.constexpr, DTYPE: tl.constexpr,
-                              ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _koala_plus_plus_partials(table, chunks, decays, partials, WIDTH: constexpr, DTYPE: constexpr,
+                              ACC: constexpr, CHUNK: constexpr, BLOCK: constexpr):
     pid = tl.program_id(0)
     layer = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -112,8 +120,8 @@ def _koala_plus_plus_partials(table, chunks, decays, partials, WIDTH: tl.constex
     tl.store(out + 3, tl.where(wd != 0.0, tl.sum(th_th, axis=0), 0.0))  # theta.theta only enters through wd (E3)
 
 
-def _jacobian_partials(table, chunks, decays, partials, WIDTH: tl.constexpr, DTYPE: tl.constexpr,
-                       ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, K: tl.constexpr):
+def _jacobian_partials(table, chunks, decays, partials, WIDTH: constexpr, DTYPE: constexpr,
+                       ACC: constexpr, CHUNK: constexpr, BLOCK: constexpr, K: constexpr):
     """KOALA-V (``K = 2``): ``[H.H, theta.theta]``; KOALA-M (``K = 4``, list 2 = ``w_avg``): and ``[d.d, d.H]``."""
     pid = tl.program_id(0)
     layer = tl.load(chunks + 2 * pid)
@@ -146,7 +154,7 @@ def _jacobian_partials(table, chunks, decays, partials, WIDTH: tl.constexpr, DTY
         tl.store(out + 3, tl.sum(dh, axis=0))
 
 
-def _combine(partials, spans, rows, sums, K: tl.constexpr, KP: tl.constexpr):
+def _combine(partials, spans, rows, sums, K: constexpr, KP: constexpr):
     """One program per layer: its chunks' sums added in chunk order, in float64, into its row of ``sums``."""
     layer = tl.program_id(0)
     first = tl.load(spans + 2 * layer)
@@ -159,8 +167,8 @@ def _combine(partials, spans, rows, sums, K: tl.constexpr, KP: tl.constexpr):
     tl.store(sums + tl.load(rows + layer) * K + columns, total, mask=used)
 
 
-def _koala_plus_plus_update(table, chunks, rows, decays, coefficients, ok, WIDTH: tl.constexpr,
-                            DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _koala_plus_plus_update(table, chunks, rows, decays, coefficients, ok, WIDTH: constexpr,
+                            DTYPE: constexpr, ACC: constexpr, CHUNK: constexpr, BLOCK: constexpr):
     """E14, E16, E17 with the layer's coefficients ``C_V ... TAKE_H`` (koala_plus_plus.py), masked by ``ok``."""
     pid = tl.program_id(0)
     layer = tl.load(chunks + 2 * pid)
@@ -192,8 +200,8 @@ def _koala_plus_plus_update(table, chunks, rows, decays, coefficients, ok, WIDTH
         tl.store(v + index, _rounded(v_new, DTYPE), mask=inside)
 
 
-def _koala_v_update(table, chunks, rows, decays, coefficients, ok, WIDTH: tl.constexpr, DTYPE: tl.constexpr,
-                    ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _koala_v_update(table, chunks, rows, decays, coefficients, ok, WIDTH: constexpr, DTYPE: constexpr,
+                    ACC: constexpr, CHUNK: constexpr, BLOCK: constexpr):
     """E21: ``theta += step H`` with the layer's step, masked by ``ok``."""
     pid = tl.program_id(0)
     layer = tl.load(chunks + 2 * pid)
@@ -212,8 +220,8 @@ def _koala_v_update(table, chunks, rows, decays, coefficients, ok, WIDTH: tl.con
         tl.store(p + index, _rounded(th + step * h, DTYPE), mask=inside)
 
 
-def _koala_m_update(table, chunks, rows, decays, coefficients, ok, decay, WIDTH: tl.constexpr,
-                    DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _koala_m_update(table, chunks, rows, decays, coefficients, ok, decay, WIDTH: constexpr,
+                    DTYPE: constexpr, ACC: constexpr, CHUNK: constexpr, BLOCK: constexpr):
     """E33, E34 with the layer's coefficients ``STEP_THETA ... TAKE_THETA`` (koala_m.py), then E31's predict
     ``theta += u, u *= a`` from theta and u as stored (rounded where 16-bit, as the eager paths do); masked."""
     pid = tl.program_id(0)
@@ -242,6 +250,23 @@ def _koala_m_update(table, chunks, rows, decays, coefficients, ok, decay, WIDTH:
                  mask=inside)
         tl.store(p + index, _rounded(_rounded(th_post, DTYPE).to(ACC) + u_post, DTYPE), mask=inside)
         tl.store(u + index, _rounded(decay * u_post, DTYPE), mask=inside)
+
+
+def _probe(source, target):
+    index = tl.arange(0, 2)
+    tl.store(target + index, tl.load(source + index) + 1.0)
+
+
+@functools.cache
+def interpreter_runs() -> bool:
+    """Whether Triton's interpreter runs a kernel on CPU tensors correctly here (Triton 3.0's writes nothing)."""
+    global tl
+    import triton
+    import triton.language as tl
+
+    source, target = torch.tensor([1.0, 2.0]), torch.zeros(2)
+    triton.jit(_probe)[(1,)](source, target)
+    return target.tolist() == [2.0, 3.0]
 
 
 def _triton_imported_interpreting() -> bool:

@@ -11,7 +11,6 @@ from torch.profiler import ProfilerActivity, profile
 
 from koala_hf import KOALAM, KOALAV, KOALAPlusPlus
 from koala_hf.optim import cpu_kernels as cpu_kernels_module
-from koala_hf.optim import dispatch, group_step
 
 STEPS = 6
 

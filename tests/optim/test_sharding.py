@@ -7,7 +7,10 @@ import torch.distributed as dist
 
 from koala_hf.optim.sharding import check_parameter, is_dtensor, local, reduce_sums, sharding_group
 
-pytest.importorskip("torch.distributed.tensor")  # DTensor as a public module: torch >= 2.5
+try:
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+except ImportError:  # torch < 2.5
+    from torch.distributed._tensor import Replicate, Shard, distribute_tensor
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +28,6 @@ def mesh(tmp_path_factory):
 
 
 def dtensor(mesh, placement):
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-
     return distribute_tensor(torch.arange(6.0).reshape(3, 2), mesh, [{"shard": Shard(0), "replicate": Replicate()}[placement]])
 
 

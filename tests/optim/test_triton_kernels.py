@@ -9,7 +9,7 @@ from torch import nn
 from koala_hf import KOALAM, KOALAV, KOALAPlusPlus
 from koala_hf.optim.koala_plus_plus import READY, S_PREV
 from koala_hf.optim.profiling import counting_launches, step_dispatches
-from tests.optim.test_fused_step import MixedNetwork, assert_same_run, batches, run, train
+from tests.optim.test_fused_step import assert_same_run, batches, run, train
 
 VARIANTS = [KOALAPlusPlus, KOALAV, KOALAM]
 IDS = ["koala++", "koala-v", "koala-m"]
