@@ -1,0 +1,70 @@
+"""KOALA++ against AdamW on WikiText-2, trained the same way: the recipe once per optimizer, then one table.
+
+    python recipes/wikitext2_compare.py --output_dir runs/main       # the README's main job, ~5 min on 2 CPU cores
+
+Runs ``recipes/wikitext2_gpt.py`` for each optimizer with the same preset, data, seed, data order and epochs,
+then prints the comparison table (``compare.md``) and draws the curves (``compare.png``) into ``--output_dir``.
+The defaults are the papers' protocol at CPU size (``paper_cpu``: GPT-1 blocks, 2 x 128, consecutive chunks,
+constant lr, no clipping), its frozen pretrained embeddings (the stand-in checkpoint kept in
+``benchmarks/results/wikitext2_paper_protocol_cpu/pretrain``), two epochs, validated and tested on 600 chunks
+of each half of test.txt, and the best settings of each optimizer in benchmarks/wikitext2_paper_protocol.py's
+grid: KOALA++ with ``noise="none"`` (E1c) at lr 1e-3, AdamW at lr 1e-3 (wd 0.1), and AdamW at the papers'
+lr 1e-5. Any other argument goes to every run (e.g. ``--num_train_epochs 4``, ``--max_train_blocks 64``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from koala_hf.recipe_support import compare
+
+RECIPE = Path(__file__).with_name("wikitext2_gpt.py")
+PROTOCOL = ["--preset", "paper_cpu", "--data_dir", "../shared/data/wikitext-2", "--train_split", "validation",
+            "--halve_test_split", "true", "--embeddings_from", "benchmarks/results/wikitext2_paper_protocol_cpu/pretrain",
+            "--freeze_embeddings", "true", "--num_train_epochs", "2", "--max_eval_blocks", "600", "--disable_tqdm", "true",
+            "--report_to", "none", "--save_strategy", "no"]  # flag, value pairs
+# name -> the recipe arguments of that run
+RUNS = {
+    "koala++": ["--optimizer", "koala++", "--learning_rate", "1e-3", "--optimizer_kwargs", json.dumps({"noise": "none"})],
+    "adamw": ["--optimizer", "adamw", "--learning_rate", "1e-3"],
+    "adamw_paper": ["--optimizer", "adamw", "--learning_rate", "1e-5"],
+}
+LABELS = {"koala++": "KOALA++ (E1c, lr 1e-3)", "adamw": "AdamW (lr 1e-3, tuned)", "adamw_paper": "AdamW (lr 1e-5, the papers')"}
+
+
+def without_overridden(arguments: list[str], overrides: list[str]) -> list[str]:
+    """``arguments`` (flag, value pairs) less the flags ``overrides`` gives again, so each appears once."""
+    given = {a.split("=", 1)[0] for a in overrides if a.startswith("--")}
+    pairs = list(zip(arguments[::2], arguments[1::2]))
+    return [item for flag, value in pairs if flag not in given for item in (flag, value)]
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="runs/main")
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), help="which optimizers")
+    args, extra = parser.parse_known_args(argv)
+    out = Path(args.output_dir)
+    results = []
+    for name in args.runs:
+        arguments = without_overridden(PROTOCOL + RUNS[name], extra) + extra
+        command = [sys.executable, str(RECIPE), *arguments, "--output_dir", str(out / name)]
+        print("$", shlex.join(["python", str(RECIPE.relative_to(Path.cwd()) if RECIPE.is_relative_to(Path.cwd()) else RECIPE),
+                               *command[2:]]), flush=True)
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        results.append({**compare.load(out / name), "label": LABELS[name]})
+    text = compare.table(results)
+    (out / "compare.md").write_text(text + f"\nfigure: {out / 'compare.png'}\n")
+    compare.figure(results, out / "compare.png")
+    print(text)
+    print(f"\nfigure: {out / 'compare.png'}")
+    return text
+
+
+if __name__ == "__main__":
+    main()
