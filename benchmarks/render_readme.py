@@ -1,21 +1,27 @@
 """Regenerate the README's measured sections from benchmarks/results/.
 
-    python benchmarks/render_readme.py
+    python benchmarks/render_readme.py                      # rewrites README.md
+    python benchmarks/render_readme.py --readme /tmp/README.md
 
-performance: every ``*_step_*.md`` table (benchmarks/optimizer_step.py, train_step.py);
-wikitext2: ``wikitext2_paper_protocol_cpu/compare.md`` (benchmarks/wikitext2_paper_protocol.py);
-vision: ``vision_smoke_cpu/compare.md`` (benchmarks/run_vision_smoke_cpu.sh);
-fsdp2: ``fsdp2_state_memory_*.md`` (benchmarks/fsdp2_state_memory.py).
+main: ``main_job_cpu/compare.md`` (``recipes/wikitext2_compare.py``);
+wikitext2 and wikitext2-long: ``wikitext2_paper_protocol_cpu/compare.md`` and ``long.md``
+(benchmarks/wikitext2_paper_protocol.py); vision: ``digits_cpu/digits.md`` (benchmarks/digits_vision.py);
+performance: every ``*_step_*.md`` table (benchmarks/optimizer_step.py, train_step.py; ``*_cuda.md`` from
+benchmarks/gpu_check.sh); fsdp2: ``fsdp2_state_memory_*.md`` (benchmarks/fsdp2_state_memory.py).
+A section without a result file says so.
 """
 
+import argparse
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SECTIONS = {
-    "performance": "*_step_*.md",
+    "main": "main_job_cpu/compare.md",
     "wikitext2": "wikitext2_paper_protocol_cpu/compare.md",
-    "vision": "vision_smoke_cpu/compare.md",
+    "wikitext2-long": "wikitext2_paper_protocol_cpu/long.md",
+    "vision": "digits_cpu/digits.md",
+    "performance": "*_step_*.md",
     "fsdp2": "fsdp2_state_memory_*.md",
 }
 
@@ -29,12 +35,15 @@ def render(text: str, section: str, body: str) -> str:
     return f"{head}{start}\n{body}\n{end}{tail}"
 
 
-def main() -> None:
-    readme = ROOT / "README.md"
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--readme", default=str(ROOT / "README.md"))
+    args = parser.parse_args(argv)
+    readme = Path(args.readme)
     text = readme.read_text()
     for section, pattern in SECTIONS.items():
         tables = [p.read_text().strip() for p in sorted(RESULTS.glob(pattern))]
-        text = render(text, section, "\n\n".join(tables) if tables else "No measurements yet.")
+        text = render(text, section, "\n\n".join(tables) if tables else "Not measured yet.")
         print(f"{section}: {len(tables)} table(s)")
     readme.write_text(text)
 

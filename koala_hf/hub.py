@@ -247,15 +247,17 @@ def reproduction(results: dict, repo_id: str, data_flag: str, recipe_shipped: bo
     if local_data:
         kept += ["--data_dir", "DATA_DIR"]
     kept += ["--output_dir", "rerun"]
+    install = ("# koala_hf is not on PyPI yet: in a checkout of its source, pip install '.[recipes]' "
+               "(once published: pip install 'koala_hf[recipes]')")
     if recipe_shipped:
         lines = [
-            "pip install 'koala_hf[recipes]'",
+            install,
             f'hf download {repo_id} --include "recipe/*" --local-dir {repo_id.split("/")[-1]}',
             f'cd {repo_id.split("/")[-1]}',
             shlex.join(["python", f"recipe/{script}"] + kept),
         ]
     else:
-        lines = ["# in a checkout of the koala_hf source repository:", "pip install -e '.[recipes]'",
+        lines = ["# in a checkout of the koala_hf source repository:", "pip install '.[recipes]'",
                  shlex.join(["python", f"recipes/{script}"] + kept)]
     if local_data:
         lines.insert(0, f"# DATA_DIR: {data_flag} (the run read a local copy; without --data_dir the recipe loads the Hub's)")
