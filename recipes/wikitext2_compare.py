@@ -1,15 +1,17 @@
 """KOALA++ against AdamW on WikiText-2, trained the same way: the recipe once per optimizer, then one table.
 
-    python recipes/wikitext2_compare.py --output_dir runs/main       # the README's main job, ~5 min on 2 CPU cores
+    python recipes/wikitext2_compare.py --output_dir runs/main       # the README's main job, ~4 min on 2 CPU cores
+    python recipes/wikitext2_compare.py --output_dir runs/main --runs koala++ adamw adamw_paper   # + the papers' AdamW
 
 Runs ``recipes/wikitext2_gpt.py`` for each optimizer with the same preset, data, seed, data order and epochs,
 then prints the comparison table (``compare.md``) and draws the curves (``compare.png``) into ``--output_dir``.
 The defaults are the papers' protocol at CPU size (``paper_cpu``: GPT-1 blocks, 2 x 128, consecutive chunks,
 constant lr, no clipping), its frozen pretrained embeddings (the stand-in checkpoint kept in
 ``benchmarks/results/wikitext2_paper_protocol_cpu/pretrain``), two epochs, validated and tested on 600 chunks
-of each half of test.txt, and the best settings of each optimizer in benchmarks/wikitext2_paper_protocol.py's
-grid: KOALA++ with ``noise="none"`` (E1c) at lr 1e-3, AdamW at lr 1e-3 (wd 0.1), and AdamW at the papers'
-lr 1e-5. Any other argument goes to every run (e.g. ``--num_train_epochs 4``, ``--max_train_blocks 64``).
+of each half of test.txt, and the best setting of each optimizer in benchmarks/wikitext2_paper_protocol.py's
+grid: KOALA++ with ``noise="none"`` (E1c) at lr 1e-3 and AdamW at lr 1e-3 (wd 0.1); ``--runs`` adds AdamW at the
+papers' lr 1e-5 (``adamw_paper``). Any other argument goes to every run (e.g. ``--num_train_epochs 4``,
+``--max_train_blocks 64``).
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import json
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from koala_hf.recipe_support import compare
+from koala_hf.recipe_support.results import provenance
 
 RECIPE = Path(__file__).with_name("wikitext2_gpt.py")
 PROTOCOL = ["--preset", "paper_cpu", "--data_dir", "../shared/data/wikitext-2", "--train_split", "validation",
@@ -47,9 +51,10 @@ def without_overridden(arguments: list[str], overrides: list[str]) -> list[str]:
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="runs/main")
-    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), help="which optimizers")
+    parser.add_argument("--runs", nargs="+", default=["koala++", "adamw"], choices=list(RUNS), help="which optimizers")
     args, extra = parser.parse_known_args(argv)
     out = Path(args.output_dir)
+    start = time.perf_counter()
     results = []
     for name in args.runs:
         arguments = without_overridden(PROTOCOL + RUNS[name], extra) + extra
@@ -58,7 +63,10 @@ def main(argv=None) -> str:
                                *command[2:]]), flush=True)
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         results.append({**compare.load(out / name), "label": LABELS[name]})
-    text = compare.table(results)
+    stamp = provenance(__file__, argv, root=Path(__file__).resolve().parents[1])
+    minutes, seconds = divmod(round(time.perf_counter() - start), 60)
+    text = (f"WikiText-2, {stamp['device']}, {stamp['date']}: `{stamp['command']}` ({minutes} min {seconds} s)\n\n"
+            + compare.table(results))
     (out / "compare.md").write_text(text + f"\nfigure: {out / 'compare.png'}\n")
     compare.figure(results, out / "compare.png")
     print(text)

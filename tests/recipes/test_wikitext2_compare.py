@@ -17,7 +17,7 @@ PRETRAIN = ROOT / "benchmarks" / "results" / "wikitext2_paper_protocol_cpu" / "p
 def test_the_main_job_trains_every_optimizer_the_same_way_and_compares_them(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the protocol's paths are the repository's
     text = wikitext2_compare.main(["--output_dir", str(tmp_path), "--max_train_blocks", "32", "--max_eval_blocks", "8",
-                                   "--num_train_epochs", "1"])
+                                   "--num_train_epochs", "1", "--runs", *wikitext2_compare.RUNS])
     runs = [json.loads((tmp_path / name / "results.json").read_text()) for name in wikitext2_compare.RUNS]
     assert [r["optimizer"] for r in runs] == ["koala++", "adamw", "adamw"]
     assert [r["learning_rate"] for r in runs] == [1e-3, 1e-3, 1e-5]
@@ -25,6 +25,7 @@ def test_the_main_job_trains_every_optimizer_the_same_way_and_compares_them(tmp_
         assert (run["data"], run["seed"], run["num_epochs"], run["preset"]) == (runs[0]["data"], 42, 1, "paper_cpu")
         assert run["model"]["frozen_embeddings"] and run["model"]["embeddings_from"].endswith("pretrain")
         assert run["command"].count("--num_train_epochs") == 1 and run["lr_scheduler"] == "constant"
+    assert text.startswith("WikiText-2, CPU") and "`python recipes/wikitext2_compare.py --output_dir" in text.splitlines()[0]
     for label in wikitext2_compare.LABELS.values():
         assert f"| {label} |" in text
     assert (tmp_path / "compare.png").stat().st_size > 10_000 and (tmp_path / "compare.md").read_text().startswith(text)
