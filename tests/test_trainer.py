@@ -21,25 +21,17 @@ from transformers.trainer_pt_utils import LabelSmoother
 
 from koala_hf import KOALAM, KOALAPlusPlus, KoalaTrainer, KoalaTrainingArguments, koala_optimizer
 from koala_hf.trainer import refuse_sharded_setups
-from tests.helpers import counting_sequences, tiny_gpt2
+from tests.helpers import RecordingMeasurements, counting_sequences, tiny_gpt2
 
 transformers.logging.set_verbosity_error()
 
 
 class Recording(KOALAPlusPlus):
-    """KOALA++ that keeps every measurement (L_k, m_k) its steps consumed."""
+    """KOALA++ that keeps every measurement (L_k, m_k) its steps consumed, in ``measured``."""
 
     def __init__(self, params, **kwargs):
         super().__init__(params, **kwargs)
-        self.measured = []
-        consume = self.measurement.consume
-
-        def recording_consume():
-            result = consume()
-            self.measured.append(tuple(t.detach().clone() for t in result))
-            return result
-
-        self.measurement.consume = recording_consume
+        self.measured = RecordingMeasurements(self).measured
 
 
 def arguments(tmp_path, **overrides):

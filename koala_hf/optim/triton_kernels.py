@@ -74,6 +74,18 @@ def launch(kernel, grid: tuple[int, ...], *args, **constants) -> None:
 
 
 # ------------------------------------------------------------------ the kernels (plain functions until built)
+def _chunk(table, chunks, WIDTH: constexpr):
+    """This program's chunk: its index, its layer, the layer's first element in it, and the layer's size."""
+    pid = tl.program_id(0)
+    layer = tl.load(chunks + 2 * pid)
+    return pid, layer, tl.load(chunks + 2 * pid + 1), tl.load(table + layer * WIDTH + WIDTH - 1)
+
+
+def _address(table, layer, column, WIDTH: constexpr, DTYPE: constexpr):
+    """The layer's tensor of list ``column``, as a pointer to ``DTYPE``."""
+    return tl.load(table + layer * WIDTH + column).to(tl.pointer_type(DTYPE))
+
+
 def _rounded(x, DTYPE: constexpr):
     """``x`` (float32 or float64) in the storage dtype, rounded to nearest even, as torch rounds: done by hand for
     bfloat16, whose cast Triton's interpreter truncates (compiled Triton rounds; these are then the same bits)."""
@@ -91,14 +103,11 @@ def _rounded(x, DTYPE: constexpr):
 
 def _koala_plus_plus_partials(table, chunks, decays, partials, WIDTH: constexpr, DTYPE: constexpr,
                               ACC: constexpr, CHUNK: constexpr, BLOCK: constexpr):
-    pid = tl.program_id(0)
-    layer = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    numel = tl.load(table + layer * WIDTH + WIDTH - 1)
-    p = tl.load(table + layer * WIDTH).to(tl.pointer_type(DTYPE))
-    g = tl.load(table + layer * WIDTH + 1).to(tl.pointer_type(DTYPE))
-    hp = tl.load(table + layer * WIDTH + 2).to(tl.pointer_type(DTYPE))
-    v = tl.load(table + layer * WIDTH + 3).to(tl.pointer_type(DTYPE))
+    pid, layer, start, numel = _chunk(table, chunks, WIDTH)
+    p = _address(table, layer, 0, WIDTH, DTYPE)
+    g = _address(table, layer, 1, WIDTH, DTYPE)
+    hp = _address(table, layer, 2, WIDTH, DTYPE)
+    v = _address(table, layer, 3, WIDTH, DTYPE)
     wd = tl.load(decays + layer).to(ACC)
     hh = tl.zeros((BLOCK,), dtype=ACC)
     h_hp = tl.zeros((BLOCK,), dtype=ACC)
@@ -123,13 +132,10 @@ def _koala_plus_plus_partials(table, chunks, decays, partials, WIDTH: constexpr,
 def _jacobian_partials(table, chunks, decays, partials, WIDTH: constexpr, DTYPE: constexpr,
                        ACC: constexpr, CHUNK: constexpr, BLOCK: constexpr, K: constexpr):
     """KOALA-V (``K = 2``): ``[H.H, theta.theta]``; KOALA-M (``K = 4``, list 2 = ``w_avg``): and ``[d.d, d.H]``."""
-    pid = tl.program_id(0)
-    layer = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    numel = tl.load(table + layer * WIDTH + WIDTH - 1)
-    p = tl.load(table + layer * WIDTH).to(tl.pointer_type(DTYPE))
-    g = tl.load(table + layer * WIDTH + 1).to(tl.pointer_type(DTYPE))
-    w = tl.load(table + layer * WIDTH + 2).to(tl.pointer_type(DTYPE))
+    pid, layer, start, numel = _chunk(table, chunks, WIDTH)
+    p = _address(table, layer, 0, WIDTH, DTYPE)
+    g = _address(table, layer, 1, WIDTH, DTYPE)
+    w = _address(table, layer, 2, WIDTH, DTYPE)
     wd = tl.load(decays + layer).to(ACC)
     hh = tl.zeros((BLOCK,), dtype=ACC)
     th_th = tl.zeros((BLOCK,), dtype=ACC)
@@ -170,14 +176,11 @@ def _combine(partials, spans, rows, sums, K: constexpr, KP: constexpr):
 def _koala_plus_plus_update(table, chunks, rows, decays, coefficients, ok, WIDTH: constexpr,
                             DTYPE: constexpr, ACC: constexpr, CHUNK: constexpr, BLOCK: constexpr):
     """E14, E16, E17 with the layer's coefficients ``C_V ... TAKE_H`` (koala_plus_plus.py), masked by ``ok``."""
-    pid = tl.program_id(0)
-    layer = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    numel = tl.load(table + layer * WIDTH + WIDTH - 1)
-    p = tl.load(table + layer * WIDTH).to(tl.pointer_type(DTYPE))
-    g = tl.load(table + layer * WIDTH + 1).to(tl.pointer_type(DTYPE))
-    hp = tl.load(table + layer * WIDTH + 2).to(tl.pointer_type(DTYPE))
-    v = tl.load(table + layer * WIDTH + 3).to(tl.pointer_type(DTYPE))
+    pid, layer, start, numel = _chunk(table, chunks, WIDTH)
+    p = _address(table, layer, 0, WIDTH, DTYPE)
+    g = _address(table, layer, 1, WIDTH, DTYPE)
+    hp = _address(table, layer, 2, WIDTH, DTYPE)
+    v = _address(table, layer, 3, WIDTH, DTYPE)
     wd = tl.load(decays + layer).to(ACC)
     go = tl.load(ok) != 0  # a skipped step writes nothing and never reads the gradient
     c = coefficients + tl.load(rows + layer) * 7
@@ -203,12 +206,9 @@ def _koala_plus_plus_update(table, chunks, rows, decays, coefficients, ok, WIDTH
 def _koala_v_update(table, chunks, rows, decays, coefficients, ok, WIDTH: constexpr, DTYPE: constexpr,
                     ACC: constexpr, CHUNK: constexpr, BLOCK: constexpr):
     """E21: ``theta += step H`` with the layer's step, masked by ``ok``."""
-    pid = tl.program_id(0)
-    layer = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    numel = tl.load(table + layer * WIDTH + WIDTH - 1)
-    p = tl.load(table + layer * WIDTH).to(tl.pointer_type(DTYPE))
-    g = tl.load(table + layer * WIDTH + 1).to(tl.pointer_type(DTYPE))
+    pid, layer, start, numel = _chunk(table, chunks, WIDTH)
+    p = _address(table, layer, 0, WIDTH, DTYPE)
+    g = _address(table, layer, 1, WIDTH, DTYPE)
     wd = tl.load(decays + layer).to(ACC)
     go = tl.load(ok) != 0
     step = tl.load(coefficients + tl.load(rows + layer)).to(ACC)
@@ -224,14 +224,11 @@ def _koala_m_update(table, chunks, rows, decays, coefficients, ok, decay, WIDTH:
                     DTYPE: constexpr, ACC: constexpr, CHUNK: constexpr, BLOCK: constexpr):
     """E33, E34 with the layer's coefficients ``STEP_THETA ... TAKE_THETA`` (koala_m.py), then E31's predict
     ``theta += u, u *= a`` from theta and u as stored (rounded where 16-bit, as the eager paths do); masked."""
-    pid = tl.program_id(0)
-    layer = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    numel = tl.load(table + layer * WIDTH + WIDTH - 1)
-    p = tl.load(table + layer * WIDTH).to(tl.pointer_type(DTYPE))
-    g = tl.load(table + layer * WIDTH + 1).to(tl.pointer_type(DTYPE))
-    w = tl.load(table + layer * WIDTH + 2).to(tl.pointer_type(DTYPE))
-    u = tl.load(table + layer * WIDTH + 3).to(tl.pointer_type(DTYPE))
+    pid, layer, start, numel = _chunk(table, chunks, WIDTH)
+    p = _address(table, layer, 0, WIDTH, DTYPE)
+    g = _address(table, layer, 1, WIDTH, DTYPE)
+    w = _address(table, layer, 2, WIDTH, DTYPE)
+    u = _address(table, layer, 3, WIDTH, DTYPE)
     wd = tl.load(decays + layer).to(ACC)
     go = tl.load(ok) != 0
     c = coefficients + tl.load(rows + layer) * 4
@@ -283,7 +280,7 @@ KERNELS = (_koala_plus_plus_partials, _jacobian_partials, _combine, _koala_plus_
 def kernels() -> dict:
     """The kernels, built (``triton.jit``) on first use: compiled, or interpreted on the CPU under
     ``TRITON_INTERPRET=1``, which Triton fixes when it is first imported (as it does for its own library)."""
-    global tl, _rounded
+    global tl, _chunk, _address, _rounded
     interpret = interpreting()
     if interpret not in _KERNELS:
         import triton
@@ -292,7 +289,7 @@ def kernels() -> dict:
         if _KERNELS or interpret != _triton_imported_interpreting():
             raise RuntimeError("TRITON_INTERPRET was changed after Triton was imported, and Triton fixes its mode at "
                                "import: set it in the environment before starting Python")
-        _rounded = triton.jit(_rounded)
+        _chunk, _address, _rounded = triton.jit(_chunk), triton.jit(_address), triton.jit(_rounded)
         _KERNELS[interpret] = {f.__name__.lstrip("_"): triton.jit(f) for f in KERNELS}
     return _KERNELS[interpret]
 
