@@ -1,6 +1,7 @@
 """timm vision models on CIFAR-10, CIFAR-100 and ImageNet32 with KOALA++ and its baselines.
 
-    python recipes/timm_vision.py --preset smoke --data_dir data/cifar --optimizer koala++ --output_dir runs/smoke
+    python -m koala_hf.recipe_support.archives digits data/digits   # real digit images as a CIFAR-10 archive
+    python recipes/timm_vision.py --preset smoke --data_dir data/digits --optimizer koala++ --output_dir runs/smoke
     accelerate launch recipes/timm_vision.py --preset koala_cifar100 --optimizer sgd --output_dir runs/c100-sgd
 
 Data: CIFAR from the Hub through ``datasets`` (default), or ``--data_dir`` holding
