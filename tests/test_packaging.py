@@ -66,3 +66,13 @@ print("ok", koala_hf.__version__)
     done = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == f"ok {koala_hf.__version__}"
+
+
+def test_the_optimizer_modules_stay_small_and_nothing_edits_sys_path():
+    """Issue 20's structure: one job per module (none in koala_hf/optim over 400 lines) and every module
+    imported the normal way (no ``sys.path`` edits in the package, recipes, benchmarks or tests)."""
+    long = {p.name: n for p in (ROOT / "koala_hf" / "optim").glob("*.py") if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long
+    edits = [str(p.relative_to(ROOT)) for folder in ("koala_hf", "recipes", "benchmarks", "tests")
+             for p in (ROOT / folder).rglob("*.py") if "sys.path." + "insert" in p.read_text() or "sys.path." + "append" in p.read_text()]
+    assert not edits, edits

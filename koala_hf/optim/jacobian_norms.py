@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from koala_hf.optim import triton_kernels
+from koala_hf.optim import triton_step
 from koala_hf.optim.cpu_kernels import cpu_kernels
 from koala_hf.optim.group_step import GroupStep
 from koala_hf.optim.layers import bucketed_rows, dot
@@ -36,7 +36,7 @@ def triton_norms(optimizer, steps: list[GroupStep], device, dtype, averages: boo
     ``averages``, KOALA-M's ``[d.d, d.H]`` too. The tables' lists: theta, g, w_avg, u (KOALA-M) or theta, g."""
     layers = [list(zip(s.shards, s.grads, s.state_shards("w_avg"), s.state_shards("u"))) if averages
               else list(zip(s.shards, s.grads)) for s in steps]
-    batch = triton_kernels.StepBatch(layers, [s.weight_decay for s in steps],
+    batch = triton_step.StepBatch(layers, [s.weight_decay for s in steps],
                                      optimizer.__dict__.setdefault("_triton_layouts", {}))
     for step in steps:
         step.batch = batch

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from koala_hf.optim import triton_kernels
+from koala_hf.optim import triton_step
 from koala_hf.optim.base import MIN_JACOBIAN_NORM, KoalaOptimizer
 from koala_hf.optim.cpu_kernels import cpu_kernels
 from koala_hf.optim.dispatch import Backend
@@ -78,7 +78,8 @@ class KOALAPlusPlus(KoalaOptimizer):
             fused backend. On the CPU each pass is one call of a multi-tensor C++
             kernel for every layer of a dtype (koala_hf.optim.cpu_kernels: built
             on first use, 10-15 s, then cached); on CUDA three Triton launches
-            per dtype for every layer (koala_hf.optim.triton_kernels).
+            per dtype for every layer (koala_hf.optim.triton_kernels and
+            triton_step).
             ``"triton"``: the Triton kernels, also on the CPU under
             ``TRITON_INTERPRET=1`` (Triton's interpreter: for tests).
 
@@ -257,7 +258,7 @@ def _cpu_products(optimizer, step: GroupStep, device, dtype) -> torch.Tensor:
 
 def _triton_products(optimizer, steps: list[GroupStep], device, dtype) -> list[torch.Tensor]:
     """A reduction and a combination launch per dtype for the layers of every group (koala_hf.optim.triton_kernels)."""
-    batch = triton_kernels.StepBatch(
+    batch = triton_step.StepBatch(
         [list(zip(s.shards, s.grads, s.state_shards("H_prev"), s.state_shards("v"))) for s in steps],
         [s.weight_decay for s in steps], optimizer.__dict__.setdefault("_triton_layouts", {}))
     for step in steps:

@@ -4,7 +4,8 @@ On CUDA these are the ``fused=True`` backend (``fused="triton"`` asks for them e
 through Triton's interpreter under ``TRITON_INTERPRET=1``, which is how the tests check them without a GPU (set
 it before Python starts: Triton fixes the mode when it is first imported).
 
-The layers of a step are bucketed by dtype, across parameter groups. Per bucket a step launches three kernels:
+The layers of a step are bucketed by dtype, across parameter groups (koala_hf.optim.triton_step). Per bucket
+a step launches three kernels:
 
 1. a reduction: one program per chunk of ``CHUNK`` elements of any layer computes the chunk's sums (KOALA++:
    ``H.H``, ``H.H_prev``, ``H.v_prev``, ``theta.theta``, E11-E13; KOALA-V: ``H.H``, ``theta.theta``, E21;
@@ -17,18 +18,14 @@ The layers of a step are bucketed by dtype, across parameter groups. Per bucket 
    skipped step writes nothing and never reads the gradient, and no value is read back to the host.
 
 The scalar algebra in between is the variants' vectorised coefficient functions over the stacked sums. A
-layer's tensors are read through a table of addresses (``data_ptr``) uploaded once per step; the chunk layout
-depends only on the layers' sizes and is built once and kept. Arithmetic runs in float32 (float64 for float64
-parameters); float16 and bfloat16 tensors are read and written in their own dtype. A layer whose tensors do
-not share one dense memory layout (``channels_last`` and other permutations do) runs on contiguous copies that
-the update writes back.
+layer's tensors are read through a table of addresses (``data_ptr``). Arithmetic runs in float32 (float64 for
+float64 parameters); float16 and bfloat16 tensors are read and written in their own dtype.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
 
 import torch
 
@@ -292,139 +289,3 @@ def kernels() -> dict:
         _chunk, _address, _rounded = triton.jit(_chunk), triton.jit(_address), triton.jit(_rounded)
         _KERNELS[interpret] = {f.__name__.lstrip("_"): triton.jit(f) for f in KERNELS}
     return _KERNELS[interpret]
-
-
-# ------------------------------------------------------------------ the step's buckets
-TL_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
-
-
-@dataclass
-class Layout:
-    """What depends only on a bucket's layers' sizes, rows and weight decays: built once, kept on the device."""
-
-    chunks: torch.Tensor  # int64 [n_chunks, 2]
-    spans: torch.Tensor  # int64 [n_layers, 2]: a layer's first chunk and number of chunks
-    rows: torch.Tensor  # int64 [n_layers]
-    decays: torch.Tensor  # float64 [n_layers], as given (converted to the arithmetic dtype in the kernels)
-
-    @classmethod
-    def build(cls, numels: list[int], rows: list[int], decays: list[float], device) -> "Layout":
-        chunks, spans = [], []
-        for layer, numel in enumerate(numels):
-            starts = range(0, numel, CHUNK)
-            spans.append((len(chunks), len(starts)))
-            chunks.extend((layer, start) for start in starts)
-        as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype).reshape(len(values), -1).to(device)  # noqa: E731
-        return cls(as_tensor(chunks or [(0, 0)], torch.int64)[: len(chunks)], as_tensor(spans, torch.int64),
-                   torch.tensor(rows, dtype=torch.int64, device=device), torch.tensor(decays, dtype=torch.float64, device=device))
-
-
-class Bucket:
-    """One dtype's layers of a step, as the kernels read them: addresses uploaded once, non-dense layers copied."""
-
-    def __init__(self, layers: list[list[torch.Tensor]], rows: list[int], decays: list[float], layouts: dict):
-        first = layers[0][0]
-        self.device, self.dtype = first.device, first.dtype
-        for tensors in layers:
-            if any(t.dtype != self.dtype or t.device != self.device for t in tensors):
-                raise ValueError(f"fused Triton step: a layer mixes dtypes or devices ({[(t.dtype, str(t.device)) for t in tensors]}); "
-                                 "keep each parameter's gradient and state in its own dtype, or use foreach=True")
-        self.originals = layers
-        self.tensors = [tensors if _one_dense_layout(tensors) else [t.detach().contiguous() for t in tensors] for tensors in layers]
-        numels = [tensors[0].numel() for tensors in self.tensors]
-        key = (self.device, self.dtype, tuple(numels), tuple(rows), tuple(decays))
-        if key not in layouts:
-            layouts[key] = Layout.build(numels, rows, decays, self.device)
-        self.layout = layouts[key]
-        self.table = upload([[t.data_ptr() for t in tensors] + [tensors[0].numel()] for tensors in self.tensors], self.device)
-        self.width = len(layers[0]) + 1
-
-    @property
-    def constants(self) -> dict:
-        acc = "float64" if self.dtype == torch.float64 else "float32"
-        return {"WIDTH": self.width, "DTYPE": getattr(tl, TL_DTYPES[self.dtype]), "ACC": getattr(tl, acc),
-                "CHUNK": CHUNK, "BLOCK": BLOCK}
-
-    @property
-    def n_chunks(self) -> int:
-        return len(self.layout.chunks)
-
-    def write_back(self, written: tuple[int, ...]) -> None:
-        """Store the results of the lists ``written`` into the originals of layers that ran on copies."""
-        for originals, tensors in zip(self.originals, self.tensors):
-            if tensors is not originals:
-                for k in written:
-                    originals[k].detach().copy_(tensors[k])
-
-
-def upload(rows: list[list[int]], device: torch.device) -> torch.Tensor:
-    """An int64 table on ``device`` without a synchronisation: from pinned memory, asynchronously, on CUDA."""
-    pinned = device.type == "cuda" and torch.cuda.is_available()
-    return torch.tensor(rows, dtype=torch.int64, pin_memory=pinned).to(device, non_blocking=True)
-
-
-def _one_dense_layout(tensors: list[torch.Tensor]) -> bool:
-    """The tensors share one dense memory layout (contiguous, channels_last, any permutation): element ``i`` of
-    each is then at the same offset, and the kernels can treat them as flat vectors."""
-    first = tensors[0]
-    if any(t.shape != first.shape or t.stride() != first.stride() for t in tensors):
-        return False
-    order = sorted(range(first.dim()), key=lambda d: -first.stride()[d])
-    return first.detach().permute(order).is_contiguous()
-
-
-def buckets(layer_lists: list[list[list[torch.Tensor]]], decays: list[float], layouts: dict) -> list[Bucket]:
-    """The step's layers by dtype. ``layer_lists[i]`` is layer ``i``'s tensors (list 0: the parameter); its row
-    in the step's sums and coefficients is ``i``."""
-    by_dtype: dict = {}
-    for row, tensors in enumerate(layer_lists):
-        by_dtype.setdefault((tensors[0].device, tensors[0].dtype), []).append(row)
-    return [Bucket([layer_lists[r] for r in rows], rows, [decays[r] for r in rows], layouts) for rows in by_dtype.values()]
-
-
-# ------------------------------------------------------------------ the passes
-def layer_sums(buckets_: list[Bucket], n_layers: int, width: int, kernel: str, device, dtype, **extra) -> torch.Tensor:
-    """``[n_layers, width]`` sums of every layer of the step: a reduction and a combination launch per bucket."""
-    found = kernels()
-    sums = torch.empty(n_layers, width, dtype=dtype, device=device)
-    for bucket in buckets_:
-        partials = torch.empty(bucket.n_chunks, width, dtype=torch.float64 if bucket.dtype == torch.float64 else torch.float32,
-                               device=bucket.device)
-        if bucket.n_chunks:
-            launch(found[kernel], (bucket.n_chunks,), bucket.table, bucket.layout.chunks, bucket.layout.decays, partials,
-                   **bucket.constants, **extra)
-        launch(found["combine"], (len(bucket.layout.rows),), partials, bucket.layout.spans, bucket.layout.rows, sums,
-               K=width, KP=4)
-    return sums
-
-
-def update(buckets_: list[Bucket], kernel: str, coefficients: torch.Tensor, ok: torch.Tensor, written: tuple[int, ...],
-           *scalars) -> None:
-    """The elementwise update of every layer of the step: one launch per bucket, masked by ``ok`` on the device."""
-    found = kernels()
-    for bucket in buckets_:
-        if bucket.n_chunks:
-            launch(found[kernel], (bucket.n_chunks,), bucket.table, bucket.layout.chunks, bucket.layout.rows,
-                   bucket.layout.decays, coefficients, ok, *scalars, **bucket.constants)
-        bucket.write_back(written)
-
-
-class StepBatch:
-    """Every group of a step that runs on the Triton kernels, batched: ``layers[g][i]`` is group ``g``'s layer
-    ``i`` (its tensors, the parameter first), ``decays[g]`` the group's weight decay. Built in the reduction pass
-    and kept for the update, so that both read the same addresses (and the same copies)."""
-
-    def __init__(self, layers: list[list[list[torch.Tensor]]], decays: list[float], layouts: dict):
-        self.sizes = [len(group) for group in layers]
-        flat = [tensors for group in layers for tensors in group]
-        flat_decays = [decay for group, decay in zip(layers, decays) for _ in group]
-        self.buckets = buckets(flat, flat_decays, layouts)
-        self.n_layers = len(flat)
-
-    def sums(self, width: int, kernel: str, device, dtype, **extra) -> list[torch.Tensor]:
-        """Each group's ``[n_layers, width]`` sums (views of one table for the whole step)."""
-        return list(layer_sums(self.buckets, self.n_layers, width, kernel, device, dtype, **extra).split(self.sizes))
-
-    def update(self, kernel: str, coefficients: list[torch.Tensor], ok: torch.Tensor, written: tuple[int, ...], *scalars) -> None:
-        table = coefficients[0] if len(coefficients) == 1 else torch.cat(coefficients)
-        update(self.buckets, kernel, table, ok, written, *scalars)
