@@ -1,21 +1,25 @@
-"""timm's ``train.py`` with the KOALA optimizers, unchanged: this launcher feeds each batch's loss to the step.
+"""timm's ``train.py`` with the KOALA optimizers: every training micro-batch's loss reaches the step (E1).
+
+One added line in ``train.py``, after it creates its optimizer (``task`` and ``optimizer`` are in scope)::
+
+    koala_hf.integrations.timm.feed_losses(task, optimizer)
+
+or ``train.py`` unchanged, through the launcher (which does the same for the optimizer
+``timm.optim.create_optimizer_v2`` builds and every timm task)::
 
     python -m koala_hf.integrations.timm path/to/train.py --opt koalapp --lr 1.0 ...   # train.py's own arguments
 
-timm's ``train.py`` computes each batch's loss in a training task (``result = task(input, target)``, a
-``timm.task.TrainingTask``) and steps the optimizer ``timm.optim.create_optimizer_v2`` built, without ever
-handing that loss to the optimizer; a KOALA step needs it (E1). :func:`feed_timm_losses` adds two things,
-and the launcher runs ``train.py`` inside it:
-
-* the KOALA optimizer ``create_optimizer_v2`` builds is remembered (``--opt koalapp``, ``koalappns``,
-  ``koalav``, ``koalam`` after ``import koala_hf``);
-* every training forward of a timm task (in train mode, with gradients) observes ``result["loss"]``, the
-  micro-batch's mean loss before train.py divides it for gradient accumulation, on that optimizer.
-
-timm's criteria return the batch mean only, so the noise measurement falls back to ``loss**2`` (E1); this is
-said once. A step that the AMP grad scaler skips drops its measurement, as ``train.py`` then calls
-``optimizer.zero_grad()``. Distillation tasks' losses are measured as trained, their distillation term
-included.
+timm's ``train.py`` computes each micro-batch's loss in a training task (``result = task(input, target)``, a
+``timm.task.TrainingTask``) and steps the optimizer without ever handing it that loss; a KOALA step needs it.
+Every training forward of the task (in train mode, with gradients; nothing during validation) is observed on
+the KOALA optimizer: ``result["loss"]``, the micro-batch's mean before ``train.py`` divides it for
+``--grad-accum-steps``, and, for a :class:`timm.task.ClassificationTask` whose criterion is
+``nn.CrossEntropyLoss`` (with or without ``label_smoothing``), timm's ``LabelSmoothingCrossEntropy`` or
+``SoftTargetCrossEntropy`` (Mixup/CutMix), the per-sample losses (:func:`per_sample_losses`), checked once
+against ``result["loss"]``. Any other criterion or task (binary cross-entropy, distillation, a class weight)
+is measured by its mean loss, and the noise falls back to ``loss**2`` (E1); that is said once, with the cause.
+A step that the AMP grad scaler skips drops its measurement, as ``train.py`` then calls
+``optimizer.zero_grad()``.
 """
 
 from __future__ import annotations
@@ -26,19 +30,49 @@ import sys
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from koala_hf.loops import koala_optimizer
 
-NOTICE = ("koala_hf: timm's criterion gives the batch's mean loss only, so KOALA's noise measurement falls back "
-          "to loss**2 (E1).")
+FIRST_CHECK_RTOL = 1e-4
+
+
+def per_sample_losses(criterion, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor | None, str]:
+    """Each sample's loss under one of timm's classification criteria, in float32, or ``None`` and why not."""
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    name = type(criterion).__name__
+    if logits.dim() != 2:
+        return None, f"the logits have shape {tuple(logits.shape)}, not [batch, classes]"
+    log_p = F.log_softmax(logits.detach().float(), dim=-1)
+    if type(criterion) is SoftTargetCrossEntropy:
+        if target.shape != logits.shape:
+            return None, f"{name} got targets of shape {tuple(target.shape)}"
+        return -(target.float() * log_p).sum(-1), ""
+    if target.dim() != 1 or target.dtype not in (torch.int64, torch.int32):
+        return None, f"{name} got targets of shape {tuple(target.shape)} and dtype {target.dtype}, not class indices"
+    if type(criterion) is LabelSmoothingCrossEntropy:
+        nll = -log_p.gather(-1, target.long().unsqueeze(1)).squeeze(1)
+        return criterion.confidence * nll - criterion.smoothing * log_p.mean(-1), ""
+    if type(criterion) is torch.nn.CrossEntropyLoss:
+        if criterion.weight is not None or criterion.reduction != "mean":
+            return None, f"{name} has a class weight or reduction={criterion.reduction!r}"
+        if bool((target == criterion.ignore_index).any()):
+            return None, f"{name} ignores some targets (ignore_index={criterion.ignore_index})"
+        return F.cross_entropy(log_p, target.long(), reduction="none", label_smoothing=criterion.label_smoothing), ""
+    return None, f"the criterion {name} is not one whose per-sample losses koala_hf derives"
 
 
 class TimmLossFeed:
-    """Observes the loss of every training forward of a timm task on the KOALA optimizers timm built."""
+    """Observes the loss of every training forward of a timm task on the KOALA optimizers timm built
+    (a forward hook: on one task, or on every module under the launcher)."""
 
-    def __init__(self):
+    def __init__(self, optimizer=None):
         self.optimizers: list = []
         self.observed = 0
+        self.per_sample: bool | None = None  # decided, and said, at the first observation
+        if optimizer is not None:
+            self.remember(optimizer)
 
     def remember(self, optimizer):
         inner = koala_optimizer(optimizer)
@@ -47,17 +81,49 @@ class TimmLossFeed:
         return optimizer
 
     def __call__(self, module, args, output):
-        from timm.task import TrainingTask
+        from timm.task import ClassificationTask, MultiLabelClassificationTask, TrainingTask
 
         if not (isinstance(module, TrainingTask) and module.training and torch.is_grad_enabled()):
             return
         if not self.optimizers or not isinstance(output, dict) or output.get("loss") is None:
             return
-        if self.observed == 0:
-            warnings.warn(NOTICE, stacklevel=2)
+        loss, samples, why = output["loss"], None, ""
+        classification = isinstance(module, ClassificationTask) and not isinstance(module, MultiLabelClassificationTask)
+        if self.per_sample is not False:
+            if classification and len(args) >= 2 and isinstance(output.get("output"), torch.Tensor):
+                samples, why = per_sample_losses(module.criterion, output["output"], args[1])
+            else:
+                why = f"{type(module).__name__} is not a single-label ClassificationTask"
+        if self.per_sample is None:
+            self.per_sample = self._first_check(loss, samples, why)
         for optimizer in self.optimizers:
-            optimizer.observe(output["loss"])
+            optimizer.observe(loss, samples if self.per_sample else None)
         self.observed += 1
+
+    @staticmethod
+    def _first_check(loss: torch.Tensor, samples: torch.Tensor | None, why: str) -> bool:
+        if samples is not None:
+            mean, trained = samples.double().mean().item(), loss.detach().double().item()
+            if abs(mean - trained) <= FIRST_CHECK_RTOL * max(abs(trained), 1e-12):
+                return True
+            why = f"the per-sample losses average {mean:.6g}, the loss trained on is {trained:.6g} (a custom criterion?)"
+        warnings.warn(f"koala_hf: KOALA measures timm's mean loss per micro-batch, and its noise measurement falls "
+                      f"back to loss**2 (E1): {why}.", stacklevel=3)
+        return False
+
+
+def feed_losses(task, optimizer) -> torch.utils.hooks.RemovableHandle:
+    """From now on, every training forward of the timm ``task`` feeds its loss (per sample where
+    :func:`per_sample_losses` derives it) to the KOALA ``optimizer``: the one line to add in ``train.py`` after
+    ``optimizer = create_optimizer_v2(...)``. Returns the hook's handle (``.remove()`` stops it)."""
+    from timm.task import TrainingTask
+
+    if not isinstance(task, TrainingTask):
+        raise TypeError(f"feed_losses takes timm's training task (a timm.task.TrainingTask), got {type(task).__name__}")
+    if koala_optimizer(optimizer) is None:
+        raise TypeError(f"{type(optimizer).__name__} is not a KOALA optimizer: create it with "
+                        "create_optimizer_v2(..., opt='koalapp') after import koala_hf")
+    return task.register_forward_hook(TimmLossFeed(optimizer))
 
 
 @contextlib.contextmanager

@@ -1,11 +1,14 @@
-"""timm's train.py through koala_hf.integrations.timm: each step measures the mean of its micro-batches'
-losses, as timm's task computed them (a stand-in loop with timm's real task and optimizer factory)."""
+"""timm's train.py with koala_hf.integrations.timm (the launcher, or the one added line): each step measures
+its micro-batches' losses as timm's task computed them, per sample for timm's cross-entropy criteria, checked
+against an independent computation from the logits (a stand-in loop with timm's real task, criteria and
+optimizer factory, and gradient accumulation)."""
 
 import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("timm")
 
@@ -14,23 +17,67 @@ from tests.helpers import ROOT  # noqa: E402
 SCRIPT = ROOT / "tests" / "scripts" / "timm_style_train.py"
 
 
-def run(tmp_path, *launcher, opt="koalapp"):
+LAUNCHER = ("-m", "koala_hf.integrations.timm")
+
+
+def run(tmp_path, *launcher, opt="koalapp", extra=()):
     out = tmp_path / f"{opt}.json"
-    done = subprocess.run([sys.executable, *launcher, str(SCRIPT), "--opt", opt, "--out", str(out)],
+    done = subprocess.run([sys.executable, *launcher, str(SCRIPT), "--opt", opt, "--out", str(out), *extra],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     return done, (json.loads(out.read_text()) if out.exists() else None)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("opt", ["koalapp", "koalam"])
-def test_the_launcher_feeds_each_steps_micro_batch_losses(opt, tmp_path):
-    done, seen = run(tmp_path, "-m", "koala_hf.integrations.timm", opt=opt)
-    assert done.returncode == 0, done.stderr[-3000:]
+def assert_each_step_measures_its_micro_batches(seen):
     losses = seen["micro_batch_losses"]
     expected = [(a + b) / 2 for a, b in zip(losses[::2], losses[1::2])]  # two micro-batches per step
     assert seen["measured"] == pytest.approx(expected, rel=1e-6) and len(expected) == 3
+    assert seen["handed_in_training"] == len(seen["handed"]) == 6  # nothing from the validation forwards
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("opt", ["koalapp", "koalam"])
+def test_the_launcher_feeds_each_micro_batchs_per_sample_losses(opt, tmp_path):
+    done, seen = run(tmp_path, *LAUNCHER, opt=opt)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_each_step_measures_its_micro_batches(seen)
+    for handed, independent in zip(seen["handed"], seen["per_sample"], strict=True):
+        assert handed == pytest.approx(independent, rel=1e-4)
     assert seen["optimizer"] == {"koalapp": "KOALAPlusPlus", "koalam": "KOALAM"}[opt]
-    assert done.stderr.count("falls back to loss**2") == 1  # said once
+    assert "falls back to loss**2" not in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("criterion", ["smoothing", "torch_smoothing", "soft"])
+def test_the_one_added_line_feeds_the_per_sample_losses_of_timms_criteria(criterion, tmp_path):
+    """timm's LabelSmoothingCrossEntropy, torch's CrossEntropyLoss(label_smoothing=...) and
+    SoftTargetCrossEntropy (Mixup-style targets), through ``feed_losses(task, optimizer)`` in the script."""
+    done, seen = run(tmp_path, extra=("--feed", "line", "--criterion", criterion))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_each_step_measures_its_micro_batches(seen)
+    for handed, independent in zip(seen["handed"], seen["per_sample"], strict=True):
+        assert handed == pytest.approx(independent, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_another_criterion_is_measured_by_its_mean_and_says_why_once(tmp_path):
+    done, seen = run(tmp_path, *LAUNCHER, extra=("--criterion", "bce"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_each_step_measures_its_micro_batches(seen)
+    assert seen["handed"] == [None] * 6
+    assert done.stderr.count("falls back to loss**2") == 1 and "BinaryCrossEntropy" in done.stderr
+
+
+def test_feed_losses_says_what_it_takes():
+    import timm
+    from timm.task import ClassificationTask
+
+    from koala_hf.integrations.timm import feed_losses
+
+    model = timm.create_model("resnet10t", num_classes=3)
+    with pytest.raises(TypeError, match="timm.task.TrainingTask"):
+        feed_losses(model, None)
+    with pytest.raises(TypeError, match="opt='koalapp'"):
+        feed_losses(ClassificationTask(model, verbose=False), torch.optim.SGD(model.parameters(), lr=0.1))
 
 
 @pytest.mark.slow
