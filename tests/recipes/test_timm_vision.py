@@ -1,4 +1,5 @@
-"""The timm vision recipe: real archive formats, the papers' architectures at 32x32, smoke training, DDP."""
+"""The timm vision recipe: real archive formats, the papers' architectures at 32x32, smoke training, learning
+the real digits, DDP."""
 
 import numpy as np
 import pytest
@@ -90,7 +91,9 @@ def test_every_architecture_builds_for_32x32_and_takes_the_first_koala_step_of_t
 
 
 @pytest.mark.parametrize("optimizer", ["koala++", "sgd"])
-def test_smoke_preset_trains_and_the_loss_falls(optimizer, vision_smoke_run, cifar_dir, tmp_path):
+def test_smoke_preset_writes_its_results(optimizer, vision_smoke_run, cifar_dir, tmp_path):
+    """The smoke preset on tiny synthetic archives: a run that writes its record and figure (that the recipe
+    learns is test_the_papers_settings_learn_the_real_digits)."""
     if optimizer == "koala++":
         results, tmp_path = vision_smoke_run
     else:
@@ -105,6 +108,38 @@ def test_smoke_preset_trains_and_the_loss_falls(optimizer, vision_smoke_run, cif
     assert results["data_images_per_second"] > 0 and results["images_per_second"] > 0
     assert (tmp_path / "results.json").exists() and (tmp_path / "curves.png").exists()
     assert "--optimizer " + optimizer in compare.load(str(tmp_path))["command"]
+
+
+# The digits benchmark's own curves (benchmarks/results/digits_cpu/mobilenetv3_large_100_cifar, the papers'
+# CIFAR-10 settings, constant lr) after DIGITS_EPOCHS epochs: SGD 13.9% test error, KOALA++ at lr 3 (the best
+# of the lrs the benchmark tried; at the papers' lr 1 it was still at 86% after 16 epochs) 36.9%. The thresholds
+# leave about 25 points for another machine's rounding; chance is 90%.
+DIGITS_EPOCHS = 16
+DIGITS_RUNS = {"sgd": (None, 40.0), "koala++": ("3", 60.0)}  # optimizer: (lr, test error threshold in %)
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+    from koala_hf.recipe_support.archives import write_digits
+
+    return write_digits(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", list(DIGITS_RUNS))
+def test_the_papers_settings_learn_the_real_digits(optimizer, digits_dir, tmp_path):
+    """scikit-learn's real digits as a CIFAR-10 archive, MobileNetV3-Large at 32x32 through the recipe with the
+    papers' CIFAR-10 preset: test error well under chance, at what the benchmark's curve says."""
+    lr, threshold = DIGITS_RUNS[optimizer]
+    results = timm_vision.main([
+        "--preset", "koala_cifar10", "--model", "mobilenetv3_large_100_cifar", "--data_dir", str(digits_dir),
+        "--optimizer", optimizer, "--num_train_epochs", str(DIGITS_EPOCHS), "--save_strategy", "no",
+        "--disable_tqdm", "true", "--report_to", "none", "--output_dir", str(tmp_path),
+        *(["--learning_rate", lr] if lr else []),
+    ])
+    assert results["train_samples"] == 1437 and results["test_samples"] == 360
+    assert len([e for e in results["epochs"] if "validation_top1_error" in e]) == DIGITS_EPOCHS
+    assert results["test_top1_error"] < threshold, results["test_top1_error"]
 
 
 @pytest.mark.slow
