@@ -1,6 +1,6 @@
 """Real images through the vision recipe: KOALA++, SGD and AdamW on scikit-learn's handwritten digits.
 
-    python benchmarks/digits_vision.py                       # about 1 hour on 2 CPU cores
+    python benchmarks/digits_vision.py                       # 1 h 47 min here (2 CPU cores, shared)
     python benchmarks/digits_vision.py --epochs 2 --models mobilenetv3_large_100_cifar --output /tmp/digits-check
 
 No CIFAR can be fetched here, but scikit-learn's wheel ships 1,797 real 8 x 8 digit images. They are written,
