@@ -33,34 +33,37 @@ import torch
 import torch.nn.functional as F
 
 from koala_hf.loops import koala_optimizer
+from koala_hf.per_sample import per_sample_losses as classification_losses
 
 FIRST_CHECK_RTOL = 1e-4
 
 
 def per_sample_losses(criterion, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor | None, str]:
-    """Each sample's loss under one of timm's classification criteria, in float32, or ``None`` and why not."""
+    """Each sample's loss under one of timm's classification criteria, in float32, or ``None`` and why not.
+    Class-index targets go through :func:`koala_hf.per_sample.per_sample_losses` (timm's
+    ``LabelSmoothingCrossEntropy`` is torch's label-smoothed cross-entropy)."""
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
     name = type(criterion).__name__
     if logits.dim() != 2:
         return None, f"the logits have shape {tuple(logits.shape)}, not [batch, classes]"
-    log_p = F.log_softmax(logits.detach().float(), dim=-1)
     if type(criterion) is SoftTargetCrossEntropy:
         if target.shape != logits.shape:
             return None, f"{name} got targets of shape {tuple(target.shape)}"
-        return -(target.float() * log_p).sum(-1), ""
-    if target.dim() != 1 or target.dtype not in (torch.int64, torch.int32):
-        return None, f"{name} got targets of shape {tuple(target.shape)} and dtype {target.dtype}, not class indices"
+        return -(target.float() * F.log_softmax(logits.detach().float(), dim=-1)).sum(-1), ""
     if type(criterion) is LabelSmoothingCrossEntropy:
-        nll = -log_p.gather(-1, target.long().unsqueeze(1)).squeeze(1)
-        return criterion.confidence * nll - criterion.smoothing * log_p.mean(-1), ""
-    if type(criterion) is torch.nn.CrossEntropyLoss:
+        smoothing = criterion.smoothing
+    elif type(criterion) is torch.nn.CrossEntropyLoss:
         if criterion.weight is not None or criterion.reduction != "mean":
             return None, f"{name} has a class weight or reduction={criterion.reduction!r}"
         if bool((target == criterion.ignore_index).any()):
             return None, f"{name} ignores some targets (ignore_index={criterion.ignore_index})"
-        return F.cross_entropy(log_p, target.long(), reduction="none", label_smoothing=criterion.label_smoothing), ""
-    return None, f"the criterion {name} is not one whose per-sample losses koala_hf derives"
+        smoothing = criterion.label_smoothing
+    else:
+        return None, f"the criterion {name} is not one whose per-sample losses koala_hf derives"
+    if target.dim() != 1 or target.dtype not in (torch.int64, torch.int32):
+        return None, f"{name} got targets of shape {tuple(target.shape)} and dtype {target.dtype}, not class indices"
+    return classification_losses({"logits": logits}, target.long(), label_smoothing=smoothing), ""
 
 
 class TimmLossFeed:
@@ -70,7 +73,7 @@ class TimmLossFeed:
     def __init__(self, optimizer=None):
         self.optimizers: list = []
         self.observed = 0
-        self.per_sample: bool | None = None  # decided, and said, at the first observation
+        self.per_sample: bool | None = None  # decided at the first observation; a fallback is said once
         if optimizer is not None:
             self.remember(optimizer)
 
@@ -94,7 +97,7 @@ class TimmLossFeed:
                 samples, why = per_sample_losses(module.criterion, output["output"], args[1])
             else:
                 why = f"{type(module).__name__} is not a single-label ClassificationTask"
-        if self.per_sample is None:
+        if self.per_sample is None or (self.per_sample and samples is None):  # decided once; said if it changes
             self.per_sample = self._first_check(loss, samples, why)
         for optimizer in self.optimizers:
             optimizer.observe(loss, samples if self.per_sample else None)

@@ -91,3 +91,28 @@ def test_the_launcher_says_how_to_call_it():
 
     with pytest.raises(SystemExit, match="python -m koala_hf.integrations.timm path/to/train.py"):
         main([])
+
+
+def test_a_later_micro_batch_without_per_sample_losses_is_said_once_and_the_feed_falls_back():
+    """Targets that CrossEntropyLoss ignores appear only in the second micro-batch: the feed says so once and
+    measures the mean from then on, instead of silently mixing per-sample and mean micro-batches."""
+    from timm.task import ClassificationTask
+
+    from koala_hf import KOALAPlusPlus
+    from koala_hf.integrations.timm import TimmLossFeed
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = KOALAPlusPlus(model.parameters())
+    handed = []
+    optimizer.observe = lambda loss, per_sample=None: handed.append(per_sample)
+    task = ClassificationTask(model, verbose=False)
+    task.register_forward_hook(TimmLossFeed(optimizer))
+    x = torch.randn(4, 4)
+    with pytest.warns(UserWarning, match="ignores some targets") as said:
+        for targets in ([0, 1, 2, 1], [0, -100, 2, 1], [0, 1, 2, 1]):
+            task(x, torch.tensor(targets))
+    assert len([w for w in said if "falls back" in str(w.message)]) == 1
+    expected = torch.nn.functional.cross_entropy(model(x).detach(), torch.tensor([0, 1, 2, 1]), reduction="none")
+    torch.testing.assert_close(handed[0], expected, rtol=1e-4, atol=0)
+    assert handed[1:] == [None, None]
