@@ -134,8 +134,7 @@ def cuda_dispatches(make, shapes) -> dict:
     """ATen compute ops and Triton launches of one step on CUDA, counted on fake tensors (no GPU needed)."""
     if make is ReadPass:
         return {}
-    probe = make([torch.nn.Parameter(torch.zeros(1))])
-    counted = step_dispatches(make, [tuple(s) for s in shapes], device="cuda", koala=hasattr(probe, "observe"))
+    counted = step_dispatches(make, [tuple(s) for s in shapes], device="cuda")
     return {"cuda_aten_ops": counted.ops, "cuda_triton_launches": counted.launches}
 
 

@@ -79,9 +79,9 @@ def check_fused_devices(fused, devices: set[str], optimizer: str) -> None:
         raise RuntimeError(f"{optimizer}(fused={fused!r}) needs every parameter of a group on one device type; "
                            f"this group mixes {', '.join(sorted(devices))}: put them in separate groups")
     if fused == "triton":
-        from koala_hf.optim import triton_kernels
+        from koala_hf.optim import triton_runtime
 
-        reason = triton_kernels.unavailable(devices)
+        reason = triton_runtime.unavailable(devices)
         if reason is not None:
             raise RuntimeError(f"{optimizer}(fused='triton') cannot run here: {reason}. Use fused=True (C++ on the "
                                "CPU, Triton on CUDA) or foreach=True")
@@ -96,9 +96,9 @@ _WARNED_TRITON = False
 def _triton_runs(devices: set[str], optimizer: str) -> bool:
     """Whether the Triton kernels can run on ``devices``; if not, warn once (the fallback rule)."""
     global _WARNED_TRITON
-    from koala_hf.optim import triton_kernels
+    from koala_hf.optim import triton_runtime
 
-    reason = triton_kernels.unavailable(devices)
+    reason = triton_runtime.unavailable(devices)
     if reason is not None and not _WARNED_TRITON:
         _WARNED_TRITON = True
         warnings.warn(f"{optimizer}(fused=True) cannot run its Triton kernels ({reason}); it runs the foreach "

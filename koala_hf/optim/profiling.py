@@ -4,7 +4,7 @@ The count needs no GPU: :func:`step_dispatches` builds parameters of the given s
 ``torch._subclasses.fake_tensor.FakeTensorMode`` on ``device`` (``"cuda"`` by default), takes warm-up steps and
 then counts one step's ops in a ``TorchDispatchMode``. Ops that only describe or reshape a tensor (views,
 ``detach``, device queries) are left out. On fake tensors the Triton kernels cannot run, so their launches
-(koala_hf.optim.triton_kernels.launch) are counted instead of run.
+(koala_hf.optim.triton_runtime.launch) are counted instead of run.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from koala_hf.optim import triton_kernels
+from koala_hf.optim import triton_runtime
 
 
 def counts_as_compute(func) -> bool:
@@ -39,22 +39,42 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@contextlib.contextmanager
-def counting_launches(run: bool = True):
-    """Count the Triton launches inside it (``run=False``: count without launching, for fake tensors)."""
-    launches: list[str] = []
-    real = triton_kernels.launch
+@dataclass
+class Launch:
+    """One Triton launch of a step: the kernel's name, its arguments and its compile-time constants."""
 
-    def counted(kernel, grid, *args, **constants):
-        launches.append(getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "kernel"))
+    kernel: str
+    arguments: tuple
+    constants: dict
+
+
+@contextlib.contextmanager
+def recording_launches(run: bool = True):
+    """Record the Triton launches inside it as :class:`Launch` records (``run=False``: without launching, for
+    fake tensors)."""
+    launches: list[Launch] = []
+    real = triton_runtime.launch
+
+    def recorded(kernel, grid, *args, **constants):
+        name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "kernel")
+        launches.append(Launch(name, args, constants))
         if run:
             real(kernel, grid, *args, **constants)
 
-    triton_kernels.launch = counted
+    triton_runtime.launch = recorded
     try:
         yield launches
     finally:
-        triton_kernels.launch = real
+        triton_runtime.launch = real
+
+
+@contextlib.contextmanager
+def counting_launches(run: bool = True):
+    """The names of the Triton launches inside it, in order (``run=False``: counted without launching)."""
+    names: list[str] = []
+    with recording_launches(run) as launches:
+        yield names
+        names.extend(launch.kernel for launch in launches)
 
 
 @dataclass
@@ -65,10 +85,11 @@ class StepDispatches:
 
 
 def step_dispatches(make_optimizer: Callable, shapes: list[tuple[int, ...]], *, device: str = "cuda",
-                    dtype: torch.dtype = torch.float32, koala: bool = True, warmup: int = 2) -> StepDispatches:
+                    dtype: torch.dtype = torch.float32, koala: bool | None = None, warmup: int = 2) -> StepDispatches:
     """Ops and launches of one step of ``make_optimizer(params)`` over fake parameters of ``shapes``.
 
-    ``koala``: the optimizer needs ``observe(loss)`` before its step. Warm-up steps first (KOALA-M's first step
+    ``koala``: the optimizer needs ``observe(loss)`` before its step (``None``: whether it has ``observe``; the
+    optimizer is built on the fake CUDA parameters, so a CUDA-only path builds too). Warm-up steps first (KOALA-M's first step
     differs, state is created), then one counted step.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -78,6 +99,8 @@ def step_dispatches(make_optimizer: Callable, shapes: list[tuple[int, ...]], *, 
         with FakeTensorMode(allow_non_fake_inputs=True):
             params = [torch.nn.Parameter(torch.empty(shape, device=device, dtype=dtype)) for shape in shapes]
             optimizer = make_optimizer(params)
+            if koala is None:
+                koala = hasattr(optimizer, "observe")
 
             def step(counter=None):
                 for p in params:

@@ -1,8 +1,9 @@
 """The fused steps' Triton kernels: a fixed number of launches per step, whatever the number of layers.
 
 On CUDA these are the ``fused=True`` backend (``fused="triton"`` asks for them explicitly); on the CPU they run
-through Triton's interpreter under ``TRITON_INTERPRET=1``, which is how the tests check them without a GPU (set
-it before Python starts: Triton fixes the mode when it is first imported).
+through Triton's interpreter under ``TRITON_INTERPRET=1``, which is how the tests check their numbers without a
+GPU (tests/optim/test_triton_compile.py compiles each of them for CUDA targets ahead of time). This module
+imports Triton; koala_hf.optim.triton_runtime imports it on first use, so that importing koala_hf does not.
 
 The layers of a step are bucketed by dtype, across parameter groups (koala_hf.optim.triton_step). Per bucket
 a step launches three kernels:
@@ -19,71 +20,32 @@ a step launches three kernels:
 
 The scalar algebra in between is the variants' vectorised coefficient functions over the stacked sums. A
 layer's tensors are read through a table of addresses (``data_ptr``). Arithmetic runs in float32 (float64 for
-float64 parameters); float16 and bfloat16 tensors are read and written in their own dtype.
+float64 parameters); float16 and bfloat16 tensors are read and written in their own dtype. Compile-time
+arguments are annotated ``tl.constexpr``: Triton's compiler resolves the annotation, its interpreter does not
+look at it.
 """
 
-from __future__ import annotations
+import triton
+import triton.language as tl
 
-import functools
-import os
-
-import torch
-
-CHUNK = 16384  # elements per program
-BLOCK = 1024  # elements per vector operation inside a program
-
-_KERNELS: dict[bool, dict] = {}  # interpret mode -> kernels
-tl = None  # triton.language, imported on first use (kernels()): importing koala_hf does not import Triton
-# Triton reads a kernel's annotations as text; "constexpr" marks a compile-time argument (Triton 3.0 and later).
-constexpr = "constexpr"
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels through its interpreter (``TRITON_INTERPRET=1``: on CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def unavailable(devices: set[str]) -> str | None:
-    """Why the Triton kernels cannot run on ``devices`` here, or ``None`` when they can."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as error:
-        return f"Triton is not installed ({error}); it comes with torch's Linux CUDA wheels"
-    others = sorted(devices - {"cuda"})
-    if others == ["cpu"] and not interpreting():
-        return "on the CPU they run only through Triton's interpreter: set TRITON_INTERPRET=1 (slow; for tests)"
-    if interpreting() != _triton_imported_interpreting():
-        return ("TRITON_INTERPRET was changed after Triton was imported, and Triton fixes its mode at import: set "
-                "it in the environment before starting Python")
-    if others == ["cpu"] and not interpreter_runs():
-        import triton
-
-        return (f"Triton {triton.__version__}'s interpreter leaves CPU tensors unwritten (checked with one kernel); "
-                "a newer Triton runs these kernels on the CPU")
-    if others and others != ["cpu"]:
-        return f"Triton kernels run on CUDA (or on the CPU under TRITON_INTERPRET=1), and parameters are on {', '.join(others)}"
-    return None
-
-
-def launch(kernel, grid: tuple[int, ...], *args, **constants) -> None:
-    """Every launch of a step goes through here (koala_hf.optim.profiling counts them)."""
-    kernel[grid](*args, **constants)
-
-
-# ------------------------------------------------------------------ the kernels (plain functions until built)
-def _chunk(table, chunks, WIDTH: constexpr):
+@triton.jit
+def _chunk(table, chunks, WIDTH: tl.constexpr):
     """This program's chunk: its index, its layer, the layer's first element in it, and the layer's size."""
     pid = tl.program_id(0)
     layer = tl.load(chunks + 2 * pid)
     return pid, layer, tl.load(chunks + 2 * pid + 1), tl.load(table + layer * WIDTH + WIDTH - 1)
 
 
-def _address(table, layer, column, WIDTH: constexpr, DTYPE: constexpr):
-    """The layer's tensor of list ``column``, as a pointer to ``DTYPE``."""
-    return tl.load(table + layer * WIDTH + column).to(tl.pointer_type(DTYPE))
+@triton.jit
+def _address(table, layer, column, WIDTH: tl.constexpr, DTYPE: tl.constexpr):
+    """The layer's tensor of list ``column``, as a pointer to ``DTYPE``. (Triton 3.0's compiler hands ``DTYPE`` to
+    ``tl.pointer_type`` still wrapped as a constexpr; its ``getattr`` unwraps its arguments, later Tritons' and the
+    interpreter's find no ``value`` and return the dtype as it is.)"""
+    return tl.load(table + layer * WIDTH + column).to(tl.pointer_type(getattr(DTYPE, "value", DTYPE)))
 
 
-def _rounded(x, DTYPE: constexpr):
+@triton.jit
+def _rounded(x, DTYPE: tl.constexpr):
     """``x`` (float32 or float64) in the storage dtype, rounded to nearest even, as torch rounds: done by hand for
     bfloat16, whose cast Triton's interpreter truncates (compiled Triton rounds; these are then the same bits)."""
     if DTYPE == tl.bfloat16:
@@ -98,8 +60,9 @@ def _rounded(x, DTYPE: constexpr):
 # ``decays``: float64 [n_layers], the layer's weight decay; ``rows``: int64 [n_layers], the layer's row in the
 # step's sums and coefficient tables; ``partials``: [n_chunks, K], a chunk's sums.
 
-def _koala_plus_plus_partials(table, chunks, decays, partials, WIDTH: constexpr, DTYPE: constexpr,
-                              ACC: constexpr, CHUNK: constexpr, BLOCK: constexpr):
+@triton.jit
+def koala_plus_plus_partials(table, chunks, decays, partials, WIDTH: tl.constexpr, DTYPE: tl.constexpr,
+                              ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     pid, layer, start, numel = _chunk(table, chunks, WIDTH)
     p = _address(table, layer, 0, WIDTH, DTYPE)
     g = _address(table, layer, 1, WIDTH, DTYPE)
@@ -126,8 +89,9 @@ def _koala_plus_plus_partials(table, chunks, decays, partials, WIDTH: constexpr,
     tl.store(out + 3, tl.where(wd != 0.0, tl.sum(th_th, axis=0), 0.0))  # theta.theta only enters through wd (E3)
 
 
-def _jacobian_partials(table, chunks, decays, partials, WIDTH: constexpr, DTYPE: constexpr,
-                       ACC: constexpr, CHUNK: constexpr, BLOCK: constexpr, K: constexpr):
+@triton.jit
+def jacobian_partials(table, chunks, decays, partials, WIDTH: tl.constexpr, DTYPE: tl.constexpr,
+                       ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, K: tl.constexpr):
     """KOALA-V (``K = 2``): ``[H.H, theta.theta]``; KOALA-M (``K = 4``, list 2 = ``w_avg``): and ``[d.d, d.H]``."""
     pid, layer, start, numel = _chunk(table, chunks, WIDTH)
     p = _address(table, layer, 0, WIDTH, DTYPE)
@@ -157,7 +121,8 @@ def _jacobian_partials(table, chunks, decays, partials, WIDTH: constexpr, DTYPE:
         tl.store(out + 3, tl.sum(dh, axis=0))
 
 
-def _combine(partials, spans, rows, sums, K: constexpr, KP: constexpr):
+@triton.jit
+def combine(partials, spans, rows, sums, K: tl.constexpr, KP: tl.constexpr):
     """One program per layer: its chunks' sums added in chunk order, in float64, into its row of ``sums``."""
     layer = tl.program_id(0)
     first = tl.load(spans + 2 * layer)
@@ -170,8 +135,9 @@ def _combine(partials, spans, rows, sums, K: constexpr, KP: constexpr):
     tl.store(sums + tl.load(rows + layer) * K + columns, total, mask=used)
 
 
-def _koala_plus_plus_update(table, chunks, rows, decays, coefficients, ok, WIDTH: constexpr,
-                            DTYPE: constexpr, ACC: constexpr, CHUNK: constexpr, BLOCK: constexpr):
+@triton.jit
+def koala_plus_plus_update(table, chunks, rows, decays, coefficients, ok, WIDTH: tl.constexpr,
+                            DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """E14, E16, E17 with the layer's coefficients ``C_V ... TAKE_H`` (koala_plus_plus.py), masked by ``ok``."""
     pid, layer, start, numel = _chunk(table, chunks, WIDTH)
     p = _address(table, layer, 0, WIDTH, DTYPE)
@@ -200,8 +166,9 @@ def _koala_plus_plus_update(table, chunks, rows, decays, coefficients, ok, WIDTH
         tl.store(v + index, _rounded(v_new, DTYPE), mask=inside)
 
 
-def _koala_v_update(table, chunks, rows, decays, coefficients, ok, WIDTH: constexpr, DTYPE: constexpr,
-                    ACC: constexpr, CHUNK: constexpr, BLOCK: constexpr):
+@triton.jit
+def koala_v_update(table, chunks, rows, decays, coefficients, ok, WIDTH: tl.constexpr, DTYPE: tl.constexpr,
+                    ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """E21: ``theta += step H`` with the layer's step, masked by ``ok``."""
     pid, layer, start, numel = _chunk(table, chunks, WIDTH)
     p = _address(table, layer, 0, WIDTH, DTYPE)
@@ -217,8 +184,9 @@ def _koala_v_update(table, chunks, rows, decays, coefficients, ok, WIDTH: conste
         tl.store(p + index, _rounded(th + step * h, DTYPE), mask=inside)
 
 
-def _koala_m_update(table, chunks, rows, decays, coefficients, ok, decay, WIDTH: constexpr,
-                    DTYPE: constexpr, ACC: constexpr, CHUNK: constexpr, BLOCK: constexpr):
+@triton.jit
+def koala_m_update(table, chunks, rows, decays, coefficients, ok, decay, WIDTH: tl.constexpr,
+                    DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """E33, E34 with the layer's coefficients ``STEP_THETA ... TAKE_THETA`` (koala_m.py), then E31's predict
     ``theta += u, u *= a`` from theta and u as stored (rounded where 16-bit, as the eager paths do); masked."""
     pid, layer, start, numel = _chunk(table, chunks, WIDTH)
@@ -246,46 +214,15 @@ def _koala_m_update(table, chunks, rows, decays, coefficients, ok, decay, WIDTH:
         tl.store(u + index, _rounded(decay * u_post, DTYPE), mask=inside)
 
 
-def _probe(source, target):
+@triton.jit
+def probe(source, target):
+    """Adds one to two elements: whether Triton's interpreter writes CPU tensors (koala_hf.optim.triton_runtime)."""
     index = tl.arange(0, 2)
     tl.store(target + index, tl.load(source + index) + 1.0)
 
 
-@functools.cache
-def interpreter_runs() -> bool:
-    """Whether Triton's interpreter runs a kernel on CPU tensors correctly here (Triton 3.0's writes nothing)."""
-    global tl
-    import triton
-    import triton.language as tl
-
-    source, target = torch.tensor([1.0, 2.0]), torch.zeros(2)
-    triton.jit(_probe)[(1,)](source, target)
-    return target.tolist() == [2.0, 3.0]
-
-
-def _triton_imported_interpreting() -> bool:
-    """The mode Triton's own library (``tl.sum`` ...) was built in when ``triton.language`` was imported."""
-    import triton.language.standard as standard
-
-    return type(standard.sum).__name__ == "InterpretedFunction"
-
-
-KERNELS = (_koala_plus_plus_partials, _jacobian_partials, _combine, _koala_plus_plus_update, _koala_v_update,
-           _koala_m_update)
-
-
-def kernels() -> dict:
-    """The kernels, built (``triton.jit``) on first use: compiled, or interpreted on the CPU under
-    ``TRITON_INTERPRET=1``, which Triton fixes when it is first imported (as it does for its own library)."""
-    global tl, _chunk, _address, _rounded
-    interpret = interpreting()
-    if interpret not in _KERNELS:
-        import triton
-        import triton.language as tl  # the kernels' ``tl``, resolved when triton.jit reads them
-
-        if _KERNELS or interpret != _triton_imported_interpreting():
-            raise RuntimeError("TRITON_INTERPRET was changed after Triton was imported, and Triton fixes its mode at "
-                               "import: set it in the environment before starting Python")
-        _chunk, _address, _rounded = triton.jit(_chunk), triton.jit(_address), triton.jit(_rounded)
-        _KERNELS[interpret] = {f.__name__.lstrip("_"): triton.jit(f) for f in KERNELS}
-    return _KERNELS[interpret]
+# Built in the mode Triton was imported in: interpreted (CPU tensors) or compiled (CUDA).
+INTERPRETED = type(probe).__name__ == "InterpretedFunction"
+# The launched kernels, by name (koala_hf.optim.triton_step launches them through triton_runtime.launch).
+LAUNCHED = {kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__: kernel for kernel in (
+    koala_plus_plus_partials, jacobian_partials, combine, koala_plus_plus_update, koala_v_update, koala_m_update)}

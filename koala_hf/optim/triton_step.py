@@ -5,7 +5,7 @@ layers' tensors through a table of addresses (``data_ptr``) uploaded once per st
 layout depends only on the layers' sizes and is built once and kept (:class:`Layout`). A layer whose tensors
 do not share one dense memory layout (``channels_last`` and other permutations do) runs on contiguous copies
 that the update writes back. :func:`layer_sums` launches a reduction and a combination per bucket,
-:func:`update` one update per bucket; every launch goes through ``triton_kernels.launch``, where
+:func:`update` one update per bucket; every launch goes through ``triton_runtime.launch``, where
 koala_hf.optim.profiling counts them.
 """
 
@@ -15,10 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from koala_hf.optim import triton_kernels
-from koala_hf.optim.triton_kernels import CHUNK
-
-TL_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
+from koala_hf.optim import triton_runtime
+from koala_hf.optim.triton_runtime import BLOCK, CHUNK, triton_dtype
 
 
 @dataclass
@@ -64,10 +62,9 @@ class Bucket:
 
     @property
     def constants(self) -> dict:
-        acc = "float64" if self.dtype == torch.float64 else "float32"
-        return {"WIDTH": self.width, "DTYPE": getattr(triton_kernels.tl, TL_DTYPES[self.dtype]),
-                "ACC": getattr(triton_kernels.tl, acc),
-                "CHUNK": CHUNK, "BLOCK": triton_kernels.BLOCK}
+        acc = torch.float64 if self.dtype == torch.float64 else torch.float32
+        return {"WIDTH": self.width, "DTYPE": triton_dtype(self.dtype), "ACC": triton_dtype(acc), "CHUNK": CHUNK,
+                "BLOCK": BLOCK}
 
     @property
     def n_chunks(self) -> int:
@@ -108,15 +105,15 @@ def buckets(layer_lists: list[list[list[torch.Tensor]]], decays: list[float], la
 
 def layer_sums(buckets_: list[Bucket], n_layers: int, width: int, kernel: str, device, dtype, **extra) -> torch.Tensor:
     """``[n_layers, width]`` sums of every layer of the step: a reduction and a combination launch per bucket."""
-    found = triton_kernels.kernels()
+    found = triton_runtime.kernels().LAUNCHED
     sums = torch.empty(n_layers, width, dtype=dtype, device=device)
     for bucket in buckets_:
         partials = torch.empty(bucket.n_chunks, width, dtype=torch.float64 if bucket.dtype == torch.float64 else torch.float32,
                                device=bucket.device)
         if bucket.n_chunks:
-            triton_kernels.launch(found[kernel], (bucket.n_chunks,), bucket.table, bucket.layout.chunks, bucket.layout.decays, partials,
+            triton_runtime.launch(found[kernel], (bucket.n_chunks,), bucket.table, bucket.layout.chunks, bucket.layout.decays, partials,
                    **bucket.constants, **extra)
-        triton_kernels.launch(found["combine"], (len(bucket.layout.rows),), partials, bucket.layout.spans, bucket.layout.rows, sums,
+        triton_runtime.launch(found["combine"], (len(bucket.layout.rows),), partials, bucket.layout.spans, bucket.layout.rows, sums,
                K=width, KP=4)
     return sums
 
@@ -124,10 +121,10 @@ def layer_sums(buckets_: list[Bucket], n_layers: int, width: int, kernel: str, d
 def update(buckets_: list[Bucket], kernel: str, coefficients: torch.Tensor, ok: torch.Tensor, written: tuple[int, ...],
            *scalars) -> None:
     """The elementwise update of every layer of the step: one launch per bucket, masked by ``ok`` on the device."""
-    found = triton_kernels.kernels()
+    found = triton_runtime.kernels().LAUNCHED
     for bucket in buckets_:
         if bucket.n_chunks:
-            triton_kernels.launch(found[kernel], (bucket.n_chunks,), bucket.table, bucket.layout.chunks, bucket.layout.rows,
+            triton_runtime.launch(found[kernel], (bucket.n_chunks,), bucket.table, bucket.layout.chunks, bucket.layout.rows,
                    bucket.layout.decays, coefficients, ok, *scalars, **bucket.constants)
         bucket.write_back(written)
 

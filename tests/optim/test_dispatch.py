@@ -9,7 +9,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from koala_hf import KOALAM, KOALAV, KOALAPlusPlus
 from koala_hf.optim import cpu_kernels as cpu_kernels_module
-from koala_hf.optim import dispatch, triton_kernels
+from koala_hf.optim import dispatch, triton_runtime
 from koala_hf.optim.dispatch import Backend, check_options, choose_backend
 
 CPU = [torch.zeros(3), torch.zeros(2, 2)]
@@ -47,7 +47,7 @@ def test_the_one_fallback_rule_a_fused_backend_that_cannot_run_here_runs_foreach
     monkeypatch.setattr(cpu_kernels_module, "_KERNELS", None)
     with pytest.warns(RuntimeWarning, match="could not build.*pip install ninja"):
         assert choose_backend(group(fused=True), CPU, "K") is Backend.FOREACH
-    monkeypatch.setattr(triton_kernels, "unavailable", lambda devices: "Triton is not installed (stand-in)")
+    monkeypatch.setattr(triton_runtime, "unavailable", lambda devices: "Triton is not installed (stand-in)")
     monkeypatch.setattr(dispatch, "_WARNED_TRITON", False)
     with pytest.warns(RuntimeWarning, match=r"K\(fused=True\) cannot run its Triton kernels \(Triton is not installed"):
         assert choose_backend(group(fused=True), cuda_tensors, "K") is Backend.FOREACH
