@@ -36,7 +36,7 @@ from torch.utils.data import Dataset  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 from transformers import HfArgumentParser, set_seed  # noqa: E402
 
-from koala_hf.recipe_support.arguments import RecipeTrainingArguments  # noqa: E402
+from koala_hf.recipe_support.arguments import explicitly_given, RecipeTrainingArguments  # noqa: E402
 from koala_hf.recipe_support.history import epoch_table, run_record, RunHistory, train_losses  # noqa: E402
 from koala_hf.recipe_support.machine import require_hub, use_the_machines_cores  # noqa: E402
 from koala_hf.recipe_support.optimizers import all_hyperparameters, canonical_optimizer_name, OPTIMIZER_CHOICES, parse_optimizer_kwargs  # noqa: E402
@@ -310,7 +310,9 @@ def run(argv=None):
     cutout = (preset.get("cutout", False) or model_args.cutout) and not model_args.no_cutout
     data.max_train_samples = data.max_train_samples or preset.get("max_train_samples")
     data.max_eval_samples = data.max_eval_samples or preset.get("max_eval_samples")
-    if preset.get("schedule"):
+    # An --lr_scheduler_type on the command line replaces the preset's schedule (its milestones included).
+    own_schedule = explicitly_given(argv, "lr_scheduler_type")
+    if preset.get("schedule") and not own_schedule:
         training.lr_scheduler_type = type(training.lr_scheduler_type)(preset["schedule"])
     training.apply_preset(batch_size=preset["batch_size"], epochs=preset["epochs"])
     optimizer_cls, optimizer_kwargs = training.resolve_optimizer(
@@ -335,7 +337,7 @@ def run(argv=None):
         callbacks=[RunHistory(items_per_epoch=len(train))],
         compute_metrics=top_k_metrics(),
         preprocess_logits_for_metrics=top5_indices,
-        milestones=None if preset.get("schedule") else preset.get("milestones"),
+        milestones=None if preset.get("schedule") or own_schedule else preset.get("milestones"),
     )
     loading = data_throughput(trainer.get_train_dataloader(), data.measure_batches)
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
@@ -362,7 +364,8 @@ def run(argv=None):
         weight_decay=training.weight_decay,
         batch_size=training.per_device_train_batch_size * training.gradient_accumulation_steps * training.world_size,
         **run_record(trainer, training),
-        schedule=preset.get("schedule") or f"multistep {list(preset.get('milestones', ()))} x0.1",
+        schedule=str(getattr(training.lr_scheduler_type, "value", training.lr_scheduler_type)) if own_schedule
+        else preset.get("schedule") or f"multistep {list(preset.get('milestones', ()))} x0.1",
         augmentation="random crop 32 (padding 4) + horizontal flip" + (" + cutout 16" if cutout else ""),
         seed=training.seed,
         train_samples=len(train),
