@@ -283,6 +283,23 @@ def test_koala_signals_reach_the_logs_with_the_values_of_the_filters_state(tmp_p
     assert last["koala/skipped_steps"] == 0 and last["koala/R"] != 1.0
 
 
+def test_under_the_default_linear_decay_the_logged_effective_step_is_that_of_the_lr_each_step_applied(tmp_path):
+    """Logged after the scheduler has stepped, the signal still uses the step's own lr: lr0 (1 - k/N) at step k
+    (E4, E16), so the last step of a linear schedule reports its real step, not 0."""
+    steps, lr0 = 4, 1.0
+    trainer = KoalaTrainer(model=tiny_gpt2(), args=arguments(tmp_path, max_steps=steps, logging_steps=1, learning_rate=lr0,
+                                                             lr_scheduler_type="linear"),
+                           train_dataset=counting_sequences(64))
+    trainer.train()
+    last = [entry for entry in trainer.state.log_history if "loss" in entry][-1]
+    optimizer = koala_optimizer(trainer.optimizer)
+    assert optimizer.param_groups[0]["lr"] == 0.0
+    s = torch.stack([optimizer.state[p]["filter"][0] for g in optimizer.param_groups for p in g["params"]])
+    applied = lr0 * (1 - (steps - 1) / steps)
+    expected = (applied * optimizer.state["koala"]["loss"] / s).mean().item()
+    assert last["koala/effective_step"] == pytest.approx(expected, rel=1e-6) and expected > 0
+
+
 def test_under_bf16_autocast_the_measurement_is_the_float32_cross_entropy_of_the_bf16_logits(tmp_path):
     model = tiny_gpt2()
     optimizer = Recording(model.parameters())

@@ -146,7 +146,8 @@ class KoalaOptimizer(torch.optim.Optimizer):
     # ----------------------------------------------------------- diagnostics
     @torch.no_grad()
     def diagnostics(self) -> dict[str, float]:
-        """KOALA's own signals for logs: noise estimate ``R``, skipped steps, and the variant's.
+        """KOALA's own signals for logs: noise estimate ``R``, skipped steps, and the variant's, all of the last
+        step (a learning rate in them is the one that step applied, :meth:`applied_lr`).
 
         Reads values back from the device: call it when logging, not every step.
         """
@@ -166,6 +167,12 @@ class KoalaOptimizer(torch.optim.Optimizer):
 
     def _signals(self, state: dict) -> dict[str, torch.Tensor]:
         return {}
+
+    def applied_lr(self, index: int):
+        """The learning rate that the last step applied to group ``index`` (E4): the group's ``lr`` at that step,
+        not the one a scheduler has set since (nor before any step, or after a load: then the group's own)."""
+        applied = self.__dict__.get("_applied_lrs", [])
+        return applied[index] if index < len(applied) else self.param_groups[index]["lr"]
 
     # ----------------------------------------------------------- measurement
     def observe(self, loss, per_sample_losses: torch.Tensor | None = None) -> None:
@@ -229,6 +236,9 @@ class KoalaOptimizer(torch.optim.Optimizer):
         negative = mean_loss < 0  # E1 measures against a target of 0: a negative loss would climb
         finite = torch.isfinite(mean_loss) & torch.isfinite(noise_measurement) & ~negative
         ok = self._update(mean_loss, noise, finite)
+        # The learning rates this step applied, for diagnostics() read after a scheduler has moved them on.
+        self._applied_lrs = [group["lr"].clone() if isinstance(group["lr"], torch.Tensor) else group["lr"]
+                             for group in self.param_groups]
 
         state["R"] = torch.where(ok, noise, previous_noise)
         state["skipped_steps"].add_(~ok)

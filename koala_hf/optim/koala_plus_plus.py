@@ -127,15 +127,15 @@ class KOALAPlusPlus(KoalaOptimizer):
         return state
 
     def _signals(self, state: dict) -> dict:
-        """Innovation variance ``S`` (E15) and effective step size ``lr L / S`` (E16), averaged over the layers
-        that have taken a step (a layer with an all-zero gradient has ``S = 0`` and takes none)."""
+        """Innovation variance ``S`` (E15) and effective step size ``lr L / S`` (E16) with the lr the step
+        applied, averaged over the layers that have taken a step (a layer with an all-zero gradient has ``S = 0`` and takes none)."""
         variances, rates = [], []
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             for p in group["params"]:
                 filt = self.state.get(p, {}).get("filter")
                 if filt is not None:
                     variances.append(torch.where(filt[READY] > 0, filt[S_PREV], 0.0).to(state["loss"].device, state["loss"].dtype))
-                    rates.append(float(group["lr"]))
+                    rates.append(float(self.applied_lr(index)))
         if not variances:
             return {}
         s = torch.stack(variances)
