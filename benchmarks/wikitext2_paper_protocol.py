@@ -6,7 +6,7 @@ AdamW baseline, and the frozen protocol's headline pair over three seeds and 12 
     python benchmarks/wikitext2_paper_protocol.py --epochs 1 --long_epochs 2 --max_train_blocks 64 --output /tmp/quick
 
 Every run is ``recipes/wikitext2_gpt.py --preset paper_cpu`` (GPT-1 blocks, 2 x 128, 4 heads, context 64,
-consecutive 65-token chunks, batch 32, constant lr, no clipping) on ``../shared/data/wikitext-2``: trained on
+consecutive 65-token chunks, batch 32, constant lr, no clipping) on ``recipes/data/wikitext-2`` (WikiText-2's validation and test text, kept in the repository): trained on
 valid.txt, validated on the first 600 chunks of the first half of test.txt and tested on the first 600 chunks
 of its second half (``--max_eval_blocks 600``; each half has about 1,900), same epochs, seed and data order.
 GPT-1's embeddings cannot be fetched here, so the frozen protocol stands in for them with the embeddings of a
@@ -105,7 +105,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     out = (ROOT / args.output).resolve() if not Path(args.output).is_absolute() else Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    base = ["--preset", "paper_cpu", "--data_dir", "../shared/data/wikitext-2", "--train_split", "validation",
+    base = ["--preset", "paper_cpu", "--data_dir", "recipes/data/wikitext-2", "--train_split", "validation",
             "--halve_test_split", "--max_eval_blocks", str(args.max_eval_blocks),
             "--disable_tqdm", "true", "--report_to", "none", "--save_total_limit", "1"]
     if args.max_train_blocks:

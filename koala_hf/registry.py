@@ -2,10 +2,16 @@
 
 ``koala_hf.create_optimizer("koala++", model.parameters(), lr=1.0)`` builds an
 optimizer from its name. Importing ``koala_hf`` also registers the family in
-timm's factory, so ``timm.optim.create_optimizer_v2(model, opt="koalapp")``
-works (timm splits names at ``_`` and lowercases them, hence the plain names).
-timm takes a couple of seconds to import, so the registration waits until
-timm's factory module is imported, if it is not loaded yet.
+timm's factory as soon as that factory is imported, so after
+
+    import koala_hf
+    from timm.optim import create_optimizer_v2   # timm.optim: ``import timm`` alone does not import it
+
+``create_optimizer_v2(model, opt="koalapp")`` works (timm splits names at ``_`` and lowercases them, hence the
+plain names). timm takes a couple of seconds to import, so the registration waits until timm's factory module
+is imported, if it is not loaded yet. A script that never imports ``koala_hf`` (timm's ``train.py`` run
+as it is) does not know the names: add ``import koala_hf.integrations.timm`` to it, or run it through
+``python -m koala_hf.integrations.timm train.py ...``.
 """
 
 from __future__ import annotations

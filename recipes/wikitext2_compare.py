@@ -11,7 +11,11 @@ constant lr, no clipping), its frozen pretrained embeddings (the stand-in checkp
 of each half of test.txt, and the best setting of each optimizer in benchmarks/wikitext2_paper_protocol.py's
 grid: KOALA++ with ``noise="none"`` (E1c) at lr 1e-3 and AdamW at lr 1e-3 (wd 0.1); ``--runs`` adds AdamW at the
 papers' lr 1e-5 (``adamw_paper``). Any other argument goes to every run (e.g. ``--num_train_epochs 4``,
-``--max_train_blocks 64``).
+``--max_train_blocks 64``). Run it from the repository's root.
+
+Data: the Hub's WikiText-2 (``Salesforce/wikitext``, ``wikitext-2-v1``, the tokenised release the protocol
+uses) where the Hub can be reached, else the copy of its validation and test text kept in
+``recipes/data/wikitext-2`` (said once); ``--data_dir`` chooses a folder.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ import time
 from pathlib import Path
 
 from koala_hf.recipe_support import compare
+from koala_hf.recipe_support.machine import hub_unreachable
 from koala_hf.recipe_support.results import provenance
 
 RECIPE = Path(__file__).with_name("wikitext2_gpt.py")
-PROTOCOL = ["--preset", "paper_cpu", "--data_dir", "../shared/data/wikitext-2", "--train_split", "validation",
+LOCAL_COPY = "recipes/data/wikitext-2"  # WikiText-2's validation and test text, kept in the repository (its README)
+PROTOCOL = ["--preset", "paper_cpu", "--train_split", "validation",
             "--halve_test_split", "true", "--embeddings_from", "benchmarks/results/wikitext2_paper_protocol_cpu/pretrain",
             "--freeze_embeddings", "true", "--num_train_epochs", "2", "--max_eval_blocks", "600", "--disable_tqdm", "true",
             "--report_to", "none", "--save_strategy", "no"]  # flag, value pairs
@@ -48,6 +54,18 @@ def without_overridden(arguments: list[str], overrides: list[str]) -> list[str]:
     return [item for flag, value in pairs if flag not in given for item in (flag, value)]
 
 
+def data_source(extra: list[str]) -> list[str]:
+    """The recipe's data arguments: none (the Hub's WikiText-2) where the Hub can be reached, else the copy kept in
+    the repository, said once; none either when ``--data_dir`` is among the arguments given."""
+    if any(a.split("=", 1)[0] == "--data_dir" for a in extra):
+        return []
+    reason = hub_unreachable()
+    if reason is None:
+        return []
+    print(f"WikiText-2 from the copy kept in {LOCAL_COPY} (the Hub cannot be used: {reason})", flush=True)
+    return ["--data_dir", LOCAL_COPY]
+
+
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="runs/main")
@@ -56,8 +74,9 @@ def main(argv=None) -> str:
     out = Path(args.output_dir)
     start = time.perf_counter()
     results = []
+    data = data_source(extra)
     for name in args.runs:
-        arguments = without_overridden(PROTOCOL + RUNS[name], extra) + extra
+        arguments = without_overridden(PROTOCOL + data + RUNS[name], extra) + extra
         command = [sys.executable, str(RECIPE), *arguments, "--output_dir", str(out / name)]
         print("$", shlex.join(["python", str(RECIPE.relative_to(Path.cwd()) if RECIPE.is_relative_to(Path.cwd()) else RECIPE),
                                *command[2:]]), flush=True)

@@ -5,8 +5,8 @@
 
 Data: the Hub's WikiText-2 through ``datasets`` (default), or ``--data_dir`` with
 ``train.txt`` / ``valid.txt`` / ``test.txt`` in the classic tokenised format, or
-with the Hub's parquet files. Without a training text (as in
-``../shared/data/wikitext-2``) train on the validation text and halve the test
+with the Hub's parquet files. Without a training text (as in the copy kept in
+``recipes/data/wikitext-2``) train on the validation text and halve the test
 text: ``--train_split validation --halve_test_split``.
 
 Tokenizer: a word-level vocabulary built from the training text (the classic

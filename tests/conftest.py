@@ -1,4 +1,4 @@
-"""Shared fixtures: the shared data, smoke runs trained once (the recipes import as ``recipes.<script>``).
+"""Shared fixtures: the WikiText-2 text kept in the repository, smoke runs trained once (the recipes import as ``recipes.<script>``).
 
 The optimizer tests run the Triton kernels (``fused="triton"``) on CPU tensors through Triton's interpreter:
 ``TRITON_INTERPRET=1`` is set here, before any test module imports Triton (TRL does), since Triton fixes the
@@ -13,7 +13,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+WIKITEXT = ROOT / "recipes" / "data" / "wikitext-2"  # WikiText-2's validation and test text (its README)
 
 
 # Tests that use these fixtures train a recipe model: they belong to the slow set (pytest -m "not slow" skips them).
@@ -40,10 +40,9 @@ def triton_interpreter_missing() -> str | None:
 
 @pytest.fixture(scope="session")
 def wikitext_dir() -> Path:
-    folder = SHARED_DATA / "wikitext-2"
-    if not (folder / "valid.txt").exists():
-        pytest.fail(f"{folder} is missing: the tests need ../shared/data beside the repository")
-    return folder
+    if not (WIKITEXT / "valid.txt").exists():
+        pytest.fail(f"{WIKITEXT} is missing: it is part of the repository")
+    return WIKITEXT
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import warnings
 from typing import Callable
 
@@ -38,6 +39,18 @@ from koala_hf.optim.validation import check_noise, check_range
 
 # A layer whose measurement Jacobian has a norm below this is not updated (official code).
 MIN_JACOBIAN_NORM = 1e-9
+
+
+def missing_loss_message(optimizer: str) -> str:
+    """What a step without a measurement says: the ways to give the loss, timm's own where timm is loaded."""
+    message = (f"{optimizer}.step() needs the loss: KOALA measures the loss, not only the gradient. "
+               "Call optimizer.observe(loss) (optionally with per_sample_losses=) after loss.backward(), "
+               "pass a closure that returns the loss to step(), or train with koala_hf.KoalaTrainer.")
+    if "timm" in sys.modules:
+        message += (" In timm's train.py, add koala_hf.integrations.timm.feed_losses(task, optimizer) after it "
+                    "creates the optimizer (with import koala_hf.integrations.timm at the top), or run it unchanged "
+                    "as python -m koala_hf.integrations.timm train.py ...")
+    return message
 
 
 class KoalaOptimizer(torch.optim.Optimizer):
@@ -221,11 +234,7 @@ class KoalaOptimizer(torch.optim.Optimizer):
             if self._is_state_initialisation():
                 self._create_state()
                 return loss
-            raise RuntimeError(
-                f"{type(self).__name__}.step() needs the loss: KOALA measures the loss, not only the gradient. "
-                "Call optimizer.observe(loss) (optionally with per_sample_losses=) after loss.backward(), "
-                "pass a closure that returns the loss to step(), or train with koala_hf.KoalaTrainer."
-            )
+            raise RuntimeError(missing_loss_message(type(self).__name__))
         mean_loss, noise_measurement = self._measurement.consume()
         state = self._filter_state()
         mean_loss = mean_loss.to(device=state["R"].device, dtype=state["R"].dtype)

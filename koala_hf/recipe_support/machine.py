@@ -39,15 +39,24 @@ def launcher() -> str:
     return "python"
 
 
-def require_hub(what: str, fix: str) -> None:
-    """Fail at once, not after minutes of retries, when the Hub is off (``HF_HUB_OFFLINE``) or unreachable."""
+def hub_unreachable() -> str | None:
+    """Why the Hub cannot be used now (``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` set, or its host not reached
+    within 5 s), or ``None`` when it can."""
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE"):
-        raise SystemExit(f"{what} needs the Hub, but HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set. {fix}")
+        return "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set"
     endpoint = constants.ENDPOINT.split("://", 1)[-1].split("/", 1)[0]
     host, _, port = endpoint.partition(":")
     try:
         socket.create_connection((host, int(port or 443)), timeout=5).close()
     except OSError as error:
-        raise SystemExit(f"{what} needs the Hub, but {host} cannot be reached ({error}). {fix}") from None
+        return f"{host} cannot be reached ({error})"
+    return None
+
+
+def require_hub(what: str, fix: str) -> None:
+    """Fail at once, not after minutes of retries, when the Hub is off (``HF_HUB_OFFLINE``) or unreachable."""
+    reason = hub_unreachable()
+    if reason is not None:
+        raise SystemExit(f"{what} needs the Hub, but {reason}. {fix}")

@@ -84,6 +84,27 @@ def test_feed_losses_says_what_it_takes():
 def test_without_the_launcher_the_first_step_says_what_to_do(tmp_path):
     done, _ = run(tmp_path, "-c", "import koala_hf, runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
     assert done.returncode != 0 and "needs the loss" in done.stderr
+    assert "koala_hf.integrations.timm.feed_losses(task, optimizer)" in done.stderr  # the fix, in this context
+    assert "python -m koala_hf.integrations.timm train.py" in done.stderr
+
+
+def test_a_step_without_the_loss_names_the_fixes_for_timms_train_py_where_timm_is_loaded():
+    import timm  # noqa: F401
+
+    from koala_hf import KOALAPlusPlus
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    weight.grad = torch.ones(3)
+    with pytest.raises(RuntimeError, match=r"needs the loss.*feed_losses\(task, optimizer\).*-m koala_hf.integrations.timm"):
+        KOALAPlusPlus([weight]).step()
+
+
+def test_the_registry_docstring_holds_after_import_koala_hf_and_timm_optim():
+    import koala_hf  # noqa: F401
+    from timm.optim import create_optimizer_v2
+
+    optimizer = create_optimizer_v2(torch.nn.Linear(2, 2), opt="koalapp", lr=0.5)
+    assert type(optimizer).__name__ == "KOALAPlusPlus"
 
 
 def test_the_launcher_says_how_to_call_it():

@@ -13,9 +13,20 @@ from tests.conftest import ROOT
 PRETRAIN = ROOT / "benchmarks" / "results" / "wikitext2_paper_protocol_cpu" / "pretrain"
 
 
+def test_the_main_job_reads_the_hub_where_it_can_and_the_copy_in_the_repository_otherwise(monkeypatch, capsys):
+    monkeypatch.setattr(wikitext2_compare, "hub_unreachable", lambda: "huggingface.co cannot be reached (test)")
+    assert wikitext2_compare.data_source([]) == ["--data_dir", "recipes/data/wikitext-2"]
+    assert "copy kept in recipes/data/wikitext-2" in capsys.readouterr().out
+    assert (ROOT / "recipes/data/wikitext-2/valid.txt").exists() and (ROOT / "recipes/data/wikitext-2/test.txt").exists()
+    assert wikitext2_compare.data_source(["--data_dir", "elsewhere"]) == []  # the user's folder wins
+    monkeypatch.setattr(wikitext2_compare, "hub_unreachable", lambda: None)
+    assert wikitext2_compare.data_source([]) == []  # the recipe's default: the Hub's WikiText-2
+
+
 @pytest.mark.slow
 def test_the_main_job_trains_every_optimizer_the_same_way_and_compares_them(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the protocol's paths are the repository's
+    monkeypatch.setattr(wikitext2_compare, "hub_unreachable", lambda: "offline (test)")  # CI has no Hub
     text = wikitext2_compare.main(["--output_dir", str(tmp_path), "--max_train_blocks", "32", "--max_eval_blocks", "8",
                                    "--num_train_epochs", "1", "--runs", *wikitext2_compare.RUNS])
     runs = [json.loads((tmp_path / name / "results.json").read_text()) for name in wikitext2_compare.RUNS]
