@@ -225,6 +225,11 @@ def _launch_text(results: dict) -> str:
     return f"{launched}, {_plural(processes, 'process', 'processes')}, mixed precision: {precision}"
 
 
+# Each recipe's page in the docs (docs/recipes.md; tests/test_hub.py checks that the anchors exist).
+RECIPE_DOCS = {"wikitext2_gpt.py": "docs/recipes.md#wikitext-2-gpt-recipeswikitext2_gptpy",
+               "timm_vision.py": "docs/recipes.md#timm-vision-recipestimm_visionpy"}
+
+
 def reproduction(results: dict, repo_id: str, data_flag: str, recipe_shipped: bool = True) -> str:
     """Shell lines that rerun the run from what the Hub repository holds (its ``recipe/`` folder), or, when the
     card was prepared without the recipe scripts at hand, from a checkout of koala_hf's source."""
@@ -261,6 +266,7 @@ def reproduction(results: dict, repo_id: str, data_flag: str, recipe_shipped: bo
                  shlex.join(["python", f"recipes/{script}"] + kept)]
     if local_data:
         lines.insert(0, f"# DATA_DIR: {data_flag} (the run read a local copy; without --data_dir the recipe loads the Hub's)")
+    lines.insert(0, f"# the recipe and its options: {RECIPE_DOCS[script]} in koala_hf's source (its docs site: Recipes)")
     return "\n".join(lines)
 
 

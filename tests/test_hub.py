@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import koala_hf.vision  # noqa: F401  (registers the 32x32 architectures)
 from koala_hf import hub
+from tests.conftest import ROOT
 
 
 def card_metrics(card: ModelCard) -> dict:
@@ -139,6 +140,9 @@ def test_the_cards_reproduction_runs_from_the_pushed_folder_alone(lm_smoke_run, 
     assert sorted(p.name for p in (folder / "recipe").iterdir()) == ["wikitext2_gpt.py"]  # the rest is in the package
     block = re.search(r"## How to reproduce.*?```bash\n(.*?)```", ModelCard.load(folder / "README.md").text, re.S).group(1)
     lines = block.strip().splitlines()
+    page, anchor = lines[0].split(": ", 1)[1].split(" ", 1)[0].split("#")
+    assert lines[0].startswith("# the recipe and its options: docs/recipes.md#") and (ROOT / page).exists()
+    assert anchor in _heading_slugs(ROOT / page)
     assert lines[-4].startswith("# koala_hf is not on PyPI yet: in a checkout of its source, pip install '.[recipes]'")
     assert lines[-3:-1] == ['hf download someone/gpt-koala --include "recipe/*" --local-dir gpt-koala', "cd gpt-koala"]
     command = shlex.split(lines[-1].replace("DATA_DIR", str(wikitext_dir))) + ["--max_steps", "2", "--save_strategy", "no"]
@@ -147,3 +151,16 @@ def test_the_cards_reproduction_runs_from_the_pushed_folder_alone(lm_smoke_run, 
     assert done.returncode == 0, done.stderr[-2000:]
     rerun = json.loads((folder / "rerun" / "results.json").read_text())
     assert rerun["steps"] == 2 and rerun["data"]["train_blocks"] == json.loads((run_dir / "results.json").read_text())["data"]["train_blocks"]
+
+
+def _heading_slugs(page) -> set:
+    """The anchors mkdocs gives the page's headings (its toc slugify: lower case, punctuation dropped)."""
+    from markdown.extensions.toc import slugify
+
+    return {slugify(line.lstrip("#").strip(), "-") for line in page.read_text().splitlines() if line.startswith("#")}
+
+
+def test_each_recipes_docs_anchor_exists():
+    for target in hub.RECIPE_DOCS.values():
+        page, anchor = target.split("#")
+        assert anchor in _heading_slugs(ROOT / page), target
