@@ -108,3 +108,31 @@ def test_the_license_and_the_citation_are_there_and_valid():
     assert done.returncode == 0, done.stdout + done.stderr
     bibtex = (ROOT / "docs" / "citing.md").read_text()
     assert "@inproceedings{xia2025koalapp" in bibtex and "@inproceedings{davtyan2022koala" in bibtex
+
+
+# Each guide's snippet with the mistake a user of that guide makes first, and what the error must name.
+MISTAKES = {
+    "README.md#1 without observe": ("README.md", 1, "    optimizer.observe(loss, per_sample)   # the measurement (E1)\n", "",
+                                    r"needs the loss.*optimizer\.observe\(loss\)"),
+    "koala-trainer with the plain Trainer": ("docs/guides/koala-trainer.md", 0, "trainer = KoalaTrainer(",
+                                             "from transformers import Trainer\ntrainer = Trainer(",
+                                             r"KoalaTrainer"),
+    "accelerate without observe": ("docs/guides/accelerate.md", 0,
+                                   "        koala_hf.observe(optimizer, outputs.loss, per_token)   # reaches through AcceleratedOptimizer\n",
+                                   "", r"koala_hf\.observe\(optimizer, loss\) where accelerator\.prepare has wrapped"),
+    "timm without the feed line": ("docs/guides/timm.md", 0, "koala_hf.integrations.timm.feed_losses(task, optimizer)",
+                                   "import torch\nfor p in model.parameters(): p.grad = torch.zeros_like(p)\noptimizer.step()",
+                                   r"feed_losses\(task, optimizer\).*python -m koala_hf\.integrations\.timm"),
+}
+
+
+@pytest.mark.parametrize("mistake", list(MISTAKES))
+def test_a_guides_common_mistake_gets_an_error_that_names_the_fix(mistake, tmp_path):
+    page, index, right, wrong, expected = MISTAKES[mistake]
+    code = re.findall(r"```python\n(.*?)```", (ROOT / page).read_text(), re.S)[index]
+    assert right in code, f"{page}'s snippet changed: update this test"
+    script = tmp_path / "mistake.py"
+    script.write_text(CONTEXT.get(page, "") + code.replace(right, wrong))
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**_environment(), "PYTHONPATH": str(ROOT)})
+    assert done.returncode != 0 and re.search(expected, done.stderr, re.S), done.stderr[-3000:]

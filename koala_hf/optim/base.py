@@ -44,7 +44,8 @@ MIN_JACOBIAN_NORM = 1e-9
 def missing_loss_message(optimizer: str) -> str:
     """What a step without a measurement says: the ways to give the loss, timm's own where timm is loaded."""
     message = (f"{optimizer}.step() needs the loss: KOALA measures the loss, not only the gradient. "
-               "Call optimizer.observe(loss) (optionally with per_sample_losses=) after loss.backward(), "
+               "Call optimizer.observe(loss) (optionally with per_sample_losses=) after loss.backward() "
+               "(koala_hf.observe(optimizer, loss) where accelerator.prepare has wrapped the optimizer), "
                "pass a closure that returns the loss to step(), or train with koala_hf.KoalaTrainer.")
     if "timm" in sys.modules:
         message += (" In timm's train.py, add koala_hf.integrations.timm.feed_losses(task, optimizer) after it "

@@ -11,13 +11,15 @@ only how they run differs:
   (koala_hf.optim.triton_kernels); on CUDA, or on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``).
 
 The group's ``foreach`` and ``fused`` options choose, as in torch's optimizers: ``fused=True`` asks for the
-device's fused backend (C++ on the CPU, Triton on CUDA), ``fused="triton"`` for the Triton kernels; otherwise
-``foreach`` (``None``: torch's default, multi-tensor on CUDA), else per tensor. ``fused`` and ``foreach`` are
-alternatives, so both set is refused, and so is a ``fused`` that names no backend.
+device's fused backend (C++ on the CPU, Triton on CUDA), ``fused="triton"`` for the Triton kernels, ``fused=False``
+for none; ``fused=None`` (the default) is the Triton kernels on CUDA and no fused backend elsewhere. Without a
+fused backend, ``foreach`` chooses (``None``: torch's default, multi-tensor on CUDA), else per tensor. ``fused``
+and ``foreach=True`` are alternatives, so both set is refused, and so is a ``fused`` that names no backend.
 
-The one fallback rule: ``fused=True`` whose backend cannot run here (the C++ kernels without a compiler or
-ninja; Triton not installed) warns once, saying why, and the step runs the ``FOREACH`` path instead: the same
-results, more calls. ``fused="triton"`` asks for one backend and is refused where it cannot run.
+The one fallback rule: a fused backend that cannot run here (the C++ kernels without a compiler or ninja;
+Triton not installed), asked for with ``fused=True`` or by default on CUDA, is said once with the reason, and
+the step runs the ``FOREACH`` path instead: the same results, more calls. ``fused="triton"`` asks for one
+backend and is refused where it cannot run.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from koala_hf.optim import cpu_kernels
 
-FUSED_CHOICES = (False, True, "triton")
+FUSED_CHOICES = (None, False, True, "triton")
 
 
 class Backend(enum.Enum):
@@ -49,7 +51,7 @@ def check_options(group: dict, optimizer: str) -> None:
     """Refuse ``foreach`` / ``fused`` values that name no backend (at construction and for added groups)."""
     fused, foreach = group["fused"], group["foreach"]
     if not any(fused is choice or (isinstance(fused, str) and fused == choice) for choice in FUSED_CHOICES):
-        raise ValueError(f"{optimizer}: fused must be True, False or 'triton', got {fused!r}")
+        raise ValueError(f"{optimizer}: fused must be None, True, False or 'triton', got {fused!r}")
     if foreach is not None and not isinstance(foreach, bool):
         raise ValueError(f"{optimizer}: foreach must be None, True or False, got {foreach!r}")
     if fused and foreach:
@@ -59,6 +61,11 @@ def check_options(group: dict, optimizer: str) -> None:
 def choose_backend(group: dict, tensors: list[torch.Tensor], optimizer: str) -> Backend:
     """The backend for one group's step over ``tensors`` (this process's shards of the parameters stepped)."""
     fused = group["fused"]
+    if fused is None:  # the default: the Triton kernels on CUDA (unless foreach was asked for), else no fused backend
+        devices = {t.device.type for t in tensors}
+        if devices == {"cuda"} and group["foreach"] is None:
+            return Backend.TRITON if _triton_runs(devices, optimizer, asked="by default on CUDA") else Backend.FOREACH
+        fused = False
     if not fused:
         if group["foreach"] is not None:
             return Backend.FOREACH if group["foreach"] else Backend.PER_TENSOR
@@ -70,7 +77,7 @@ def choose_backend(group: dict, tensors: list[torch.Tensor], optimizer: str) -> 
         return Backend.TRITON
     if devices == {"cpu"}:
         return Backend.FUSED_CPU if cpu_kernels.cpu_kernels() is not None else Backend.FOREACH  # the fallback rule
-    return Backend.TRITON if _triton_runs(devices, optimizer) else Backend.FOREACH  # the fallback rule
+    return Backend.TRITON if _triton_runs(devices, optimizer, asked="(fused=True)") else Backend.FOREACH  # the fallback rule
 
 
 def check_fused_devices(fused, devices: set[str], optimizer: str) -> None:
@@ -93,14 +100,14 @@ def check_fused_devices(fused, devices: set[str], optimizer: str) -> None:
 _WARNED_TRITON = False
 
 
-def _triton_runs(devices: set[str], optimizer: str) -> bool:
-    """Whether the Triton kernels can run on ``devices``; if not, warn once (the fallback rule)."""
+def _triton_runs(devices: set[str], optimizer: str, asked: str) -> bool:
+    """Whether the Triton kernels can run on ``devices``; if not, say so once (the fallback rule)."""
     global _WARNED_TRITON
     from koala_hf.optim import triton_runtime
 
     reason = triton_runtime.unavailable(devices)
     if reason is not None and not _WARNED_TRITON:
         _WARNED_TRITON = True
-        warnings.warn(f"{optimizer}(fused=True) cannot run its Triton kernels ({reason}); it runs the foreach "
-                      "path instead (same results, more launches per step).", RuntimeWarning, stacklevel=4)
+        warnings.warn(f"{optimizer} runs its Triton kernels {asked}, and they cannot run here ({reason}); it runs "
+                      "the foreach path instead (same results, more launches per step).", RuntimeWarning, stacklevel=4)
     return reason is None

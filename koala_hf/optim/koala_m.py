@@ -68,6 +68,8 @@ class KOALAM(KoalaOptimizer):
     first use), on CUDA as three Triton launches per dtype
     (koala_hf.optim.triton_kernels; ``fused="triton"`` asks for them, also on
     the CPU under ``TRITON_INTERPRET=1``).
+    The default ``fused=None`` is the Triton kernels on CUDA and no fused
+    backend elsewhere (koala_hf.optim.dispatch).
     """
 
     layer_state_keys = ("u", "w_avg")
@@ -91,7 +93,7 @@ class KOALAM(KoalaOptimizer):
         noise: str = "second_moment",
         weight_decay: float = 0.0,
         foreach: bool | None = None,
-        fused: bool | str = False,
+        fused: bool | str | None = None,
     ) -> None:
         self._training = True
         defaults = dict(

@@ -82,6 +82,9 @@ class KOALAPlusPlus(KoalaOptimizer):
             triton_step).
             ``"triton"``: the Triton kernels, also on the CPU under
             ``TRITON_INTERPRET=1`` (Triton's interpreter: for tests).
+            ``None`` (default): the Triton kernels on CUDA (the foreach path,
+            said once, where Triton cannot run, or with ``foreach=True``),
+            no fused backend elsewhere. ``False``: none.
 
     Call :meth:`observe` with the loss before :meth:`step`, or use
     :class:`koala_hf.KoalaTrainer`. A layer whose innovation variance ``S`` is
@@ -106,7 +109,7 @@ class KOALAPlusPlus(KoalaOptimizer):
         weight_decay: float = 0.0,
         symmetric: bool = True,
         foreach: bool | None = None,
-        fused: bool | str = False,
+        fused: bool | str | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, sigma=sigma, q=q, r=r, alpha_r=alpha_r, noise=noise, weight_decay=weight_decay,

@@ -47,6 +47,8 @@ class KOALAV(KoalaOptimizer):
     layer of a dtype (koala_hf.optim.cpu_kernels; built on first use), on CUDA
     as three Triton launches per dtype (koala_hf.optim.triton_kernels;
     ``fused="triton"`` asks for them, also on the CPU under ``TRITON_INTERPRET=1``).
+    The default ``fused=None`` is the Triton kernels on CUDA and no fused
+    backend elsewhere (koala_hf.optim.dispatch).
     """
 
     layer_state_keys = ("information",)
@@ -66,7 +68,7 @@ class KOALAV(KoalaOptimizer):
         noise: str = "second_moment",
         weight_decay: float = 0.0,
         foreach: bool | None = None,
-        fused: bool | str = False,
+        fused: bool | str | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, sigma=sigma, q=q, r=r, alpha_r=alpha_r, noise=noise, weight_decay=weight_decay, foreach=foreach,

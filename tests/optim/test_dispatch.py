@@ -16,7 +16,7 @@ CPU = [torch.zeros(3), torch.zeros(2, 2)]
 
 
 def group(**options):
-    return {"fused": False, "foreach": None, **options}
+    return {"fused": None, "foreach": None, **options}
 
 
 @pytest.fixture
@@ -49,12 +49,31 @@ def test_the_one_fallback_rule_a_fused_backend_that_cannot_run_here_runs_foreach
         assert choose_backend(group(fused=True), CPU, "K") is Backend.FOREACH
     monkeypatch.setattr(triton_runtime, "unavailable", lambda devices: "Triton is not installed (stand-in)")
     monkeypatch.setattr(dispatch, "_WARNED_TRITON", False)
-    with pytest.warns(RuntimeWarning, match=r"K\(fused=True\) cannot run its Triton kernels \(Triton is not installed"):
+    with pytest.warns(RuntimeWarning, match=r"K runs its Triton kernels \(fused=True\), and they cannot run here \(Triton is not installed"):
         assert choose_backend(group(fused=True), cuda_tensors, "K") is Backend.FOREACH
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once each
         assert choose_backend(group(fused=True), CPU, "K") is Backend.FOREACH
         assert choose_backend(group(fused=True), cuda_tensors, "K") is Backend.FOREACH
+
+
+def test_by_default_cuda_runs_the_triton_kernels_and_elsewhere_no_fused_backend(cuda_tensors):
+    assert choose_backend(group(), cuda_tensors, "K") is Backend.TRITON
+    assert choose_backend(group(foreach=True), cuda_tensors, "K") is Backend.FOREACH  # asked for
+    assert choose_backend(group(), CPU, "K") is Backend.PER_TENSOR
+    for variant in (KOALAPlusPlus, KOALAV, KOALAM):
+        assert variant([nn.Parameter(torch.zeros(2))]).param_groups[0]["fused"] is None
+
+
+def test_by_default_on_cuda_without_triton_the_foreach_path_runs_said_once_with_the_cause(monkeypatch, cuda_tensors):
+    monkeypatch.setattr(triton_runtime, "unavailable", lambda devices: "Triton is not installed (stand-in)")
+    monkeypatch.setattr(dispatch, "_WARNED_TRITON", False)
+    with pytest.warns(RuntimeWarning, match=r"KOALAV runs its Triton kernels by default on CUDA, and they cannot run "
+                                            r"here \(Triton is not installed \(stand-in\)\); it runs the foreach path"):
+        assert choose_backend(group(), cuda_tensors, "KOALAV") is Backend.FOREACH
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        assert choose_backend(group(), cuda_tensors, "KOALAV") is Backend.FOREACH
 
 
 def test_fused_triton_asks_for_triton_and_on_the_cpu_needs_the_interpreter(monkeypatch):
@@ -74,8 +93,8 @@ def test_fused_on_devices_without_a_fused_backend_is_refused_naming_foreach():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"fused": "yes"}, "fused must be True, False or 'triton', got 'yes'"),
-    ({"fused": 1}, "fused must be True, False or 'triton', got 1"),
+    ({"fused": "yes"}, "fused must be None, True, False or 'triton', got 'yes'"),
+    ({"fused": 1}, "fused must be None, True, False or 'triton', got 1"),
     ({"foreach": "no"}, "foreach must be None, True or False, got 'no'"),
     ({"fused": True, "foreach": True}, "alternatives; set one of them"),
     ({"fused": "triton", "foreach": True}, "alternatives; set one of them"),
@@ -87,7 +106,7 @@ def test_options_that_name_no_backend_are_refused(options, message):
 
 @pytest.mark.parametrize("variant", [KOALAPlusPlus, KOALAV, KOALAM])
 def test_every_variant_checks_its_options_and_devices_at_construction(variant, monkeypatch):
-    with pytest.raises(ValueError, match="fused must be True, False or 'triton'"):
+    with pytest.raises(ValueError, match="fused must be None, True, False or 'triton'"):
         variant([nn.Parameter(torch.zeros(2))], fused="cpu")
     with pytest.raises(ValueError, match="alternatives"):
         variant([nn.Parameter(torch.zeros(2))], fused=True, foreach=True)
