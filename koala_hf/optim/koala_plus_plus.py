@@ -130,15 +130,18 @@ class KOALAPlusPlus(KoalaOptimizer):
         return state
 
     def _signals(self, state: dict) -> dict:
-        """Innovation variance ``S`` (E15) and effective step size ``lr L / S`` (E16) with the lr the step
-        applied, averaged over the layers that have taken a step (a layer with an all-zero gradient has ``S = 0`` and takes none)."""
-        variances, rates = [], []
+        """Innovation variance ``S`` (E15), effective step size ``lr L / S`` (E16) with the lr the step applied,
+        and the noise share ``R / S`` (how much of ``S`` the loss-noise estimate makes: near 1, the step is SGD's
+        with step ``lr L / R``), averaged over the layers that have taken a step (a layer with an all-zero
+        gradient has ``S = 0`` and takes none)."""
+        variances, rates, noises = [], [], []
         for index, group in enumerate(self.param_groups):
             for p in group["params"]:
                 filt = self.state.get(p, {}).get("filter")
                 if filt is not None:
                     variances.append(torch.where(filt[READY] > 0, filt[S_PREV], 0.0).to(state["loss"].device, state["loss"].dtype))
                     rates.append(float(self.applied_lr(index)))
+                    noises.append(state["R"][index])
         if not variances:
             return {}
         s = torch.stack(variances)
@@ -147,9 +150,11 @@ class KOALAPlusPlus(KoalaOptimizer):
         if count.item() == 0:  # diagnostics() reads values back anyway
             return {}
         lr = torch.tensor(rates, dtype=s.dtype, device=s.device)
-        steps = torch.where(stepped, lr * state["loss"] / torch.where(stepped, s, 1.0), 0.0)
+        safe = torch.where(stepped, s, 1.0)
+        steps = torch.where(stepped, lr * state["loss"] / safe, 0.0)
+        shares = torch.where(stepped, torch.stack(noises).to(s.dtype) / safe, 0.0)
         return {"koala/innovation_variance": torch.where(stepped, s, 0.0).sum() / count,
-                "koala/effective_step": steps.sum() / count}
+                "koala/effective_step": steps.sum() / count, "koala/noise_share": shares.sum() / count}
 
     def _update(self, loss, noise, ok):
         steps = gather(self)

@@ -32,6 +32,7 @@ def test_the_effective_step_is_that_of_the_lr_the_step_applied_under_a_linear_de
         signals = optimizer.diagnostics()
         assert signals["koala/effective_step"] == pytest.approx((layer["lr"] * loss / layer["S_prev"]).item(), rel=1e-9)
         assert signals["koala/innovation_variance"] == pytest.approx(layer["S_prev"].item(), rel=1e-9)
+        assert signals["koala/noise_share"] == pytest.approx((reference.R[0] / layer["S_prev"]).item(), rel=1e-9)  # R/S, E15
     assert optimizer.param_groups[0]["lr"] == 0.0  # the schedule has ended; the last step still moved
     assert signals["koala/effective_step"] > 0
     torch.testing.assert_close(weight.detach(), layer["theta"], rtol=1e-10, atol=1e-12)
