@@ -2,11 +2,13 @@
 
     python benchmarks/optimizer_step.py                 # CPU, or the GPU when there is one
     python benchmarks/optimizer_step.py --steps 30 --device cuda
+    python benchmarks/optimizer_step.py --device cuda --workloads gpt2-124m gpt2-355m --dtype bfloat16
 
-Parameter shapes: (a) the WikiText-2 recipe's ``paper`` GPT (4 layers, width 768,
-context 256, the classic 33,278-word vocabulary: 54M parameters), (b) ResNet-50
-(timm, CIFAR stem, 100 classes: 161 tensors) and (c) Swin-T (timm, 32x32 inputs:
-173 tensors, 108 of them LayerNorm and bias vectors). Gradients are random; every step observes a
+Parameter shapes (``--workloads``, by default the first three): (a) ``lm-paper``, the WikiText-2 recipe's
+``paper`` GPT (4 layers, width 768, context 256, the classic 33,278-word vocabulary: 54M parameters), (b)
+``resnet50``, ResNet-50 (timm, CIFAR stem, 100 classes: 161 tensors), (c) ``swin-t``, Swin-T (timm, 32x32
+inputs: 173 tensors, 108 of them LayerNorm and bias vectors), (d) ``gpt2-124m`` and (e) ``gpt2-355m``, GPT-2's
+124M and 355M models (148 and 292 tensors). ``--dtype`` is the parameters', gradients' and state's dtype. Gradients are random; every step observes a
 loss first, as training does. Reference: torch AdamW foreach (and fused where
 torch has it). ``fused`` is ``fused=True``: the C++ kernels on the CPU, the
 Triton kernels on CUDA (where the ``triton`` rows, ``fused="triton"``, are the
@@ -31,7 +33,8 @@ KOALA++ step needs that pass on top of an AdamW-like update pass, so on a
 machine where reading costs about as much as AdamW's read-modify-write pass,
 the floor is near 2x AdamW fused, not 11/7.
 
-Writes ``benchmarks/results/optimizer_step_<device>.json`` and ``.md``.
+Writes ``benchmarks/results/optimizer_step_<device>.json`` and ``.md`` (``optimizer_step_<device>_bf16`` ... for
+another ``--dtype``).
 """
 
 from __future__ import annotations
@@ -67,6 +70,14 @@ def lm_paper_shapes() -> list[torch.Size]:
     return [p.shape for p in model.parameters()]
 
 
+def gpt2_shapes(width: int, layers: int, heads: int) -> list[torch.Size]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(GPT2Config(n_embd=width, n_layer=layers, n_head=heads))
+    return [p.shape for p in model.parameters()]
+
+
 def swin_tiny_shapes() -> list[torch.Size]:
     from koala_hf.vision import create_model
 
@@ -81,6 +92,17 @@ def resnet50_shapes() -> list[torch.Size]:
     with torch.device("meta"):
         model = create_model("resnet50_cifar", num_classes=100)
     return [p.shape for p in model.parameters()]
+
+
+WORKLOADS = {  # --workloads name -> (row label, shapes)
+    "lm-paper": ("(a) LM paper GPT", lm_paper_shapes),
+    "resnet50": ("(b) ResNet-50", resnet50_shapes),
+    "swin-t": ("(c) Swin-T", swin_tiny_shapes),
+    "gpt2-124m": ("(d) GPT-2 124M", lambda: gpt2_shapes(768, 12, 12)),
+    "gpt2-355m": ("(e) GPT-2 355M", lambda: gpt2_shapes(1024, 24, 16)),
+    "tiny": ("tiny (a check of the script)", lambda: [torch.Size(s) for s in ((64, 32), (32,), (16, 3, 3, 3), (1,))]),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class ReadPass:
@@ -108,7 +130,7 @@ FLOOR = "KOALA++ floor: AdamW fused + that read pass"
 
 def implementations(device: str) -> dict:
     """name -> optimizer factory over a parameter list (the papers' LM settings where they matter). The Triton
-    rows run only on CUDA (on the CPU Triton's interpreter is for tests, not for timing)."""
+    rows run on CUDA, and on the CPU only under Triton's interpreter (for checks at a tiny size, not timing)."""
     table = {
         "AdamW foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2, foreach=True),
         "AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2, fused=True),
@@ -123,18 +145,18 @@ def implementations(device: str) -> dict:
         "KOALA-M fused": lambda ps: KOALAM(ps, weight_decay=1e-4, fused=True),
         READ_PASS: ReadPass,
     }
-    if device == "cuda":
+    if device == "cuda" or (device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):  # CPU: to check the rows
         table["KOALA++ triton"] = lambda ps: KOALAPlusPlus(ps, lr=2e-3, weight_decay=1e-4, fused="triton")
         table["KOALA-V triton"] = lambda ps: KOALAV(ps, weight_decay=1e-4, fused="triton")
         table["KOALA-M triton"] = lambda ps: KOALAM(ps, weight_decay=1e-4, fused="triton")
     return table
 
 
-def cuda_dispatches(make, shapes) -> dict:
+def cuda_dispatches(make, shapes, dtype: torch.dtype = torch.float32) -> dict:
     """ATen compute ops and Triton launches of one step on CUDA, counted on fake tensors (no GPU needed)."""
     if make is ReadPass:
         return {}
-    counted = step_dispatches(make, [tuple(s) for s in shapes], device="cuda")
+    counted = step_dispatches(make, [tuple(s) for s in shapes], device="cuda", dtype=dtype)
     return {"cuda_aten_ops": counted.ops, "cuda_triton_launches": counted.launches}
 
 
@@ -143,7 +165,8 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(implementations: dict, shapes, device: str, steps: int, warmup: int) -> dict[str, dict]:
+def time_steps(implementations: dict, shapes, device: str, steps: int, warmup: int,
+               dtype: torch.dtype = torch.float32) -> dict[str, dict]:
     """Time every implementation's steps interleaved, step by step, on its own parameters and gradients.
 
     Interleaving makes a slow phase of the machine (another tenant, frequency changes) slow every
@@ -154,7 +177,7 @@ def time_steps(implementations: dict, shapes, device: str, steps: int, warmup: i
     runs = {}
     for name, make in implementations.items():
         torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in shapes]
+        params = [torch.nn.Parameter((torch.randn(s, device=device) * 0.02).to(dtype)) for s in shapes]
         for p in params:
             p.grad = torch.randn_like(p) * 1e-3
         try:
@@ -187,7 +210,7 @@ def time_steps(implementations: dict, shapes, device: str, steps: int, warmup: i
         result = {"median_ms": 1e3 * statistics.median(measured), "min_ms": 1e3 * min(measured),
                   "state_bytes": state_bytes, "first_step_s": times[name][0],
                   "ops_per_step": ops_per_step(optimizer, loss, koala, device),
-                  **cuda_dispatches(implementations[name], shapes)}
+                  **cuda_dispatches(implementations[name], shapes, dtype)}
         if reference is not None:  # the same steps from the same start: how far from the per-tensor path
             result["vs_per_tensor"] = max(((p - q).abs().max() / q.abs().max().clamp_min(1e-30)).item()
                                           for p, q in zip(params, reference[0]))
@@ -256,20 +279,23 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--only", nargs="*", help="implementation names to run (default: all)")
+    parser.add_argument("--workloads", nargs="+", default=["lm-paper", "resnet50", "swin-t"], choices=list(WORKLOADS))
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
 
-    workloads = {"(a) LM paper GPT": lm_paper_shapes(), "(b) ResNet-50": resnet50_shapes(), "(c) Swin-T": swin_tiny_shapes()}
+    workloads = {WORKLOADS[name][0]: WORKLOADS[name][1]() for name in args.workloads}
+    dtype = DTYPES[args.dtype]
     bandwidth = copy_bandwidth(args.device)
     build_s = cpu_kernel_build_seconds() if args.device == "cpu" else None
     rows = []
     for workload, shapes in workloads.items():
         n = sum(s.numel() for s in shapes)
         chosen = {name: make for name, make in implementations(args.device).items() if not args.only or name in args.only}
-        for name, measured in time_steps(chosen, shapes, args.device, args.steps, args.warmup).items():
+        for name, measured in time_steps(chosen, shapes, args.device, args.steps, args.warmup, dtype).items():
             passes = KOALA_PP_PASSES if name.startswith("KOALA++") else ADAMW_PASSES if name.startswith("AdamW") else None
             if passes:
-                measured["bandwidth_fraction"] = passes * n * 4 / (measured["median_ms"] / 1e3) / bandwidth
+                measured["bandwidth_fraction"] = passes * n * dtype.itemsize / (measured["median_ms"] / 1e3) / bandwidth
             rows.append({"workload": workload, "parameters": n, "implementation": name, **measured})
             print(f"{workload:18s} {name:30s} {measured['median_ms']:9.2f} ms  state {measured['state_bytes'] / 2**20:8.1f} MiB")
         parts = {r["implementation"]: r for r in rows if r["workload"] == workload and r["implementation"] in ("AdamW fused", READ_PASS)}
@@ -277,7 +303,7 @@ def main(argv=None) -> dict:
             floor_ms = parts["AdamW fused"]["median_ms"] + parts[READ_PASS]["median_ms"]
             rows.append({"workload": workload, "parameters": n, "implementation": FLOOR, "median_ms": floor_ms,
                          "min_ms": floor_ms, "state_bytes": parts["AdamW fused"]["state_bytes"],
-                         "bandwidth_fraction": KOALA_PP_PASSES * n * 4 / (floor_ms / 1e3) / bandwidth})
+                         "bandwidth_fraction": KOALA_PP_PASSES * n * dtype.itemsize / (floor_ms / 1e3) / bandwidth})
 
     for row in rows:
         baseline = next((r for r in rows if r["workload"] == row["workload"] and r["implementation"] == "AdamW foreach"), None)
@@ -291,16 +317,19 @@ def main(argv=None) -> dict:
         "copy_bandwidth_gb_s": bandwidth / 1e9,
         "cpu_kernel_build_s": build_s,
         "steps": args.steps,
+        "dtype": args.dtype,
         "rows": rows,
     }
-    write_report(args.output, f"optimizer_step_{args.device}", report, markdown(report))
+    suffix = "" if args.dtype == "float32" else "_bf16"
+    write_report(args.output, f"optimizer_step_{args.device}{suffix}", report, markdown(report))
     print(markdown(report))
     return report
 
 
 def markdown(report: dict) -> str:
     lines = [
-        f"Optimizer step, {report['device']} (torch {report['torch']}), {report['date']}: `{report['command']}`",
+        f"Optimizer step, {report['device']} (torch {report['torch']}), {report.get('dtype', 'float32')} parameters, "
+        f"{report['date']}: `{report['command']}`",
         f"(median of {report['steps']} steps, implementations interleaved step by step; copy bandwidth "
         f"{report['copy_bandwidth_gb_s']:.1f} GB/s"
         + (f"; first-use build of the fused CPU kernels {report['cpu_kernel_build_s']:.1f} s)"

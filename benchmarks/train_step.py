@@ -7,9 +7,11 @@ A step is what KoalaTrainer does per optimizer step: forward, the per-sample
 losses KOALA measures (E1), backward, observe, step, zero_grad (AdamW skips the
 KOALA-only parts). Models: the WikiText-2 recipe's ``paper`` GPT (54M, context
 256) and the vision recipe's ResNet-50 (CIFAR stem, 100 classes), random data.
-Optimizers: AdamW foreach and fused, and KOALA++ (``--koala_fused``: its fused
-backend, C++ on the CPU, Triton on CUDA).
-Writes ``benchmarks/results/train_step_<device>.json`` and ``.md``.
+Optimizers: AdamW foreach and fused, and KOALA++ on its default path (the Triton kernels on CUDA;
+``--koala_fused``: its fused backend on any device, C++ on the CPU). ``--bf16``: the forward under bfloat16
+autocast.
+Writes ``benchmarks/results/train_step_<device>.json`` and ``.md`` (``train_step_<device>_bf16`` with
+``--bf16``).
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ def main(argv=None) -> dict:
                 kind = {"fused": True} if optimizer_name == "AdamW fused" else {"foreach": True}
                 optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=5e-4, **kind)
             else:
-                optimizer = KOALAPlusPlus(model.parameters(), lr=2e-3, weight_decay=1e-4, fused=args.koala_fused)
+                optimizer = KOALAPlusPlus(model.parameters(), lr=2e-3, weight_decay=1e-4, fused=True if args.koala_fused else None)
             ms = time_training(model, inputs, shift, optimizer, args.device, args.steps, args.warmup, args.bf16)
             rows.append({"workload": name, "batch": batch, "optimizer": optimizer_name, "median_ms": ms})
             print(f"{name:16s} batch {batch:4d} {optimizer_name:8s} {ms:9.1f} ms")
@@ -106,11 +108,12 @@ def main(argv=None) -> dict:
         "koala_fused": args.koala_fused,
         "rows": rows,
     }
-    lines = [f"Training step, {report['device']} (torch {report['torch']}), {report['date']}: `{report['command']}`", "",
+    lines = [f"Training step, {report['device']} (torch {report['torch']}), {'bf16 autocast' if args.bf16 else 'fp32'}, "
+             f"{report['date']}: `{report['command']}`", "",
              "| model | batch | optimizer | median ms | x AdamW (foreach) | x AdamW fused |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['workload']} | {r['batch']} | {r['optimizer']} | {r['median_ms']:.1f} | {r['vs_adamw']:.3f} | "
               f"{r['vs_adamw_fused']:.3f} |" for r in rows]
-    write_report(args.output, f"train_step_{args.device}", report, "\n".join(lines) + "\n")
+    write_report(args.output, f"train_step_{args.device}{'_bf16' if args.bf16 else ''}", report, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return report
 

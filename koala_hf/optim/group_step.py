@@ -16,7 +16,8 @@ from typing import Callable
 
 import torch
 
-from koala_hf.optim.dispatch import Backend, choose_backend
+from koala_hf.optim import dispatch
+from koala_hf.optim.dispatch import Backend
 from koala_hf.optim.layers import measurement_jacobians
 from koala_hf.optim.sharding import check_parameter, local, reduce_sums, sharding_group
 
@@ -64,7 +65,7 @@ def gather(optimizer) -> list[GroupStep]:
                 raise RuntimeError(f"{name} does not support complex gradients")
         states = [optimizer._layer_state(p) for p in params]  # an entry per parameter, as DCP expects
         shards, grads = [local(p) for p in params], [local(p.grad) for p in params]
-        step = GroupStep(index, group, params, shards, grads, states, choose_backend(group, shards, name))
+        step = GroupStep(index, group, params, shards, grads, states, dispatch.choose_backend(group, shards, name))
         if not step.backend.fused:
             foreach = step.backend is Backend.FOREACH
             workspace = optimizer._workspace("H").get(params, shards) if foreach and step.weight_decay else None

@@ -33,3 +33,28 @@ def test_the_op_count_of_a_triton_step_runs_with_triton_compiling():
     counts = json.loads(done.stdout.splitlines()[-1])
     assert {c["cuda_triton_launches"] for c in counts.values()} == {3}, counts
     assert all(c["cuda_aten_ops"] > 0 for c in counts.values()), counts
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_every_step_at_a_tiny_size_on_the_cpu(tmp_path):
+    """Every script of the check, with its arguments, the result files it writes and the Triton rows (through
+    the interpreter), so that it cannot break unnoticed before a GPU runs it."""
+    environment = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable,
+                   "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--device", "cpu", "--tiny", "--output", str(tmp_path)],
+                          cwd=ROOT, env=environment, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-4000:]
+    written = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.md")}
+    assert {"optimizer_step_cpu.md", "optimizer_step_cpu_bf16.md", "train_step_cpu.md", "train_step_cpu_bf16.md",
+            "main_job_cpu/compare.md", "default_path_cpu.md"} <= written, written
+    steps = json.loads((tmp_path / "optimizer_step_cpu_bf16.json").read_text())
+    names = {row["implementation"] for row in steps["rows"]}
+    assert {"KOALA++ triton", "KOALA-V triton", "KOALA-M triton", "AdamW fused"} <= names
+    assert all(row["vs_per_tensor"] < 1e-2 for row in steps["rows"] if "vs_per_tensor" in row)  # bf16 parity
+    assert "tokens/s" in (tmp_path / "main_job_cpu" / "compare.md").read_text()
+
+
+def test_without_a_gpu_the_check_stops_at_once_saying_so():
+    done = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "PYTHON": sys.executable})
+    assert done.returncode != 0 and "needs a CUDA GPU" in done.stderr
