@@ -26,6 +26,9 @@ from koala_hf.optim.validation import check_range
 
 # Columns of the per-layer update coefficients (E33, E34).
 STEP_THETA, STEP_U, KEEP_AVG, TAKE_THETA = range(4)
+# E34: w_avg <- AVERAGE_KEEP w_avg + AVERAGE_TAKE theta. E30: qw_avg <- NOISE_KEEP qw_avg + NOISE_TAKE d.
+AVERAGE_KEEP, AVERAGE_TAKE = 0.9, 0.1
+NOISE_KEEP, NOISE_TAKE = 0.9, 0.1
 
 
 class KOALAM(KoalaOptimizer):
@@ -215,15 +218,16 @@ def koala_m_coefficients(sums, covariance, *, loss, noise, ok, lr, weight_decay)
     k1, k2 = scale * covariance[0, 0], scale * covariance[1, 0]
     update = ok & (hh >= MIN_JACOBIAN_NORM**2) & (s > 0) & torch.isfinite(k1) & torch.isfinite(k2)
     # E30's distance after E33-E34, ||w_avg - theta||^2: an updated layer has moved theta by -k1 H and
-    # w_avg to 0.9 w_avg + 0.1 theta, so w_avg - theta = 0.9 (d + k1 H); the others keep d.
-    moved = 0.81 * (dd + 2.0 * k1 * dh + k1 * k1 * hh)
+    # w_avg to AVERAGE_KEEP w_avg + AVERAGE_TAKE theta (E34), so w_avg - theta = AVERAGE_KEEP (d + k1 H);
+    # the others keep d.
+    moved = AVERAGE_KEEP * AVERAGE_KEEP * (dd + 2.0 * k1 * dh + k1 * k1 * hh)
     zero = torch.zeros_like(s)
     coefficients = torch.stack(
         [
             torch.where(update, -k1, zero),
             torch.where(update, -k2, zero),
-            torch.where(update, 0.9, torch.ones_like(s)),  # E34
-            torch.where(update, 0.1, zero),
+            torch.where(update, AVERAGE_KEEP, torch.ones_like(s)),  # E34
+            torch.where(update, AVERAGE_TAKE, zero),
         ],
         dim=-1,
     )
@@ -302,7 +306,7 @@ def _cpu_update(optimizer: KOALAM, step: GroupStep, coefficients, ok, a: float, 
 
 def _predict_covariance(covariance, qw_avg, distance, hp):
     """E30's running ``qw_avg`` and E32's ``P = F P F^T + diag(qw_avg, qv)``."""
-    qw_avg = 0.9 * qw_avg + 0.1 * distance
+    qw_avg = NOISE_KEEP * qw_avg + NOISE_TAKE * distance
     transition = torch.eye(2, dtype=covariance.dtype, device=covariance.device)  # [[1, 1], [0, a]], built on the device
     transition[0, 1] = 1.0
     transition[1, 1] = hp["a"]
