@@ -36,7 +36,6 @@ scaler skips drops its measurement), clipping, schedulers, evaluation (KOALA-M's
 from __future__ import annotations
 
 import contextlib
-import inspect
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -44,7 +43,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.utils import logging
 
 from koala_hf.loops import koala_optimizer
-from koala_hf.optim.base import KoalaOptimizer
+from koala_hf.optim.base import KoalaOptimizer, constructor_defaults
 from koala_hf.per_sample import per_sample_losses
 from koala_hf.registry import optimizer_entry
 from koala_hf.training_args import KoalaTrainingArguments, trainer_optim_chosen
@@ -293,7 +292,7 @@ class KoalaTrainer(Trainer):
 
 
 def _variant_lr(cls) -> float:
-    return inspect.signature(cls).parameters["lr"].default
+    return constructor_defaults(cls)["lr"]
 
 
 def _overrides_before(cls, name: str, owner: type) -> type | None:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from koala_hf.optim.base import constructor_defaults
 from koala_hf.registry import optimizer_entry
 
 
@@ -62,7 +62,7 @@ class KoalaTrainingArguments(TrainingArguments):
             if baseline:
                 self.learning_rate = TrainingArguments.__dataclass_fields__["learning_rate"].default
             else:
-                self.learning_rate = inspect.signature(entry.cls).parameters["lr"].default
+                self.learning_rate = constructor_defaults(entry.cls)["lr"]
         if isinstance(self.koala_kwargs, str):
             self.koala_kwargs = json.loads(self.koala_kwargs)
         super().__post_init__()
@@ -77,7 +77,7 @@ class KoalaTrainingArguments(TrainingArguments):
         kwargs.update({k: v for k, v in named.items() if v is not None})
         kwargs.update(self.koala_kwargs or {})
         kwargs["lr"] = self.learning_rate
-        accepted = set(inspect.signature(entry.cls).parameters) - {"params"}
+        accepted = set(constructor_defaults(entry.cls))
         unknown = sorted(set(kwargs) - accepted)
         if unknown:
             raise ValueError(

@@ -41,6 +41,17 @@ from koala_hf.optim.validation import check_noise, check_range
 MIN_JACOBIAN_NORM = 1e-9
 
 
+@functools.cache
+def constructor_defaults(cls: type) -> dict:
+    """An optimizer class's constructor arguments, ``params`` aside, with their defaults (``inspect.Parameter.empty``
+    where there is none): the one place a signature is read. For a KOALA variant, the constructor of the class
+    that declares its state keys, so that a subclass with ``__init__(*args, **kwargs)`` has them too."""
+    owner = next((c for c in cls.__mro__ if "layer_state_keys" in c.__dict__), cls)
+    parameters = inspect.signature(owner.__init__).parameters
+    return {name: p.default for name, p in parameters.items() if name not in ("self", "params")
+            and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)}
+
+
 def missing_loss_message(optimizer: str) -> str:
     """What a step without a measurement says: the ways to give the loss, timm's own where timm is loaded."""
     message = (f"{optimizer}.step() needs the loss: KOALA measures the loss, not only the gradient. "
@@ -103,12 +114,9 @@ class KoalaOptimizer(torch.optim.Optimizer):
             self._install_checkpoint_hooks()
 
     @classmethod
-    @functools.cache
     def hyperparameter_names(cls) -> tuple[str, ...]:
-        """The variant's hyperparameters: its constructor's arguments, ``params`` aside (the variant's own, the
-        class that declares the state keys, so that a subclass with ``__init__(*args, **kwargs)`` has them too)."""
-        variant = next(c for c in cls.__mro__ if "layer_state_keys" in c.__dict__)
-        return tuple(name for name in inspect.signature(variant.__init__).parameters if name not in ("self", "params"))
+        """The variant's hyperparameters: its constructor's arguments, ``params`` aside."""
+        return tuple(constructor_defaults(cls))
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load state as torch does (the saved groups win); see koala_hf.optim.checkpoint for what KOALA adds.

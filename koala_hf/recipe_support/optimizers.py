@@ -11,6 +11,7 @@ import json
 
 import torch
 
+from koala_hf.optim.base import constructor_defaults
 from koala_hf.registry import OPTIMIZERS, optimizer_entry
 
 BASELINES = {
@@ -61,7 +62,7 @@ def optimizer_cls_and_kwargs(name: str, settings: dict, overrides: dict | None =
     else:
         entry = optimizer_entry(name)
         cls, kwargs = entry.cls, {**entry.defaults, **kwargs}
-    accepted = set(inspect.signature(cls).parameters) - {"params"}
+    accepted = set(constructor_defaults(cls))
     unknown = sorted(set(kwargs) - accepted - {"weight_decay"})
     if unknown:
         raise SystemExit(f"--optimizer_kwargs: {name} does not take {', '.join(unknown)}; "
@@ -71,6 +72,5 @@ def optimizer_cls_and_kwargs(name: str, settings: dict, overrides: dict | None =
 
 def all_hyperparameters(cls, kwargs: dict) -> dict:
     """Every constructor argument of ``cls`` with the value this run used (its default where unset)."""
-    values = {name: p.default for name, p in inspect.signature(cls).parameters.items()
-              if name != "params" and p.default is not inspect.Parameter.empty}
+    values = {name: default for name, default in constructor_defaults(cls).items() if default is not inspect.Parameter.empty}
     return {**values, **kwargs}
