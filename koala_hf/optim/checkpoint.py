@@ -2,15 +2,17 @@
 
 Per-parameter state lives in ``optimizer.state[p]``, as in every torch optimizer. The filter-wide state (the
 noise estimate ``R`` per group (E2), the step and skip counters, the variant's own: KOALA-V's ``P``, KOALA-M's
-``P``, ``qw_avg`` and mode) lives in ``optimizer.state["koala"]`` and travels in the first parameter group's
-``"koala"`` entry of ``state_dict()``, so that every key of its ``"state"`` is a parameter, as
-``torch.distributed.checkpoint`` (FSDP2 checkpoints) requires.
+``P``, ``qw_avg`` and mode) lives in ``optimizer.state["koala"]`` and travels in ``state_dict()`` under the
+``"koala"`` key of the first parameter's state, as torch's LBFGS keeps its own: every key of ``"state"`` is a
+parameter, as ``torch.distributed.checkpoint`` (FSDP2 checkpoints) requires, and the parameter groups hold
+only hyperparameters, so that a group's representation does not depend on its position.
 
-Saving: a state-dict post-hook moves the filter-wide state into the first group (:func:`pack`).
+Saving: a state-dict post-hook moves the filter-wide state into the first parameter's state (:func:`pack`).
 
 Loading (:class:`Loading`, whose hooks are registered for one ``load_state_dict`` call): a pre-hook that runs
 after the user's pre-hooks refuses another variant's or another optimizer's state, naming both, takes the
-older layout (the filter-wide state under ``state["koala"]``), and sets aside the per-layer scalar state
+filter-wide state from where each layout put it (the first parameter's state; the first parameter group, as
+saved before 0.3; ``state["koala"]``, before that), and sets aside the per-layer scalar state
 (``layer_scalar_keys``), which torch would cast to the parameter's dtype; a post-hook that runs before the
 user's post-hooks moves the filter-wide state back into ``optimizer.state["koala"]`` on the parameters' device
 (counters handed back as Python numbers become tensors again, entries saved before they existed get their
@@ -38,13 +40,23 @@ def register_variant(cls: type) -> None:
 
 
 def pack(optimizer, state_dict: dict) -> dict:
-    """State-dict post-hook: the filter-wide state moves from ``state["koala"]`` into the first group."""
+    """State-dict post-hook: the filter-wide state moves from ``state["koala"]`` into the first parameter's state."""
     state = dict(state_dict["state"])
-    groups = [dict(group) for group in state_dict["param_groups"]]
     filter_state = state.pop(FILTER_STATE, None)
-    if filter_state is not None:
-        groups[0][FILTER_STATE] = filter_state
-    return {**state_dict, "state": state, "param_groups": groups}
+    holder = next((index for group in state_dict["param_groups"] for index in group["params"]), None)
+    if filter_state is not None and holder is not None:
+        state[holder] = {**state.get(holder, {}), FILTER_STATE: filter_state}
+    return {**state_dict, "state": state}
+
+
+def saved_filter_state(state: dict, groups: list[dict]) -> dict | None:
+    """The filter-wide state of a saved state dict, wherever its layout put it (without moving it)."""
+    for entry in state.values():
+        if isinstance(entry, dict) and FILTER_STATE in entry:
+            return entry[FILTER_STATE]
+    if groups and FILTER_STATE in groups[0]:
+        return groups[0][FILTER_STATE]
+    return state.get(FILTER_STATE)
 
 
 def saved_variant(state_dict: dict) -> str | None:
@@ -52,8 +64,8 @@ def saved_variant(state_dict: dict) -> str | None:
     (nothing to tell by: no state and no parameter groups)."""
     state = state_dict.get("state", {})
     groups = state_dict.get("param_groups", [])
-    layer_keys = set().union(*(set(value) for key, value in state.items() if key != FILTER_STATE))
-    filter_keys = set(state.get(FILTER_STATE, {})) | set(groups[0].get(FILTER_STATE, {}) if groups else {})
+    layer_keys = set().union(*(set(value) - {FILTER_STATE} for key, value in state.items() if key != FILTER_STATE))
+    filter_keys = set(saved_filter_state(state, groups) or {})
     scores = {cls: len(layer_keys & set(cls.layer_state_keys)) + len(filter_keys & set(cls.filter_state_keys))
               for cls in VARIANTS}
     best = max(scores.values(), default=0)
@@ -92,11 +104,16 @@ class Loading:
     def prepare(self, optimizer, state_dict: dict) -> dict:
         """Load pre-hook, after the user's: refuse foreign state, take the older layout, set the scalars aside."""
         refuse_foreign_state(optimizer, state_dict)
-        state = dict(state_dict["state"])
         groups = [dict(group) for group in state_dict["param_groups"]]
-        older = state.pop(FILTER_STATE, None)  # the layout before the filter state moved into the first group
-        if older is not None and groups and FILTER_STATE not in groups[0]:
-            groups[0][FILTER_STATE] = older
+        state = {key: dict(entry) if isinstance(entry, dict) else entry for key, entry in state_dict["state"].items()}
+        filter_state = saved_filter_state(state, groups)
+        state.pop(FILTER_STATE, None)
+        for key in [key for key, entry in state.items() if FILTER_STATE in entry]:
+            del state[key][FILTER_STATE]
+            if not state[key]:  # the first parameter had no state of its own
+                del state[key]
+        if filter_state is not None and groups:  # handed to restore through the first group, as torch loads groups
+            groups[0][FILTER_STATE] = filter_state
         keys = type(optimizer).layer_scalar_keys
         self.saved_ids = [index for group in groups for index in group["params"]]
         self.layer_scalars = {index: {k: v for k, v in saved.items() if k in keys and isinstance(v, torch.Tensor)}

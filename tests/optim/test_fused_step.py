@@ -227,7 +227,7 @@ def test_the_cpu_foreach_workspace_holds_h_only_when_weight_decay_makes_one_and_
     optimizer.step()
     assert len(optimizer._workspace("H")._buffers) == buffers
     assert "_workspaces" not in optimizer.__getstate__()
-    assert all(set(state) == {"v", "H_prev", "filter"} for key, state in optimizer.state_dict()["state"].items())
+    assert all(set(state) - {"koala"} == {"v", "H_prev", "filter"} for key, state in optimizer.state_dict()["state"].items())
 
 
 def test_the_build_finds_pips_ninja_beside_the_interpreter_when_path_lacks_one(monkeypatch, tmp_path):

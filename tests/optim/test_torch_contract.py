@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from koala_hf import KOALAM, KOALAV, OPTIMIZERS, KOALAPlusPlus, create_optimizer
+from koala_hf.optim.checkpoint import saved_filter_state
 from tests.helpers import flat_parameters, per_sample_losses, regression_batches, tiny_network, train_step
 from tests.reference import KoalaMReference, KoalaPlusPlusReference, KoalaVReference, add_layers, measurement
 
@@ -66,7 +67,7 @@ def test_a_state_dict_from_before_a_hyperparameter_existed_loads_with_its_defaul
         for group in state_dict["param_groups"]:
             for key in ("foreach", "fused", "noise"):
                 group.pop(key, None)
-        state_dict["param_groups"][0]["koala"].pop("negative_loss_steps")
+        saved_filter_state(state_dict["state"], state_dict["param_groups"]).pop("negative_loss_steps")
         return state_dict
 
     fresh = continued_equally(name, path, older)
@@ -75,29 +76,61 @@ def test_a_state_dict_from_before_a_hyperparameter_existed_loads_with_its_defaul
 
 
 @pytest.mark.parametrize("name, path", PATHS, ids=IDS)
-def test_every_state_key_is_a_parameter_and_the_older_layout_still_loads(name, path):
-    """The filter-wide state travels in the first group (torch.distributed.checkpoint maps every state key to a
-    parameter); a state dict of the older layout, with it under ``state["koala"]``, loads and continues."""
+def test_every_state_key_is_a_parameter_and_the_older_layouts_still_load(name, path):
+    """The filter-wide state travels in the first parameter's state, as LBFGS's does (torch.distributed.checkpoint
+    maps every state key to a parameter; the groups hold only hyperparameters); the state dicts of the two older
+    layouts, with it in the first group or under ``state["koala"]``, load and continue."""
     model = tiny_network()
     optimizer = build(name, path, model.parameters())
     run(model, optimizer, regression_batches(2))
     state_dict = optimizer.state_dict()
-    assert all(isinstance(key, int) for key in state_dict["state"]) and "koala" in state_dict["param_groups"][0]
-    assert "koala" not in optimizer.param_groups[0]
+    first = state_dict["param_groups"][0]["params"][0]
+    assert all(isinstance(key, int) for key in state_dict["state"]) and "koala" in state_dict["state"][first]
+    assert not any("koala" in group for group in state_dict["param_groups"] + optimizer.param_groups)
 
-    def older_layout(state_dict):
+    def in_the_first_group(state_dict):
         state_dict = copy.deepcopy(state_dict)
-        state_dict["state"]["koala"] = state_dict["param_groups"][0].pop("koala")
+        state_dict["param_groups"][0]["koala"] = state_dict["state"][first].pop("koala")
         return state_dict
 
-    continued_equally(name, path, older_layout)
+    def under_its_own_key(state_dict):
+        state_dict = copy.deepcopy(state_dict)
+        state_dict["state"]["koala"] = state_dict["state"][first].pop("koala")
+        return state_dict
+
+    continued_equally(name, path, in_the_first_group)
+    continued_equally(name, path, under_its_own_key)
+
+
+@pytest.mark.parametrize("name, path", PATHS, ids=IDS)
+def test_a_groups_representation_does_not_depend_on_its_position(name, path):
+    """torch's test_state_dict_deterministic: a repeated group packs like the original (pytorch#36831)."""
+    model = tiny_network()
+    optimizer = build(name, path, model.parameters())
+    run(model, optimizer, regression_batches(2))
+    twin = build(name, path, copy.deepcopy(model).parameters())
+    twin.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    twin.param_groups.extend(twin.param_groups)
+    assert_equal_nested(optimizer.state_dict()["param_groups"][-1], twin.state_dict()["param_groups"][-1])
+
+
+def assert_equal_nested(a, b):
+    assert type(a) is type(b)
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_equal_nested(a[key], b[key])
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    else:
+        assert a == b
 
 
 @pytest.mark.parametrize("name, path", PATHS, ids=IDS)
 def test_step_counters_handed_back_as_python_numbers_load(name, path):
     def as_numbers(state_dict):
         state_dict = copy.deepcopy(state_dict)
-        koala = state_dict["param_groups"][0]["koala"]
+        koala = saved_filter_state(state_dict["state"], state_dict["param_groups"])
         for key in ("step", "skipped_steps", "negative_loss_steps"):
             koala[key] = int(koala[key].item())
         koala["R"] = koala["R"].tolist()
@@ -117,11 +150,12 @@ def test_what_a_load_state_dict_pre_hook_returns_is_what_is_loaded(name, path):
 
     def rewrite(opt, incoming):
         incoming = copy.deepcopy(incoming)
-        filter_state = incoming["param_groups"][0]["koala"]
+        filter_state = saved_filter_state(incoming["state"], incoming["param_groups"])
         filter_state["R"] = torch.full_like(filter_state["R"], 7.0)
         for per_parameter in incoming["state"].values():
             for key, value in per_parameter.items():
-                per_parameter[key] = torch.full_like(value, 0.25)
+                if key != "koala":
+                    per_parameter[key] = torch.full_like(value, 0.25)
         return incoming
 
     fresh.register_load_state_dict_pre_hook(rewrite)
