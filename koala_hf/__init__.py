@@ -8,7 +8,7 @@ from koala_hf.registry import OPTIMIZERS, create_optimizer, install_timm_registr
 
 install_timm_registration()
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = [
     "KOALAPlusPlus",
     "KOALAV",
