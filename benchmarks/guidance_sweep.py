@@ -19,7 +19,8 @@ and cosine with 5% linear warm-up.
 
 Per task and schedule the grid (``GRIDS``): the tuned baseline(s), KOALA++ with E1a (``second_moment``) and
 E1c (``none``) at three lrs bracketing the best constant-lr setting of the earlier benchmarks, KOALA-V and
-KOALA-M at their default lr and three more. Then, at the best KOALA++ setting: sigma and q at three values
+KOALA-M at their default lr and three more. Where a KOALA line's best lr is the edge of its grid, the line
+goes on past that edge by factors of 3 (``next_lr``, at most ``EXTEND`` more runs) until the best is interior. Then, at the best KOALA++ setting: sigma and q at three values
 each (``SIGMA_Q``). Then the best KOALA++ and the best baseline at three seeds (``SEEDS``; 12 epochs for the LM).
 
 Every run is skipped when its results.json is there (an interrupted sweep resumes). A constant-lr LM run of
@@ -62,6 +63,22 @@ LONG_EPOCHS = {"gpt": 12, "mobilenetv3_large_100_cifar": 30, "resnet18_cifar": 4
 SIGMA_Q = {"sigma": (0.03, 0.3), "q": (0.03, 0.3)}  # besides the default 0.1
 SEEDS = (42, 43, 44)
 BASELINES = ("adamw", "sgd")
+EXTEND = 2  # runs a grid line may add past its edge
+
+
+def next_lr(scores: dict[float, float]) -> float | None:
+    """The lr to try next on a grid line (lr -> score, lower is better): a third of the lowest when that is the
+    best, three times the highest when that is, else ``None`` (the best is interior, or a line of one lr). The
+    extension stops at a run that scored no better (a worse or diverged edge brackets the best)."""
+    if len(scores) < 2:
+        return None
+    rates = sorted(scores)
+    best = min(rates, key=lambda lr: scores[lr])
+    if best == rates[0]:
+        return rates[0] / 3
+    if best == rates[-1]:
+        return rates[-1] * 3
+    return None
 
 
 def run_name(optimizer: str, noise: str | None, lr: float, **extra) -> str:
@@ -174,8 +191,12 @@ def main(argv=None) -> None:
             continue
         for schedule in SCHEDULES:
             for optimizer, noise, rates in grid:
-                for lr in rates:
-                    sweep.run("grid", model, schedule, optimizer, noise, lr)
+                scores = {lr: sweep.run("grid", model, schedule, optimizer, noise, lr)["score"] for lr in rates}
+                for _ in range(EXTEND if optimizer not in BASELINES else 0):
+                    lr = next_lr(scores)
+                    if lr is None:
+                        break
+                    scores[lr] = sweep.run("grid", model, schedule, optimizer, noise, lr)["score"]
         is_koala = lambda r: r["optimizer"] == "koala++"  # noqa: E731
         best = sweep.best(model, is_koala)
         if "sigma_q" in args.phases:

@@ -1,0 +1,22 @@
+"""benchmarks/guidance_sweep.py: how a grid line goes on past its edge until its best lr is interior."""
+
+import math
+import runpy
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SWEEP = runpy.run_path(str(ROOT / "benchmarks" / "guidance_sweep.py"), run_name="guidance_sweep")
+
+
+def test_a_grid_line_extends_past_the_edge_its_best_lr_sits_on_and_stops_once_bracketed():
+    next_lr = SWEEP["next_lr"]
+    assert math.isclose(next_lr({0.1: 337.5, 0.3: 339.4, 1.0: 774.5, 3.0: 965.5}), 0.1 / 3)  # KOALA-V's LM line
+    assert next_lr({1 / 30: 340.0, 0.1: 337.5, 0.3: 339.4}) is None  # bracketed
+    assert next_lr({0.3: 400.0, 1.0: 380.0, 3.0: 360.0}) == 9.0
+    assert next_lr({0.3: 400.0, 1.0: 380.0, 3.0: math.inf}) is None  # a diverged top run brackets the best
+    assert next_lr({1e-3: 300.0}) is None  # a baseline's single tuned lr
+
+
+def test_every_schedule_is_constant_linear_or_cosine_with_warm_up():
+    assert SWEEP["SCHEDULES"]["cosine"] == ("--lr_scheduler_type", "cosine", "--warmup_steps", "0.05")
+    assert set(SWEEP["SCHEDULES"]) == {"constant", "linear", "cosine"}
