@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -235,26 +235,35 @@ def koala_m_coefficients(sums, covariance, *, loss, noise, ok, lr, weight_decay)
 
 
 # --------------------------------------------------------------- the passes
-@group_by_group_sums
-def _eager_sums(optimizer: KOALAM, step: GroupStep, device, dtype) -> torch.Tensor:
-    """``[||H||^2, ||theta||^2, d.d, d.H]`` per layer from the formed ``H``."""
-    return torch.cat([eager_norms(step, device, dtype), _distance_sums(optimizer, step, dtype).to(device)], dim=1)
+def _eager_sums(distances_of: Callable) -> Callable:
+    """The reduction of an eager backend: ``[||H||^2, ||theta||^2, d.d, d.H]`` per layer from the formed ``H``, with
+    ``d = w_avg - theta`` before the update (E30's distance, see :func:`koala_m_coefficients`) from
+    ``distances_of(optimizer, step, dtype)``."""
+
+    @group_by_group_sums
+    def sums(optimizer: KOALAM, step: GroupStep, device, dtype) -> torch.Tensor:
+        distances = distances_of(optimizer, step, dtype)
+        products = torch.stack([torch.stack([dot(d, d, dtype), dot(d, h, dtype)]) for d, h in zip(distances, step.jacobians)])
+        return torch.cat([eager_norms(step, device, dtype), products.to(device)], dim=1)
+
+    return sums
 
 
-def _distance_sums(optimizer: KOALAM, step: GroupStep, dtype) -> torch.Tensor:
-    """``[d.d, d.H]`` per layer, ``d = w_avg - theta`` before the update (E30's distance, see
-    :func:`koala_m_coefficients`); on the CPU's foreach path ``d`` goes into the optimizer's reused workspace."""
-    averages = step.state_shards("w_avg")
-    wide = all(theta.dtype == dtype for theta in step.shards)  # d = w_avg - theta never in 16 bits
-    foreach = step.backend is Backend.FOREACH
-    out = optimizer._workspace("d").get(step.params, step.shards) if foreach and wide else None
-    if out is not None:  # multi-tensor, into reused tensors
-        torch._foreach_copy_(out, averages)
-        torch._foreach_sub_(out, step.shards)
-        distances = out
-    else:
-        distances = [w.to(dtype) - theta.to(dtype) for w, theta in zip(averages, step.shards)]
-    return torch.stack([torch.stack([dot(d, d, dtype), dot(d, h, dtype)]) for d, h in zip(distances, step.jacobians)])
+def _per_tensor_distances(optimizer: KOALAM, step: GroupStep, dtype) -> list[torch.Tensor]:
+    """``d = w_avg - theta`` per layer, never in 16 bits."""
+    return [w.to(dtype) - theta.to(dtype) for w, theta in zip(step.state_shards("w_avg"), step.shards)]
+
+
+def _foreach_distances(optimizer: KOALAM, step: GroupStep, dtype) -> list[torch.Tensor]:
+    """``d = w_avg - theta`` with multi-tensor ops into the optimizer's reused workspace (on the CPU, where the
+    layers are in the arithmetic dtype), else per layer."""
+    wide = all(theta.dtype == dtype for theta in step.shards)
+    out = optimizer._workspace("d").get(step.params, step.shards) if wide else None
+    if out is None:
+        return _per_tensor_distances(optimizer, step, dtype)
+    torch._foreach_copy_(out, step.state_shards("w_avg"))
+    torch._foreach_sub_(out, step.shards)
+    return out
 
 
 @group_by_group_sums
@@ -266,33 +275,37 @@ def _triton_sums(optimizer: KOALAM, steps: list[GroupStep], device, dtype) -> li
     return triton_norms(optimizer, steps, device, dtype, averages=True)
 
 
-@group_by_group_update
-def _eager_update(optimizer: KOALAM, step: GroupStep, coefficients, ok, a: float, dtype) -> None:
-    """E33, E34, then E31's predict, on the formed ``H``, masked by ``ok``."""
-    jacobians = finite_mask(step.jacobians, ok, owned=step.weight_decay != 0)
-    us, averages = step.state_shards("u"), step.state_shards("w_avg")
-    foreach = step.backend is Backend.FOREACH
-    _update_layers(step.shards, jacobians, us, averages, coefficients, foreach)
-    _predict_weights(step.shards, us, ok, foreach, dtype, a)
+def _eager_update(update_layers: Callable, predict: Callable) -> Callable:
+    """The update pass of an eager backend: E33, E34 (``update_layers``), then E31's predict (``predict``), on the
+    formed ``H``, masked by ``ok``."""
+
+    @group_by_group_update
+    def update(optimizer: KOALAM, step: GroupStep, coefficients, ok, a: float, dtype) -> None:
+        jacobians = finite_mask(step.jacobians, ok, owned=step.weight_decay != 0)
+        us, averages = step.state_shards("u"), step.state_shards("w_avg")
+        update_layers(step.shards, jacobians, us, averages, coefficients)
+        take = ok.to(dtype)  # E31 for the layers stepped (their grad is not None): theta += u, u *= a
+        decay = torch.where(ok, a, torch.ones((), dtype=dtype, device=ok.device))
+        predict(step.shards, us, take, decay)
+
+    return update
 
 
-def _predict_weights(params, us, ok, foreach: bool, dtype, a: float) -> None:
-    """E31 for the layers stepped (their grad is not ``None``): ``theta += u``, ``u *= a``, masked by ``ok``."""
-    take = ok.to(dtype)
-    decay = torch.where(ok, a, torch.ones((), dtype=dtype, device=ok.device))
-    if foreach:
-        for (dev, _), ((p, u), _) in group_by_device_and_dtype([params, us]).items():
-            p_w, u_w = widen(p), widen(u)
-            torch._foreach_addcmul_(p_w, u_w, [take.to(dev)] * len(p_w))
-            torch._foreach_mul_(u_w, decay.to(dev))
-            write_back(p, p_w)
-            write_back(u, u_w)
-    else:
-        for p, u in zip(params, us):
-            p_w, u_w = widen([p, u])
-            p_w.addcmul_(u_w, take.to(p.device))
-            u_w.mul_(decay.to(p.device))
-            write_back([p, u], [p_w, u_w])
+def _per_tensor_predict(params, us, take, decay) -> None:
+    for p, u in zip(params, us):
+        p_w, u_w = widen([p, u])
+        p_w.addcmul_(u_w, take.to(p.device))
+        u_w.mul_(decay.to(p.device))
+        write_back([p, u], [p_w, u_w])
+
+
+def _foreach_predict(params, us, take, decay) -> None:
+    for (dev, _), ((p, u), _) in group_by_device_and_dtype([params, us]).items():
+        p_w, u_w = widen(p), widen(u)
+        torch._foreach_addcmul_(p_w, u_w, [take.to(dev)] * len(p_w))
+        torch._foreach_mul_(u_w, decay.to(dev))
+        write_back(p, p_w)
+        write_back(u, u_w)
 
 
 @group_by_group_update
@@ -314,17 +327,19 @@ def _predict_covariance(covariance, qw_avg, distance, hp):
     return qw_avg, transition @ covariance @ transition.T + noise
 
 
-def _update_layers(params, jacobians, us, averages, coefficients, foreach: bool) -> None:
-    """E33 and E34: ``theta -= k1 H``, ``u -= k2 H``, ``w_avg = 0.9 w_avg + 0.1 theta`` (masked)."""
-    if not foreach:
-        for i, (p, h, u, w) in enumerate(zip(params, jacobians, us, averages)):
-            c = coefficients[i].to(p.device).unbind()
-            p_w, h_w, u_w, w_w = widen([p, h, u, w])
-            p_w.addcmul_(h_w, c[STEP_THETA])
-            u_w.addcmul_(h_w, c[STEP_U])
-            w_w.mul_(c[KEEP_AVG]).addcmul_(p_w, c[TAKE_THETA])
-            write_back([p, u, w], [p_w, u_w, w_w])
-        return
+def _per_tensor_layers(params, jacobians, us, averages, coefficients) -> None:
+    """E33 and E34 one layer at a time: ``theta -= k1 H``, ``u -= k2 H``, ``w_avg = 0.9 w_avg + 0.1 theta`` (masked)."""
+    for i, (p, h, u, w) in enumerate(zip(params, jacobians, us, averages)):
+        c = coefficients[i].to(p.device).unbind()
+        p_w, h_w, u_w, w_w = widen([p, h, u, w])
+        p_w.addcmul_(h_w, c[STEP_THETA])
+        u_w.addcmul_(h_w, c[STEP_U])
+        w_w.mul_(c[KEEP_AVG]).addcmul_(p_w, c[TAKE_THETA])
+        write_back([p, u, w], [p_w, u_w, w_w])
+
+
+def _foreach_layers(params, jacobians, us, averages, coefficients) -> None:
+    """E33 and E34 with multi-tensor ops, one call per (device, dtype) bucket (masked)."""
     for (device, _), ((p, h, u, w), indices) in group_by_device_and_dtype([params, jacobians, us, averages]).items():
         c = [list(column.unbind()) for column in coefficients[indices].to(device).T]
         p_w, h_w, u_w, w_w = (widen(t) for t in (p, h, u, w))
@@ -342,7 +357,8 @@ def _triton_update(optimizer: KOALAM, steps: list[GroupStep], coefficients, ok, 
 
 
 # The passes of each backend (koala_hf.optim.dispatch chooses the backend).
-SUMS = {Backend.PER_TENSOR: _eager_sums, Backend.FOREACH: _eager_sums, Backend.FUSED_CPU: _cpu_sums,
-        Backend.TRITON: _triton_sums}
-UPDATES = {Backend.PER_TENSOR: _eager_update, Backend.FOREACH: _eager_update, Backend.FUSED_CPU: _cpu_update,
-           Backend.TRITON: _triton_update}
+SUMS = {Backend.PER_TENSOR: _eager_sums(_per_tensor_distances), Backend.FOREACH: _eager_sums(_foreach_distances),
+        Backend.FUSED_CPU: _cpu_sums, Backend.TRITON: _triton_sums}
+UPDATES = {Backend.PER_TENSOR: _eager_update(_per_tensor_layers, _per_tensor_predict),
+           Backend.FOREACH: _eager_update(_foreach_layers, _foreach_predict),
+           Backend.FUSED_CPU: _cpu_update, Backend.TRITON: _triton_update}

@@ -16,7 +16,7 @@ every layer's products (koala_hf.optim.sharding).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -250,7 +250,8 @@ def kalman_coefficients(products, filters, *, loss, noise, ok, lr, sigma, q, wei
 # --------------------------------------------------------------- reduction pass
 @group_by_group_sums
 def _eager_products(optimizer, step: GroupStep, device, dtype) -> torch.Tensor:
-    """``[n_layers, 4]`` rows of :func:`layer_products` from the formed ``H`` (per-tensor and foreach)."""
+    """``[n_layers, 4]`` rows of :func:`layer_products` from the formed ``H``: the reduction of both eager
+    backends (per-tensor and foreach: torch has no multi-tensor dot product)."""
     vs, h_prevs = step.state_shards("v"), step.state_shards("H_prev")
     return torch.stack([layer_products(p, h, h_prev, v, step.weight_decay)
                         for p, h, v, h_prev in zip(step.shards, step.jacobians, vs, h_prevs)])
@@ -275,14 +276,18 @@ def _triton_products(optimizer, steps: list[GroupStep], device, dtype) -> list[t
 
 
 # ------------------------------------------------------------------ update pass
-@group_by_group_update
-def _eager_update(optimizer, step: GroupStep, coefficients: torch.Tensor, ok: torch.Tensor) -> None:
-    """E14, E16, E17 on the formed ``H``: skipped where ``ok`` reads back for free, else masked."""
-    if skipped_on_host(ok):
-        return
-    jacobians = finite_mask(step.jacobians, ok, owned=step.weight_decay != 0)
-    update = _foreach_update if step.backend is Backend.FOREACH else _single_tensor_update
-    update(step.shards, jacobians, step.state_shards("v"), step.state_shards("H_prev"), coefficients)
+def _eager_update(layers_update: Callable) -> Callable:
+    """The update pass of an eager backend: E14, E16, E17 on the formed ``H`` by ``layers_update`` (one layer at a
+    time, or multi-tensor), skipped where ``ok`` reads back for free, else masked."""
+
+    @group_by_group_update
+    def update(optimizer, step: GroupStep, coefficients: torch.Tensor, ok: torch.Tensor) -> None:
+        if skipped_on_host(ok):
+            return
+        jacobians = finite_mask(step.jacobians, ok, owned=step.weight_decay != 0)
+        layers_update(step.shards, jacobians, step.state_shards("v"), step.state_shards("H_prev"), coefficients)
+
+    return update
 
 
 @group_by_group_update
@@ -330,5 +335,5 @@ def _foreach_update(params, jacobians, vs, h_prevs, coefficients):
 # The passes of each backend (koala_hf.optim.dispatch chooses the backend).
 REDUCTIONS = {Backend.PER_TENSOR: _eager_products, Backend.FOREACH: _eager_products,
               Backend.FUSED_CPU: _cpu_products, Backend.TRITON: _triton_products}
-UPDATES = {Backend.PER_TENSOR: _eager_update, Backend.FOREACH: _eager_update,
+UPDATES = {Backend.PER_TENSOR: _eager_update(_single_tensor_update), Backend.FOREACH: _eager_update(_foreach_update),
            Backend.FUSED_CPU: _cpu_update, Backend.TRITON: _triton_update}

@@ -142,15 +142,19 @@ def _cpu_norms(optimizer, step: GroupStep, device, dtype) -> torch.Tensor:
 
 
 @group_by_group_update
-def _eager_update(optimizer, step: GroupStep, steps: torch.Tensor, ok: torch.Tensor) -> None:
-    """``theta += step * H`` per layer (E21), per tensor or with multi-tensor ops, masked by ``ok``."""
+def _per_tensor_update(optimizer, step: GroupStep, steps: torch.Tensor, ok: torch.Tensor) -> None:
+    """``theta += step * H`` one layer at a time (E21), masked by ``ok``."""
     jacobians = finite_mask(step.jacobians, ok, owned=step.weight_decay != 0)
-    if step.backend is Backend.PER_TENSOR:
-        for p, h, factor in zip(step.shards, jacobians, steps.unbind()):
-            p_w, h_w = widen([p, h])
-            p_w.addcmul_(h_w, factor.to(p.device))
-            write_back([p], [p_w])
-        return
+    for p, h, factor in zip(step.shards, jacobians, steps.unbind()):
+        p_w, h_w = widen([p, h])
+        p_w.addcmul_(h_w, factor.to(p.device))
+        write_back([p], [p_w])
+
+
+@group_by_group_update
+def _foreach_update(optimizer, step: GroupStep, steps: torch.Tensor, ok: torch.Tensor) -> None:
+    """``theta += step * H`` with multi-tensor ops, one call per (device, dtype) bucket (E21), masked by ``ok``."""
+    jacobians = finite_mask(step.jacobians, ok, owned=step.weight_decay != 0)
     for (device, _), ((p, h), indices) in group_by_device_and_dtype([step.shards, jacobians]).items():
         p_w, h_w = widen(p), widen(h)
         torch._foreach_addcmul_(p_w, h_w, list(steps[indices].to(device).unbind()))
@@ -173,5 +177,5 @@ def _triton_update(optimizer, steps: list[GroupStep], layer_steps: list[torch.Te
 # The passes of each backend (koala_hf.optim.dispatch chooses the backend).
 NORMS = {Backend.PER_TENSOR: _eager_norms, Backend.FOREACH: _eager_norms, Backend.FUSED_CPU: _cpu_norms,
          Backend.TRITON: triton_norms}
-UPDATES = {Backend.PER_TENSOR: _eager_update, Backend.FOREACH: _eager_update, Backend.FUSED_CPU: _cpu_update,
+UPDATES = {Backend.PER_TENSOR: _per_tensor_update, Backend.FOREACH: _foreach_update, Backend.FUSED_CPU: _cpu_update,
            Backend.TRITON: _triton_update}
