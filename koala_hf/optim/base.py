@@ -28,6 +28,7 @@ import warnings
 from typing import Callable
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from koala_hf.measurement import LossMeasurement
 from koala_hf.optim import checkpoint, dispatch
@@ -149,7 +150,7 @@ class KoalaOptimizer(torch.optim.Optimizer):
         for p in group["params"]:
             if torch.is_complex(p):
                 raise ValueError(f"{type(self).__name__} does not support complex parameters; use torch.view_as_real")
-            check_parameter(p, type(self).__name__)
+        self.check_new_parameters(group["params"])
         self.check_group(group)
         first = self.param_groups[0]
         for name in self.shared_hyperparameters:
@@ -160,6 +161,16 @@ class KoalaOptimizer(torch.optim.Optimizer):
                 )
         if FILTER_STATE in self.state:  # a group added after steps starts from R_0 = 1 (E2)
             checkpoint.extend_noise_estimates(self.state[FILTER_STATE], len(self.param_groups))
+
+    def check_new_parameters(self, params) -> None:
+        """:func:`~koala_hf.optim.sharding.check_parameter` once for each parameter this optimizer has not seen:
+        at ``add_param_group``, and at a step for parameters swapped in since (accelerate's FSDP2 preparation
+        replaces them by their shards). The parameters checked are held weakly (``_checked_parameters``)."""
+        checked = self.__dict__.setdefault("_checked_parameters", WeakIdKeyDictionary())
+        for p in params:
+            if p not in checked:
+                check_parameter(p, type(self).__name__)
+                checked[p] = True
 
     def shared(self, name: str):
         """A hyperparameter of the filter as a whole (``shared_hyperparameters``), read from the first group."""

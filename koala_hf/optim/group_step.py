@@ -19,7 +19,7 @@ import torch
 from koala_hf.optim import dispatch
 from koala_hf.optim.dispatch import Backend
 from koala_hf.optim.layers import measurement_jacobians
-from koala_hf.optim.sharding import check_parameter, local, reduce_sums, sharding_group
+from koala_hf.optim.sharding import local, reduce_sums, sharding_group
 
 
 @dataclass
@@ -57,8 +57,8 @@ def gather(optimizer) -> list[GroupStep]:
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             continue
+        optimizer.check_new_parameters(params)  # parameters swapped in after construction (accelerate's FSDP2)
         for p in params:
-            check_parameter(p, name)  # parameters swapped in after construction (accelerate's FSDP2 preparation)
             if p.grad.is_sparse:
                 raise RuntimeError(f"{name} does not support sparse gradients")
             if torch.is_complex(p.grad):

@@ -152,6 +152,7 @@ class KOALAM(KoalaOptimizer):
         for p in params:
             self._layer_state(p)
         stepped = [p for p in params if p.grad is not None] or params  # E30's distance: the parameters stepped
+        self.check_new_parameters(stepped)  # before this first collective
         local_sum = sum(dot(local(p), local(p), options["dtype"]).to(options["device"]) for p in stepped)
         theta_sq = reduce_sums(local_sum.reshape(1), sharding_group(stepped, type(self).__name__))[0]
         qw_avg = torch.full((), float(hp["qw"]), **options)

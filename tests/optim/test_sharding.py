@@ -63,3 +63,25 @@ def test_other_placements_and_mixed_parameters_are_refused_saying_what_is_suppor
         check_parameter(dtensor(mesh, "replicate"), "K")
     with pytest.raises(ValueError, match="left out of FSDP2 sharding.*Supported"):
         sharding_group([dtensor(mesh, "shard"), torch.zeros(2)], "K")
+
+
+@pytest.mark.parametrize("variant", ["koala++", "koala-v", "koala-m"])
+def test_each_parameter_is_checked_once_also_one_swapped_in_after_construction(variant, monkeypatch):
+    """check_parameter runs at add_param_group and, for a parameter swapped in since (accelerate's FSDP2
+    preparation replaces parameters by their shards), at its first step; not again at every step."""
+    from koala_hf import create_optimizer
+    from koala_hf.optim import base
+
+    checked = []
+    monkeypatch.setattr(base, "check_parameter", lambda p, name: checked.append(p))
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(2))]
+    optimizer = create_optimizer(variant, params, lr=0.1)
+    assert len(checked) == 2
+    swapped = torch.nn.Parameter(torch.randn(2))
+    optimizer.param_groups[0]["params"][1] = swapped
+    for _ in range(3):
+        for p in optimizer.param_groups[0]["params"]:
+            p.grad = torch.randn_like(p)
+        optimizer.observe(torch.tensor(1.0))
+        optimizer.step()
+    assert [id(p) for p in checked] == [id(params[0]), id(params[1]), id(swapped)]
