@@ -79,7 +79,7 @@ class KOALAM(KoalaOptimizer):
     filter_state_keys = ("P", "qw_avg")
     identifying_hyperparameters = ("sw", "sv", "a")
     shared_hyperparameters = ("sw", "sc", "sv", "a", "qw", "qv")
-    _carried_attributes = ("_measurement", "_training")
+    _carried_attributes = ("_measurement", "_mode_before_state")
 
     def __init__(
         self,
@@ -98,12 +98,17 @@ class KOALAM(KoalaOptimizer):
         foreach: bool | None = None,
         fused: bool | str | None = None,
     ) -> None:
-        self._training = True
+        self._mode_before_state = True  # training; the filter-wide state holds the mode once it exists (training)
         defaults = dict(
             lr=lr, sw=sw, sc=sc, sv=sv, a=a, qw=qw, qv=qv, r=r, alpha_r=alpha_r, noise=noise,
             weight_decay=weight_decay, foreach=foreach, fused=fused,
         )
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict) -> None:
+        if "_training" in state:  # pickled before 0.3, when the mode was also kept here
+            state["_mode_before_state"] = state.pop("_training")
+        super().__setstate__(state)
 
     def check_group(self, group: dict) -> None:
         super().check_group(group)
@@ -128,11 +133,18 @@ class KOALAM(KoalaOptimizer):
         """Parameters hold the posterior weights (evaluation, saving a model)."""
         self._set_mode(training=False)
 
+    @property
+    def training(self) -> bool:
+        """Whether the parameters hold the predicted weights (train mode) or the posterior ones (eval mode): kept
+        in the filter-wide state (saved with it), and before the first step, when both are the same weights, here."""
+        state = self.state.get(FILTER_STATE)
+        return self.__dict__.get("_mode_before_state", True) if state is None else bool(state["training"])
+
     @torch.no_grad()
     def _set_mode(self, training: bool) -> None:
         state = self.state.get(FILTER_STATE)
         if state is None:  # nothing predicted yet: the weights are the same in both modes
-            self._training = training
+            self._mode_before_state = training
             return
         if state["training"] == training:
             return
@@ -159,7 +171,7 @@ class KOALAM(KoalaOptimizer):
         distance = torch.sqrt(theta_sq) / sum(p.numel() for p in stepped)  # w_avg = 0, u = 0
         covariance = torch.tensor([[hp["sw"], hp["sc"]], [hp["sc"], hp["sv"]]], **options)
         qw_avg, covariance = _predict_covariance(covariance, qw_avg, distance, hp)
-        return {"P": covariance, "qw_avg": qw_avg, "training": self._training}
+        return {"P": covariance, "qw_avg": qw_avg, "training": self.__dict__.pop("_mode_before_state", True)}
 
     def _layer_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]

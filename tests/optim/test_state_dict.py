@@ -71,3 +71,23 @@ def test_loaded_state_moves_to_the_parameters_device(name):
         for tensor in value.values():
             if isinstance(tensor, torch.Tensor):
                 assert tensor.device.type == "meta", (key, tensor)
+
+
+def test_koala_ms_mode_is_kept_in_one_place_before_and_after_its_state_exists():
+    """Before the first step (predicted and posterior weights are the same) the mode is the optimizer's own; the
+    first step moves it into the filter-wide state, which saves and loads it; a pickled optimizer keeps it."""
+    import pickle
+
+    model = tiny_network(torch.float32)
+    optimizer = create_optimizer("koala-m", model.parameters())
+    optimizer.eval()
+    assert optimizer.training is False and pickle.loads(pickle.dumps(optimizer)).training is False
+    optimizer.train()
+    run(model, optimizer, regression_batches(2, dtype=torch.float32), torch.float32)
+    assert "_mode_before_state" not in optimizer.__dict__ and optimizer.state["koala"]["training"] is True
+    optimizer.eval()
+    assert optimizer.training is False and optimizer.state["koala"]["training"] is False
+    saved = optimizer.state_dict()
+    fresh = create_optimizer("koala-m", tiny_network(torch.float32).parameters())
+    fresh.load_state_dict(saved)
+    assert fresh.training is False
