@@ -91,8 +91,15 @@ class KoalaOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults: dict) -> None:
         self._measurement = LossMeasurement()
         self._warned_negative_loss = False
+        self._create_caches()
         super().__init__(params, defaults)
         self._install_checkpoint_hooks()
+
+    def _create_caches(self) -> None:
+        """What the optimizer keeps between steps that is not state (never saved; rebuilt after a load or pickle)."""
+        self._checked_parameters = WeakIdKeyDictionary()  # parameters check_parameter has accepted, held weakly
+        self._triton_layouts: dict = {}  # the Triton kernels' chunk layouts by the layers' sizes (triton_step.Layout)
+        self._workspaces: dict = {}  # the CPU foreach paths' reused temporaries by name (StepWorkspace)
 
     def _install_checkpoint_hooks(self) -> None:
         """The save hook (koala_hf.optim.checkpoint.pack); torch's hooks do not survive pickling, so again after it."""
@@ -108,6 +115,8 @@ class KoalaOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)  # also what load_state_dict installs the loaded groups with
         self.__dict__.setdefault("_measurement", LossMeasurement())
         self.__dict__.setdefault("_warned_negative_loss", False)
+        if "_triton_layouts" not in self.__dict__:  # unpickled: the caches are not carried
+            self._create_caches()
         for group in self.param_groups:  # groups saved before a hyperparameter existed get this optimizer's value
             for key in self.hyperparameter_names():
                 group.setdefault(key, self.defaults[key])
@@ -165,12 +174,11 @@ class KoalaOptimizer(torch.optim.Optimizer):
     def check_new_parameters(self, params) -> None:
         """:func:`~koala_hf.optim.sharding.check_parameter` once for each parameter this optimizer has not seen:
         at ``add_param_group``, and at a step for parameters swapped in since (accelerate's FSDP2 preparation
-        replaces them by their shards). The parameters checked are held weakly (``_checked_parameters``)."""
-        checked = self.__dict__.setdefault("_checked_parameters", WeakIdKeyDictionary())
+        replaces them by their shards)."""
         for p in params:
-            if p not in checked:
+            if p not in self._checked_parameters:
                 check_parameter(p, type(self).__name__)
-                checked[p] = True
+                self._checked_parameters[p] = True
 
     def shared(self, name: str):
         """A hyperparameter of the filter as a whole (``shared_hyperparameters``), read from the first group."""
@@ -323,10 +331,9 @@ class KoalaOptimizer(torch.optim.Optimizer):
     def _workspace(self, name: str) -> StepWorkspace:
         """The foreach paths' reused temporaries ``name`` (``"H"``, KOALA-M's ``"d"``) on the CPU; not state:
         never saved, rebuilt after a load."""
-        workspaces = self.__dict__.setdefault("_workspaces", {})
-        if name not in workspaces:
-            workspaces[name] = StepWorkspace()
-        return workspaces[name]
+        if name not in self._workspaces:
+            self._workspaces[name] = StepWorkspace()
+        return self._workspaces[name]
 
     def _device(self) -> torch.device:
         return self.param_groups[0]["params"][0].device

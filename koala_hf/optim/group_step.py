@@ -12,7 +12,7 @@ backend covers them in one launch).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -35,7 +35,6 @@ class GroupStep:
     backend: Backend
     jacobians: list[torch.Tensor] | None = None  # ``H = g + wd theta`` (E3) on the eager paths; fused kernels form it
     sums: torch.Tensor | None = field(default=None, repr=False)  # ``[n_layers, k]``, whole layers' after complete_sums
-    batch: object = field(default=None, repr=False)  # what a batching backend's reduction prepared for its update
 
     @property
     def weight_decay(self) -> float:
@@ -99,20 +98,42 @@ def _by_backend(steps: list[GroupStep]) -> dict[Backend, list[int]]:
     return indices
 
 
-def reduce_by_backend(optimizer, steps: list[GroupStep], passes: dict[Backend, Callable], device, dtype) -> list[torch.Tensor]:
-    """Each group's local ``[n_layers, k]`` sums in ``device`` and ``dtype``: ``passes[backend](optimizer, steps,
-    device, dtype)`` called once per backend with its groups, in order."""
+class Prepared(NamedTuple):
+    """What a batching backend's reduction returns: its groups' sums, and what it prepared for its update (the
+    Triton kernels' ``StepBatch``: address tables, copies, buckets), handed on explicitly."""
+
+    sums: list[torch.Tensor]
+    plan: object
+
+
+class Reduction(NamedTuple):
+    """A step's reduction: each group's local ``[n_layers, k]`` sums, and each batching backend's plan."""
+
+    sums: list[torch.Tensor]
+    plans: dict[Backend, object]
+
+
+def reduce_by_backend(optimizer, steps: list[GroupStep], passes: dict[Backend, Callable], device, dtype) -> Reduction:
+    """Each group's local sums in ``device`` and ``dtype``: ``passes[backend](optimizer, steps, device, dtype)``
+    called once per backend with its groups, in order; a pass may return :class:`Prepared` with its plan."""
     sums: list = [None] * len(steps)
+    plans: dict[Backend, object] = {}
     for backend, indices in _by_backend(steps).items():
-        for i, result in zip(indices, passes[backend](optimizer, [steps[i] for i in indices], device, dtype)):
-            sums[i] = result.to(device, dtype)
-    return sums
+        result = passes[backend](optimizer, [steps[i] for i in indices], device, dtype)
+        if isinstance(result, Prepared):
+            result, plans[backend] = result.sums, result.plan
+        for i, group_sums in zip(indices, result):
+            sums[i] = group_sums.to(device, dtype)
+    return Reduction(sums, plans)
 
 
-def update_by_backend(optimizer, steps: list[GroupStep], passes: dict[Backend, Callable], coefficients: list, ok, *extra) -> None:
-    """``passes[backend](optimizer, steps, coefficients, ok, *extra)`` once per backend with its groups and theirs."""
+def update_by_backend(optimizer, steps: list[GroupStep], passes: dict[Backend, Callable], coefficients: list, ok,
+                      plans: dict[Backend, object], *extra) -> None:
+    """``passes[backend](optimizer, steps, coefficients, ok, plan, *extra)`` once per backend with its groups and
+    theirs, ``plan`` what its reduction prepared (``None`` for a backend that prepares nothing)."""
     for backend, indices in _by_backend(steps).items():
-        passes[backend](optimizer, [steps[i] for i in indices], [coefficients[i] for i in indices], ok, *extra)
+        passes[backend](optimizer, [steps[i] for i in indices], [coefficients[i] for i in indices], ok,
+                        plans.get(backend), *extra)
 
 
 def group_by_group_sums(one_group: Callable) -> Callable:
@@ -127,7 +148,7 @@ def group_by_group_sums(one_group: Callable) -> Callable:
 def group_by_group_update(one_group: Callable) -> Callable:
     """An update written for one group, ``(optimizer, step, coefficients, ok, *extra)``, in the list form."""
 
-    def every_group(optimizer, steps, coefficients, ok, *extra):
+    def every_group(optimizer, steps, coefficients, ok, plan, *extra):  # an eager or C++ pass prepares no plan
         for step, group_coefficients in zip(steps, coefficients):
             one_group(optimizer, step, group_coefficients, ok, *extra)
 

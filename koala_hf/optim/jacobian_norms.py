@@ -7,7 +7,7 @@ import torch
 
 from koala_hf.optim import triton_step
 from koala_hf.optim.cpu_kernels import cpu_kernels
-from koala_hf.optim.group_step import GroupStep
+from koala_hf.optim.group_step import GroupStep, Prepared
 from koala_hf.optim.layers import bucketed_rows, dot
 
 
@@ -37,7 +37,5 @@ def triton_norms(optimizer, steps: list[GroupStep], device, dtype, averages: boo
     layers = [list(zip(s.shards, s.grads, s.state_shards("w_avg"), s.state_shards("u"))) if averages
               else list(zip(s.shards, s.grads)) for s in steps]
     batch = triton_step.StepBatch(layers, [s.weight_decay for s in steps],
-                                     optimizer.__dict__.setdefault("_triton_layouts", {}))
-    for step in steps:
-        step.batch = batch
-    return batch.sums(4 if averages else 2, "jacobian_partials", device, dtype, K=4 if averages else 2)
+                                     optimizer._triton_layouts)
+    return Prepared(batch.sums(4 if averages else 2, "jacobian_partials", device, dtype, K=4 if averages else 2), batch)

@@ -190,8 +190,8 @@ class KOALAM(KoalaOptimizer):
         device, dtype = loss.device, loss.dtype
         covariance = state["P"]
         steps = gather(self)
-        sums = reduce_by_backend(self, steps, SUMS, device, dtype)
-        ok = complete_sums(steps, sums, ok, type(self).__name__)
+        reduction = reduce_by_backend(self, steps, SUMS, device, dtype)
+        ok = complete_sums(steps, reduction.sums, ok, type(self).__name__)
 
         information = [torch.zeros(1, dtype=dtype, device=device)]  # ||H||^2 / S of updated layers (E35)
         distance_sq = torch.zeros((), dtype=dtype, device=device)
@@ -204,7 +204,7 @@ class KOALAM(KoalaOptimizer):
             distance_sq = distance_sq + result.distance_sq
             n_params += sum(p.numel() for p in step.params)
             coefficients.append(result.coefficients)
-        update_by_backend(self, steps, UPDATES, coefficients, ok, self.shared("a"), dtype)
+        update_by_backend(self, steps, UPDATES, coefficients, ok, reduction.plans, self.shared("a"), dtype)
 
         h = torch.cat(information).max()  # E35
         column = covariance[:, 0]
@@ -364,9 +364,9 @@ def _foreach_layers(params, jacobians, us, averages, coefficients) -> None:
             write_back(originals, copies)
 
 
-def _triton_update(optimizer: KOALAM, steps: list[GroupStep], coefficients, ok, a: float, dtype) -> None:
+def _triton_update(optimizer: KOALAM, steps: list[GroupStep], coefficients, ok, batch, a: float, dtype) -> None:
     """E33, E34 and E31's predict: one launch per dtype for the layers of every group, masked by ``ok``."""
-    steps[0].batch.update("koala_m_update", coefficients, ok, (0, 2, 3), a)  # writes theta, w_avg, u
+    batch.update("koala_m_update", coefficients, ok, (0, 2, 3), a)  # writes theta, w_avg, u
 
 
 # The passes of each backend (koala_hf.optim.dispatch chooses the backend).

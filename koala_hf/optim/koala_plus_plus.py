@@ -30,6 +30,7 @@ from koala_hf.optim.group_step import (
     gather,
     group_by_group_sums,
     group_by_group_update,
+    Prepared,
     reduce_by_backend,
     update_by_backend,
 )
@@ -158,8 +159,8 @@ class KOALAPlusPlus(KoalaOptimizer):
 
     def _update(self, loss, noise, ok):
         steps = gather(self)
-        products = reduce_by_backend(self, steps, REDUCTIONS, loss.device, loss.dtype)
-        ok = complete_sums(steps, products, ok, type(self).__name__)  # whole layers': one collective under FSDP2
+        reduction = reduce_by_backend(self, steps, REDUCTIONS, loss.device, loss.dtype)
+        ok = complete_sums(steps, reduction.sums, ok, type(self).__name__)  # whole layers': one collective under FSDP2
         coefficients, filters = [], []
         for step in steps:
             group = step.group
@@ -171,7 +172,7 @@ class KOALAPlusPlus(KoalaOptimizer):
             )
             coefficients.append(result.coefficients)
             filters.append((layer_filters, result.filters))
-        update_by_backend(self, steps, UPDATES, coefficients, ok)
+        update_by_backend(self, steps, UPDATES, coefficients, ok, reduction.plans)
         for layer_filters, new_filters in filters:
             torch._foreach_copy_(layer_filters, list(new_filters.unbind(0)))
         return ok
@@ -265,14 +266,13 @@ def _cpu_products(optimizer, step: GroupStep, device, dtype) -> torch.Tensor:
                          lambda p, g, hp, v: kernels.koala_plus_plus_products(p, g, hp, v, step.weight_decay))
 
 
-def _triton_products(optimizer, steps: list[GroupStep], device, dtype) -> list[torch.Tensor]:
-    """A reduction and a combination launch per dtype for the layers of every group (koala_hf.optim.triton_kernels)."""
+def _triton_products(optimizer, steps: list[GroupStep], device, dtype) -> Prepared:
+    """A reduction and a combination launch per dtype for the layers of every group (koala_hf.optim.triton_kernels);
+    the batch (address tables, copies) is the plan the update uses."""
     batch = triton_step.StepBatch(
         [list(zip(s.shards, s.grads, s.state_shards("H_prev"), s.state_shards("v"))) for s in steps],
-        [s.weight_decay for s in steps], optimizer.__dict__.setdefault("_triton_layouts", {}))
-    for step in steps:
-        step.batch = batch
-    return batch.sums(4, "koala_plus_plus_partials", device, dtype)
+        [s.weight_decay for s in steps], optimizer._triton_layouts)
+    return Prepared(batch.sums(4, "koala_plus_plus_partials", device, dtype), batch)
 
 
 # ------------------------------------------------------------------ update pass
@@ -299,9 +299,9 @@ def _cpu_update(optimizer, step: GroupStep, coefficients: torch.Tensor, ok: torc
         kernels.koala_plus_plus_update(p, g, v, hp, coefficients[indices].cpu(), ok.cpu(), step.weight_decay)
 
 
-def _triton_update(optimizer, steps: list[GroupStep], coefficients: list[torch.Tensor], ok: torch.Tensor) -> None:
+def _triton_update(optimizer, steps: list[GroupStep], coefficients: list[torch.Tensor], ok: torch.Tensor, batch) -> None:
     """One launch per dtype for the layers of every group, masked by ``ok`` on the device."""
-    steps[0].batch.update("koala_plus_plus_update", coefficients, ok, (0, 2, 3))  # writes theta, H_prev, v
+    batch.update("koala_plus_plus_update", coefficients, ok, (0, 2, 3))  # writes theta, H_prev, v
 
 
 def _single_tensor_update(params, jacobians, vs, h_prevs, coefficients):

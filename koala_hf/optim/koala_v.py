@@ -97,8 +97,8 @@ class KOALAV(KoalaOptimizer):
         device, dtype = loss.device, loss.dtype
         p_hat = state["P"] + self.shared("q")  # E20
         steps = gather(self)
-        norms = reduce_by_backend(self, steps, NORMS, device, dtype)
-        ok = complete_sums(steps, norms, ok, type(self).__name__)
+        reduction = reduce_by_backend(self, steps, NORMS, device, dtype)
+        ok = complete_sums(steps, reduction.sums, ok, type(self).__name__)
 
         information, layer_steps = [], []  # ||H||^2 / s of every updated layer, for E22
         for step in steps:
@@ -109,7 +109,7 @@ class KOALAV(KoalaOptimizer):
             previous = torch.stack([layer["information"] for layer in step.states]).to(device, dtype)
             for layer, value in zip(step.states, torch.where(ok, result.information, previous).unbind()):
                 layer["information"] = value  # a skipped step keeps the last one
-        update_by_backend(self, steps, UPDATES, layer_steps, ok)
+        update_by_backend(self, steps, UPDATES, layer_steps, ok, reduction.plans)
 
         if information:
             p_new = p_hat - p_hat * p_hat * torch.cat(information).max()  # E22
@@ -169,9 +169,9 @@ def _cpu_update(optimizer, step: GroupStep, steps: torch.Tensor, ok: torch.Tenso
         kernels.koala_v_update(p, g, steps[indices].cpu(), ok.cpu(), step.weight_decay)
 
 
-def _triton_update(optimizer, steps: list[GroupStep], layer_steps: list[torch.Tensor], ok: torch.Tensor) -> None:
+def _triton_update(optimizer, steps: list[GroupStep], layer_steps: list[torch.Tensor], ok: torch.Tensor, batch) -> None:
     """One launch per dtype for the layers of every group, masked by ``ok`` on the device."""
-    steps[0].batch.update("koala_v_update", layer_steps, ok, (0,))
+    batch.update("koala_v_update", layer_steps, ok, (0,))
 
 
 # The passes of each backend (koala_hf.optim.dispatch chooses the backend).
