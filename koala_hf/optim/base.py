@@ -268,24 +268,24 @@ class KoalaOptimizer(torch.optim.Optimizer):
         mean_loss = mean_loss.to(device=state["R"].device, dtype=state["R"].dtype)
         noise_measurement = noise_measurement.to(device=state["R"].device, dtype=state["R"].dtype)
 
-        previous_noise = state["R"]
-        noise = noise_estimates(self.param_groups, previous_noise, noise_measurement, mean_loss)  # E2
+        previous_estimates = state["R"]
+        estimates = noise_estimates(self.param_groups, previous_estimates, noise_measurement, mean_loss)  # E2
         negative = mean_loss < 0  # E1 measures against a target of 0: a negative loss would climb
-        finite = torch.isfinite(mean_loss) & torch.isfinite(noise_measurement) & ~negative
-        ok = self._update(mean_loss, noise, finite)
+        ok = torch.isfinite(mean_loss) & torch.isfinite(noise_measurement) & ~negative  # the step may be taken
+        ok = self._update(mean_loss, estimates, ok)  # and was: narrowed where the sums are not finite
         # The learning rates this step applied, for diagnostics() read after a scheduler has moved them on.
         self._applied_lrs = [group["lr"].clone() if isinstance(group["lr"], torch.Tensor) else group["lr"]
                              for group in self.param_groups]
 
-        state["R"] = torch.where(ok, noise, previous_noise)
+        state["R"] = torch.where(ok, estimates, previous_estimates)
         state["skipped_steps"].add_(~ok)
         state["negative_loss_steps"].add_(negative)
         state["step"].add_(ok)  # steps taken; skipped ones are counted apart
         state["loss"] = torch.where(ok, mean_loss, state["loss"])
         return loss
 
-    def _update(self, loss: torch.Tensor, noise: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-        """Apply one step; ``noise[i]`` is ``R_k`` of group ``i``. Return the device flag "step taken"."""
+    def _update(self, loss: torch.Tensor, noise_estimates: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+        """Apply one step; ``noise_estimates[i]`` is ``R_k`` of group ``i``. Return the device flag "step taken"."""
         raise NotImplementedError
 
     def _is_state_initialisation(self) -> bool:

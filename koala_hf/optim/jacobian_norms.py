@@ -31,11 +31,10 @@ def cpu_norms(step: GroupStep, device: torch.device, dtype: torch.dtype, average
     return norms
 
 
-def triton_norms(optimizer, steps: list[GroupStep], device, dtype, averages: bool = False) -> list[torch.Tensor]:
+def triton_norms(optimizer, group_steps: list[GroupStep], device, dtype, averages: bool = False) -> Prepared:
     """The Triton kernels for every group at once (a reduction and a combination launch per dtype); with
     ``averages``, KOALA-M's ``[d.d, d.H]`` too. The tables' lists: theta, g, w_avg, u (KOALA-M) or theta, g."""
     layers = [list(zip(s.shards, s.grads, s.state_shards("w_avg"), s.state_shards("u"))) if averages
-              else list(zip(s.shards, s.grads)) for s in steps]
-    batch = triton_step.StepBatch(layers, [s.weight_decay for s in steps],
-                                     optimizer._triton_layouts)
+              else list(zip(s.shards, s.grads)) for s in group_steps]
+    batch = triton_step.StepBatch(layers, [s.weight_decay for s in group_steps], optimizer._triton_layouts)
     return Prepared(batch.sums(4 if averages else 2, "jacobian_partials", device, dtype, K=4 if averages else 2), batch)

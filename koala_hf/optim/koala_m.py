@@ -16,6 +16,7 @@ from koala_hf.optim.group_step import (
     gather,
     group_by_group_sums,
     group_by_group_update,
+    Prepared,
     reduce_by_backend,
     update_by_backend,
 )
@@ -159,7 +160,7 @@ class KOALAM(KoalaOptimizer):
     # ---------------------------------------------------------------- state
     def _init_filter_state(self, options: dict) -> dict:
         """At the first step: every layer's ``u`` and ``w_avg``, and the first call's predict (E30, E32)."""
-        hp = {name: self.shared(name) for name in self.shared_hyperparameters}
+        shared = {name: self.shared(name) for name in self.shared_hyperparameters}
         params = [p for group in self.param_groups for p in group["params"]]
         for p in params:
             self._layer_state(p)
@@ -167,10 +168,10 @@ class KOALAM(KoalaOptimizer):
         self.check_new_parameters(stepped)  # before this first collective
         local_sum = sum(dot(local(p), local(p), options["dtype"]).to(options["device"]) for p in stepped)
         theta_sq = reduce_sums(local_sum.reshape(1), sharding_group(stepped, type(self).__name__))[0]
-        qw_avg = torch.full((), float(hp["qw"]), **options)
+        qw_avg = torch.full((), float(shared["qw"]), **options)
         distance = torch.sqrt(theta_sq) / sum(p.numel() for p in stepped)  # w_avg = 0, u = 0
-        covariance = torch.tensor([[hp["sw"], hp["sc"]], [hp["sc"], hp["sv"]]], **options)
-        qw_avg, covariance = _predict_covariance(covariance, qw_avg, distance, hp)
+        covariance = torch.tensor([[shared["sw"], shared["sc"]], [shared["sc"], shared["sv"]]], **options)
+        qw_avg, covariance = _predict_covariance(covariance, qw_avg, distance, shared)
         return {"P": covariance, "qw_avg": qw_avg, "training": self.__dict__.pop("_mode_before_state", True)}
 
     def _layer_state(self, p: torch.Tensor) -> dict:
@@ -183,35 +184,35 @@ class KOALAM(KoalaOptimizer):
     def _signals(self, state: dict) -> dict:
         return {"koala/P_weights": state["P"][0, 0], "koala/P_velocity": state["P"][1, 1], "koala/qw_avg": state["qw_avg"]}
 
-    def _update(self, loss, noise, ok):
+    def _update(self, loss, noise_estimates, ok):
         state = self._filter_state()
         if not state["training"]:
             raise RuntimeError("KOALAM.step() was called in eval mode; call optimizer.train() first")
         device, dtype = loss.device, loss.dtype
         covariance = state["P"]
-        steps = gather(self)
-        reduction = reduce_by_backend(self, steps, SUMS, device, dtype)
-        ok = complete_sums(steps, reduction.sums, ok, type(self).__name__)
+        group_steps = gather(self)
+        reduction = reduce_by_backend(self, group_steps, SUMS, device, dtype)
+        ok = complete_sums(group_steps, reduction.sums, ok, type(self).__name__)
 
         information = [torch.zeros(1, dtype=dtype, device=device)]  # ||H||^2 / S of updated layers (E35)
         distance_sq = torch.zeros((), dtype=dtype, device=device)
         n_params = 0
         coefficients = []
-        for step in steps:
-            result = koala_m_coefficients(step.sums, covariance, loss=loss, noise=noise[step.index], ok=ok,
+        for step in group_steps:
+            result = koala_m_coefficients(step.sums, covariance, loss=loss, r_k=noise_estimates[step.index], ok=ok,
                                           lr=step.group["lr"], weight_decay=step.weight_decay)
             information.append(result.information)
             distance_sq = distance_sq + result.distance_sq
             n_params += sum(p.numel() for p in step.params)
             coefficients.append(result.coefficients)
-        update_by_backend(self, steps, UPDATES, coefficients, ok, reduction.plans, self.shared("a"), dtype)
+        update_by_backend(self, group_steps, UPDATES, coefficients, ok, reduction.plans, self.shared("a"), dtype)
 
         h = torch.cat(information).max()  # E35
         column = covariance[:, 0]
         posterior = covariance - h * torch.outer(column, column)  # E36
         distance = torch.sqrt(torch.where(ok, distance_sq, 0.0)) / max(n_params, 1)
-        hp = {name: self.shared(name) for name in self.shared_hyperparameters}
-        qw_avg, predicted = _predict_covariance(posterior, state["qw_avg"], distance, hp)
+        shared = {name: self.shared(name) for name in self.shared_hyperparameters}
+        qw_avg, predicted = _predict_covariance(posterior, state["qw_avg"], distance, shared)
         state["P"] = torch.where(ok, predicted, covariance)
         state["qw_avg"] = torch.where(ok, qw_avg, state["qw_avg"])
         return ok
@@ -222,11 +223,11 @@ class KoalaMCoefficients(NamedTuple):
     distance_sq: torch.Tensor  # sum over the layers of ||w_avg - theta||^2 after the update (E30)
 
 
-def koala_m_coefficients(sums, covariance, *, loss, noise, ok, lr, weight_decay) -> KoalaMCoefficients:
+def koala_m_coefficients(sums, covariance, *, loss, r_k, ok, lr, weight_decay) -> KoalaMCoefficients:
     """E33-E35 for a batch of layers from their ``[n, 4]`` rows ``[||H||^2, ||theta||^2, d.d, d.H]``, with
     ``d = w_avg - theta`` before the update (pure, on the device)."""
     hh, theta_sq, dd, dh = sums.unbind(-1)
-    s = hh * covariance[0, 0] + noise  # E33
+    s = hh * covariance[0, 0] + r_k  # E33
     scale = lr * (loss + 0.5 * weight_decay * theta_sq) / s
     k1, k2 = scale * covariance[0, 0], scale * covariance[1, 0]
     update = ok & (hh >= MIN_JACOBIAN_NORM**2) & (s > 0) & torch.isfinite(k1) & torch.isfinite(k2)
@@ -284,8 +285,8 @@ def _cpu_sums(optimizer: KOALAM, step: GroupStep, device, dtype) -> torch.Tensor
     return cpu_norms(step, device, dtype, averages=step.state_shards("w_avg"))
 
 
-def _triton_sums(optimizer: KOALAM, steps: list[GroupStep], device, dtype) -> list[torch.Tensor]:
-    return triton_norms(optimizer, steps, device, dtype, averages=True)
+def _triton_sums(optimizer: KOALAM, group_steps: list[GroupStep], device, dtype) -> Prepared:
+    return triton_norms(optimizer, group_steps, device, dtype, averages=True)
 
 
 def _eager_update(update_layers: Callable, predict: Callable) -> Callable:
@@ -330,14 +331,14 @@ def _cpu_update(optimizer: KOALAM, step: GroupStep, coefficients, ok, a: float, 
         kernels.koala_m_update(p, g, u, w, coefficients[indices].cpu(), ok.cpu(), a, step.weight_decay)
 
 
-def _predict_covariance(covariance, qw_avg, distance, hp):
+def _predict_covariance(covariance, qw_avg, distance, shared: dict):
     """E30's running ``qw_avg`` and E32's ``P = F P F^T + diag(qw_avg, qv)``."""
     qw_avg = NOISE_KEEP * qw_avg + NOISE_TAKE * distance
     transition = torch.eye(2, dtype=covariance.dtype, device=covariance.device)  # [[1, 1], [0, a]], built on the device
     transition[0, 1] = 1.0
-    transition[1, 1] = hp["a"]
-    noise = torch.diag(torch.stack([qw_avg, torch.full_like(qw_avg, hp["qv"])]))
-    return qw_avg, transition @ covariance @ transition.T + noise
+    transition[1, 1] = shared["a"]
+    process_noise = torch.diag(torch.stack([qw_avg, torch.full_like(qw_avg, shared["qv"])]))
+    return qw_avg, transition @ covariance @ transition.T + process_noise
 
 
 def _per_tensor_layers(params, jacobians, us, averages, coefficients) -> None:
@@ -364,7 +365,7 @@ def _foreach_layers(params, jacobians, us, averages, coefficients) -> None:
             write_back(originals, copies)
 
 
-def _triton_update(optimizer: KOALAM, steps: list[GroupStep], coefficients, ok, batch, a: float, dtype) -> None:
+def _triton_update(optimizer: KOALAM, group_steps: list[GroupStep], coefficients, ok, batch, a: float, dtype) -> None:
     """E33, E34 and E31's predict: one launch per dtype for the layers of every group, masked by ``ok``."""
     batch.update("koala_m_update", coefficients, ok, (0, 2, 3), a)  # writes theta, w_avg, u
 

@@ -152,27 +152,27 @@ class KOALAPlusPlus(KoalaOptimizer):
             return {}
         lr = torch.tensor(rates, dtype=s.dtype, device=s.device)
         safe = torch.where(stepped, s, 1.0)
-        steps = torch.where(stepped, lr * state["loss"] / safe, 0.0)
+        effective = torch.where(stepped, lr * state["loss"] / safe, 0.0)
         shares = torch.where(stepped, torch.stack(noises).to(s.dtype) / safe, 0.0)
         return {"koala/innovation_variance": torch.where(stepped, s, 0.0).sum() / count,
-                "koala/effective_step": steps.sum() / count, "koala/noise_share": shares.sum() / count}
+                "koala/effective_step": effective.sum() / count, "koala/noise_share": shares.sum() / count}
 
-    def _update(self, loss, noise, ok):
-        steps = gather(self)
-        reduction = reduce_by_backend(self, steps, REDUCTIONS, loss.device, loss.dtype)
-        ok = complete_sums(steps, reduction.sums, ok, type(self).__name__)  # whole layers': one collective under FSDP2
+    def _update(self, loss, noise_estimates, ok):
+        group_steps = gather(self)
+        reduction = reduce_by_backend(self, group_steps, REDUCTIONS, loss.device, loss.dtype)
+        ok = complete_sums(group_steps, reduction.sums, ok, type(self).__name__)  # whole layers': one collective under FSDP2
         coefficients, filters = [], []
-        for step in steps:
+        for step in group_steps:
             group = step.group
             layer_filters = [state["filter"] for state in step.states]  # per-layer scalars, never sharded
             result = kalman_coefficients(
                 step.sums, torch.stack(layer_filters).to(loss.device, loss.dtype),
-                loss=loss, noise=noise[step.index], ok=ok, lr=group["lr"], sigma=group["sigma"], q=group["q"],
+                loss=loss, r_k=noise_estimates[step.index], ok=ok, lr=group["lr"], sigma=group["sigma"], q=group["q"],
                 weight_decay=group["weight_decay"], symmetric=group["symmetric"],
             )
             coefficients.append(result.coefficients)
             filters.append((layer_filters, result.filters))
-        update_by_backend(self, steps, UPDATES, coefficients, ok, reduction.plans)
+        update_by_backend(self, group_steps, UPDATES, coefficients, ok, reduction.plans)
         for layer_filters, new_filters in filters:
             torch._foreach_copy_(layer_filters, list(new_filters.unbind(0)))
         return ok
@@ -191,7 +191,7 @@ class KalmanCoefficients(NamedTuple):
     filters: torch.Tensor  # [n, 4], the layers' new filter state
 
 
-def kalman_coefficients(products, filters, *, loss, noise, ok, lr, sigma, q, weight_decay, symmetric) -> KalmanCoefficients:
+def kalman_coefficients(products, filters, *, loss, r_k, ok, lr, sigma, q, weight_decay, symmetric) -> KalmanCoefficients:
     """The scalar algebra of E10-E17 for a batch of layers (pure: tensors in, tensors out, on the device).
 
     ``products``: ``[n, 4]`` rows of :func:`layer_products`; ``filters``:
@@ -203,7 +203,7 @@ def kalman_coefficients(products, filters, *, loss, noise, ok, lr, sigma, q, wei
     s_prev, x, y, ready = filters.unbind(-1)
     ready = ready > 0
     # E10: a layer without history starts from v_prev = sigma H, H_prev = H.
-    s_prev = torch.where(ready, s_prev, (sigma + q) * hh + noise)
+    s_prev = torch.where(ready, s_prev, (sigma + q) * hh + r_k)
     x = torch.where(ready, x, hh)
     y = torch.where(ready, y, sigma * hh)
     a = torch.where(ready, a, hh)
@@ -220,7 +220,7 @@ def kalman_coefficients(products, filters, *, loss, noise, ok, lr, sigma, q, wei
     c_hp = torch.where(ready, c_hp, 0.0)
 
     vh = c_v * b + c_h * hh + c_hp * a  # v . H without another pass (cost notes)
-    s = vh + q * hh + noise  # E15
+    s = vh + q * hh + r_k  # E15
     gain = lr * (loss + 0.5 * weight_decay * theta_sq) / s  # E16: theta -= gain (v + q H)
 
     measured = hh >= MIN_JACOBIAN_NORM**2
@@ -263,15 +263,15 @@ def _cpu_products(optimizer, step: GroupStep, device, dtype) -> torch.Tensor:
     """One call of the multi-tensor C++ kernel per dtype for all layers (koala_hf.optim.cpu_kernels)."""
     kernels = cpu_kernels()
     return bucketed_rows([step.shards, step.grads, step.state_shards("H_prev"), step.state_shards("v")],
-                         lambda p, g, hp, v: kernels.koala_plus_plus_products(p, g, hp, v, step.weight_decay))
+                         lambda p, g, h_prev, v: kernels.koala_plus_plus_products(p, g, h_prev, v, step.weight_decay))
 
 
-def _triton_products(optimizer, steps: list[GroupStep], device, dtype) -> Prepared:
+def _triton_products(optimizer, group_steps: list[GroupStep], device, dtype) -> Prepared:
     """A reduction and a combination launch per dtype for the layers of every group (koala_hf.optim.triton_kernels);
     the batch (address tables, copies) is the plan the update uses."""
     batch = triton_step.StepBatch(
-        [list(zip(s.shards, s.grads, s.state_shards("H_prev"), s.state_shards("v"))) for s in steps],
-        [s.weight_decay for s in steps], optimizer._triton_layouts)
+        [list(zip(s.shards, s.grads, s.state_shards("H_prev"), s.state_shards("v"))) for s in group_steps],
+        [s.weight_decay for s in group_steps], optimizer._triton_layouts)
     return Prepared(batch.sums(4, "koala_plus_plus_partials", device, dtype), batch)
 
 
@@ -299,7 +299,7 @@ def _cpu_update(optimizer, step: GroupStep, coefficients: torch.Tensor, ok: torc
         kernels.koala_plus_plus_update(p, g, v, hp, coefficients[indices].cpu(), ok.cpu(), step.weight_decay)
 
 
-def _triton_update(optimizer, steps: list[GroupStep], coefficients: list[torch.Tensor], ok: torch.Tensor, batch) -> None:
+def _triton_update(optimizer, group_steps: list[GroupStep], coefficients: list[torch.Tensor], ok: torch.Tensor, batch) -> None:
     """One launch per dtype for the layers of every group, masked by ``ok`` on the device."""
     batch.update("koala_plus_plus_update", coefficients, ok, (0, 2, 3))  # writes theta, H_prev, v
 

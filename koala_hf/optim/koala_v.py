@@ -92,24 +92,24 @@ class KOALAV(KoalaOptimizer):
             state["information"] = torch.zeros((), dtype=reduction_dtype(p.dtype), device=p.device)
         return state
 
-    def _update(self, loss, noise, ok):
+    def _update(self, loss, noise_estimates, ok):
         state = self._filter_state()
         device, dtype = loss.device, loss.dtype
         p_hat = state["P"] + self.shared("q")  # E20
-        steps = gather(self)
-        reduction = reduce_by_backend(self, steps, NORMS, device, dtype)
-        ok = complete_sums(steps, reduction.sums, ok, type(self).__name__)
+        group_steps = gather(self)
+        reduction = reduce_by_backend(self, group_steps, NORMS, device, dtype)
+        ok = complete_sums(group_steps, reduction.sums, ok, type(self).__name__)
 
-        information, layer_steps = [], []  # ||H||^2 / s of every updated layer, for E22
-        for step in steps:
-            result = koala_v_coefficients(step.sums, p_hat=p_hat, loss=loss, noise=noise[step.index], ok=ok,
+        information, step_sizes = [], []  # ||H||^2 / s of every updated layer, for E22
+        for step in group_steps:
+            result = koala_v_coefficients(step.sums, p_hat=p_hat, loss=loss, r_k=noise_estimates[step.index], ok=ok,
                                           lr=step.group["lr"], weight_decay=step.weight_decay)
             information.append(result.information)
-            layer_steps.append(result.steps)
+            step_sizes.append(result.step_sizes)
             previous = torch.stack([layer["information"] for layer in step.states]).to(device, dtype)
             for layer, value in zip(step.states, torch.where(ok, result.information, previous).unbind()):
                 layer["information"] = value  # a skipped step keeps the last one
-        update_by_backend(self, steps, UPDATES, layer_steps, ok, reduction.plans)
+        update_by_backend(self, group_steps, UPDATES, step_sizes, ok, reduction.plans)
 
         if information:
             p_new = p_hat - p_hat * p_hat * torch.cat(information).max()  # E22
@@ -118,14 +118,14 @@ class KOALAV(KoalaOptimizer):
 
 
 class KoalaVCoefficients(NamedTuple):
-    steps: torch.Tensor  # [n]: theta += steps[i] * H (E21), 0 for a layer not updated
+    step_sizes: torch.Tensor  # [n]: theta += step_sizes[i] * H (E21), 0 for a layer not updated
     information: torch.Tensor  # [n]: ||H||^2 / s of an updated layer, else 0 (E22's terms)
 
 
-def koala_v_coefficients(norms, *, p_hat, loss, noise, ok, lr, weight_decay) -> KoalaVCoefficients:
+def koala_v_coefficients(norms, *, p_hat, loss, r_k, ok, lr, weight_decay) -> KoalaVCoefficients:
     """E21 for a batch of layers from their ``[n, 2]`` rows ``[||H||^2, ||theta||^2]`` (pure, on the device)."""
     hh, theta_sq = norms.unbind(-1)
-    s = p_hat * hh + noise  # E21
+    s = p_hat * hh + r_k  # E21
     gain = lr * (loss + 0.5 * weight_decay * theta_sq) * p_hat / s
     update = ok & (hh >= MIN_JACOBIAN_NORM**2) & (s > 0) & torch.isfinite(gain)
     return KoalaVCoefficients(torch.where(update, -gain, 0.0), torch.where(update, hh / s, 0.0))
@@ -142,36 +142,36 @@ def _cpu_norms(optimizer, step: GroupStep, device, dtype) -> torch.Tensor:
 
 
 @group_by_group_update
-def _per_tensor_update(optimizer, step: GroupStep, steps: torch.Tensor, ok: torch.Tensor) -> None:
+def _per_tensor_update(optimizer, step: GroupStep, step_sizes: torch.Tensor, ok: torch.Tensor) -> None:
     """``theta += step * H`` one layer at a time (E21), masked by ``ok``."""
     jacobians = finite_mask(step.jacobians, ok, owned=step.weight_decay != 0)
-    for p, h, factor in zip(step.shards, jacobians, steps.unbind()):
+    for p, h, factor in zip(step.shards, jacobians, step_sizes.unbind()):
         p_w, h_w = widen([p, h])
         p_w.addcmul_(h_w, factor.to(p.device))
         write_back([p], [p_w])
 
 
 @group_by_group_update
-def _foreach_update(optimizer, step: GroupStep, steps: torch.Tensor, ok: torch.Tensor) -> None:
+def _foreach_update(optimizer, step: GroupStep, step_sizes: torch.Tensor, ok: torch.Tensor) -> None:
     """``theta += step * H`` with multi-tensor ops, one call per (device, dtype) bucket (E21), masked by ``ok``."""
     jacobians = finite_mask(step.jacobians, ok, owned=step.weight_decay != 0)
     for (device, _), ((p, h), indices) in group_by_device_and_dtype([step.shards, jacobians]).items():
         p_w, h_w = widen(p), widen(h)
-        torch._foreach_addcmul_(p_w, h_w, list(steps[indices].to(device).unbind()))
+        torch._foreach_addcmul_(p_w, h_w, list(step_sizes[indices].to(device).unbind()))
         write_back(p, p_w)
 
 
 @group_by_group_update
-def _cpu_update(optimizer, step: GroupStep, steps: torch.Tensor, ok: torch.Tensor) -> None:
+def _cpu_update(optimizer, step: GroupStep, step_sizes: torch.Tensor, ok: torch.Tensor) -> None:
     """One multi-tensor C++ call per dtype; ``H`` recomputed inside, a skipped step writes nothing."""
     kernels = cpu_kernels()
     for (p, g), indices in group_by_device_and_dtype([step.shards, step.grads]).values():
-        kernels.koala_v_update(p, g, steps[indices].cpu(), ok.cpu(), step.weight_decay)
+        kernels.koala_v_update(p, g, step_sizes[indices].cpu(), ok.cpu(), step.weight_decay)
 
 
-def _triton_update(optimizer, steps: list[GroupStep], layer_steps: list[torch.Tensor], ok: torch.Tensor, batch) -> None:
+def _triton_update(optimizer, group_steps: list[GroupStep], step_sizes: list[torch.Tensor], ok: torch.Tensor, batch) -> None:
     """One launch per dtype for the layers of every group, masked by ``ok`` on the device."""
-    batch.update("koala_v_update", layer_steps, ok, (0,))
+    batch.update("koala_v_update", step_sizes, ok, (0,))
 
 
 # The passes of each backend (koala_hf.optim.dispatch chooses the backend).
