@@ -78,6 +78,7 @@ class KoalaOptimizer(torch.optim.Optimizer):
 
     layer_state_keys: tuple[str, ...] = ()
     layer_scalar_keys: tuple[str, ...] = ()
+    retired_layer_state_keys: tuple[str, ...] = ()  # per-parameter state an older version saved: dropped at a load
     filter_state_keys: tuple[str, ...] = ()
     identifying_hyperparameters: tuple[str, ...] = ()
     shared_hyperparameters: tuple[str, ...] = ()

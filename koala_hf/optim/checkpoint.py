@@ -66,8 +66,8 @@ def saved_variant(state_dict: dict) -> str | None:
     groups = state_dict.get("param_groups", [])
     layer_keys = set().union(*(set(value) - {FILTER_STATE} for key, value in state.items() if key != FILTER_STATE))
     filter_keys = set(saved_filter_state(state, groups) or {})
-    scores = {cls: len(layer_keys & set(cls.layer_state_keys)) + len(filter_keys & set(cls.filter_state_keys))
-              for cls in VARIANTS}
+    scores = {cls: len(layer_keys & (set(cls.layer_state_keys) | set(cls.retired_layer_state_keys)))
+              + len(filter_keys & set(cls.filter_state_keys)) for cls in VARIANTS}
     best = max(scores.values(), default=0)
     if best > 0 and list(scores.values()).count(best) == 1:
         return max(scores, key=scores.get).__name__
@@ -108,9 +108,10 @@ class Loading:
         state = {key: dict(entry) if isinstance(entry, dict) else entry for key, entry in state_dict["state"].items()}
         filter_state = saved_filter_state(state, groups)
         state.pop(FILTER_STATE, None)
-        for key in [key for key, entry in state.items() if FILTER_STATE in entry]:
-            del state[key][FILTER_STATE]
-            if not state[key]:  # the first parameter had no state of its own
+        retired = (FILTER_STATE, *type(optimizer).retired_layer_state_keys)  # what torch must not load per parameter
+        for key in [key for key, entry in state.items() if any(name in entry for name in retired)]:
+            state[key] = {name: value for name, value in state[key].items() if name not in retired}
+            if not state[key]:  # the parameter had no state of its own
                 del state[key]
         if filter_state is not None and groups:  # handed to restore through the first group, as torch loads groups
             groups[0][FILTER_STATE] = filter_state

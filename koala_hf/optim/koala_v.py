@@ -19,7 +19,7 @@ from koala_hf.optim.group_step import (
     update_by_backend,
 )
 from koala_hf.optim.jacobian_norms import cpu_norms, eager_norms, triton_norms
-from koala_hf.optim.layers import finite_mask, group_by_device_and_dtype, reduction_dtype, widen, write_back
+from koala_hf.optim.layers import finite_mask, group_by_device_and_dtype, widen, write_back
 from koala_hf.optim.validation import check_prior
 
 
@@ -29,10 +29,9 @@ class KOALAV(KoalaOptimizer):
     One scalar covariance ``P`` (initially ``sigma``) is shared by every layer:
     ``P_hat = P + q`` (E20); each layer steps
     ``theta -= lr * L_layer * P_hat / s * H`` with ``s = P_hat ||H||^2 + R``
-    (E21); then ``P = P_hat - P_hat^2 max_layers(||H||^2 / s)`` (E22). Each
-    layer's state keeps its last ``||H||^2 / s`` (``"information"``, the term
-    E22 maximises over; 0 when the layer was not updated, unchanged by a
-    skipped step).
+    (E21); then ``P = P_hat - P_hat^2 max_layers(||H||^2 / s)`` (E22). It keeps
+    no per-layer state (state dicts from before 0.3 kept each layer's last
+    ``||H||^2 / s``, which nothing read; they load, without it).
     ``sigma`` and ``q`` belong to the shared ``P`` and so must be equal in every
     parameter group (they are read from the first); ``lr``, ``weight_decay``,
     ``r`` and ``alpha_r`` may differ. The official training script uses
@@ -51,8 +50,8 @@ class KOALAV(KoalaOptimizer):
     backend elsewhere (koala_hf.optim.dispatch).
     """
 
-    layer_state_keys = ("information",)
-    layer_scalar_keys = ("information",)  # per layer, the last step's ||H||^2 / s: the layer's share in E22
+    layer_state_keys = ()  # none: P is the filter-wide state
+    retired_layer_state_keys = ("information",)  # kept per layer before 0.3; dropped when such a state dict loads
     filter_state_keys = ("P",)
     identifying_hyperparameters = ("sigma", "q")
     shared_hyperparameters = ("sigma", "q")
@@ -86,12 +85,6 @@ class KOALAV(KoalaOptimizer):
     def _signals(self, state: dict) -> dict:
         return {"koala/P": state["P"]}
 
-    def _layer_state(self, p: torch.Tensor) -> dict:
-        state = self.state[p]
-        if not state:
-            state["information"] = torch.zeros((), dtype=reduction_dtype(p.dtype), device=p.device)
-        return state
-
     def _update(self, loss, noise_estimates, ok):
         state = self._filter_state()
         device, dtype = loss.device, loss.dtype
@@ -106,9 +99,6 @@ class KOALAV(KoalaOptimizer):
                                           lr=step.group["lr"], weight_decay=step.weight_decay)
             information.append(result.information)
             step_sizes.append(result.step_sizes)
-            previous = torch.stack([layer["information"] for layer in step.states]).to(device, dtype)
-            for layer, value in zip(step.states, torch.where(ok, result.information, previous).unbind()):
-                layer["information"] = value  # a skipped step keeps the last one
         update_by_backend(self, group_steps, UPDATES, step_sizes, ok, reduction.plans)
 
         if information:

@@ -58,7 +58,7 @@ def train(model: MixedNetwork, optimizer: KOALAPlusPlus, inputs, nan_at: int | N
     return losses
 
 
-STATE_KEYS = {KOALAPlusPlus: ("v", "H_prev", "filter"), KOALAV: ("information",), KOALAM: ("u", "w_avg")}
+STATE_KEYS = {KOALAPlusPlus: ("v", "H_prev", "filter"), KOALAV: (), KOALAM: ("u", "w_avg")}
 
 
 def run(path: dict, nan_at: int | None = None, variant=KOALAPlusPlus):

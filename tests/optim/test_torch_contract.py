@@ -456,3 +456,17 @@ def test_diagnostics_stay_finite_when_a_layer_has_no_gradient_signal():
         signals = optimizer.diagnostics()
         assert all(torch.isfinite(torch.tensor(v)) for v in signals.values()), signals
         assert signals["koala/effective_step"] > 0
+
+
+@pytest.mark.parametrize("path", [{"foreach": False}, {"foreach": True}, {"fused": True}], ids=["per-tensor", "foreach", "fused"])
+def test_a_koala_v_state_dict_with_the_retired_per_layer_information_loads_and_continues(path):
+    """Before 0.3 KOALA-V kept each layer's last ||H||^2 / s, which nothing read; such a state dict loads, without it."""
+    def with_information(state_dict):
+        state_dict = copy.deepcopy(state_dict)
+        for group in state_dict["param_groups"]:
+            for index in group["params"]:
+                state_dict["state"].setdefault(index, {})["information"] = torch.tensor(0.5)
+        return state_dict
+
+    fresh = continued_equally("koala-v", path, with_information)
+    assert not any("information" in fresh.state[p] for g in fresh.param_groups for p in g["params"])
