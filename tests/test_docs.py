@@ -3,6 +3,7 @@ strictly (every internal link and anchor resolves), no link leaves the repositor
 the libraries' own documentation, the README serves a newcomer on its first screen, and the license and the
 citation file are there and valid. (The pages' shell commands: tests/test_readme_commands.py.)"""
 
+import os
 import re
 import shutil
 import subprocess
@@ -45,14 +46,13 @@ def test_the_snippet_runs_as_printed(page, code, tmp_path):
     script = tmp_path / "snippet.py"
     script.write_text(CONTEXT.get(page, "") + code)
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env={**_environment(), "PYTHONPATH": str(ROOT)})
+                          env=snippet_environment())
     assert done.returncode == 0, f"{page}:\n{code}\n{done.stderr[-3000:]}"
 
 
-def _environment() -> dict:
-    import os
-
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+def snippet_environment() -> dict:
+    """A snippet runs as a user's script would, offline, with this checkout importable."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
 
 
 def test_the_docs_site_builds_strictly(tmp_path):
@@ -134,5 +134,5 @@ def test_a_guides_common_mistake_gets_an_error_that_names_the_fix(mistake, tmp_p
     script = tmp_path / "mistake.py"
     script.write_text(CONTEXT.get(page, "") + code.replace(right, wrong))
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env={**_environment(), "PYTHONPATH": str(ROOT)})
+                          env=snippet_environment())
     assert done.returncode != 0 and re.search(expected, done.stderr, re.S), done.stderr[-3000:]

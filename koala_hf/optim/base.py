@@ -97,7 +97,8 @@ class KoalaOptimizer(torch.optim.Optimizer):
         self._install_checkpoint_hooks()
 
     def _create_caches(self) -> None:
-        """What the optimizer keeps between steps that is not state (never saved; rebuilt after a load or pickle)."""
+        """What the optimizer keeps between steps that is not state (never saved; rebuilt after a pickle)."""
+        self._applied_lrs: list = []  # the learning rates the last step applied, per group (applied_lr)
         self._checked_parameters = WeakIdKeyDictionary()  # parameters check_parameter has accepted, held weakly
         self._triton_layouts: dict = {}  # the Triton kernels' chunk layouts by the layers' sizes (triton_step.Layout)
         self._workspaces: dict = {}  # the CPU foreach paths' reused temporaries by name (StepWorkspace)
@@ -213,7 +214,7 @@ class KoalaOptimizer(torch.optim.Optimizer):
     def applied_lr(self, index: int):
         """The learning rate that the last step applied to group ``index`` (E4): the group's ``lr`` at that step,
         not the one a scheduler has set since (nor before any step, or after a load: then the group's own)."""
-        applied = self.__dict__.get("_applied_lrs", [])
+        applied = self._applied_lrs
         return applied[index] if index < len(applied) else self.param_groups[index]["lr"]
 
     # ----------------------------------------------------------- measurement
