@@ -100,7 +100,7 @@ class KoalaOptimizer(torch.optim.Optimizer):
         """What the optimizer keeps between steps that is not state (never saved; rebuilt after a pickle)."""
         self._applied_lrs: list = []  # the learning rates the last step applied, per group (applied_lr)
         self._checked_parameters = WeakIdKeyDictionary()  # parameters check_parameter has accepted, held weakly
-        self._triton_layouts: dict = {}  # the Triton kernels' chunk layouts by the layers' sizes (triton_step.Layout)
+        self._triton_chunk_plans: dict = {}  # the Triton kernels' chunk plans by the layers' sizes (triton_step.ChunkPlan)
         self._workspaces: dict = {}  # the CPU foreach paths' reused temporaries by name (StepWorkspace)
 
     def _install_checkpoint_hooks(self) -> None:
@@ -117,7 +117,7 @@ class KoalaOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)  # also what load_state_dict installs the loaded groups with
         self.__dict__.setdefault("_measurement", LossMeasurement())
         self.__dict__.setdefault("_warned_negative_loss", False)
-        if "_triton_layouts" not in self.__dict__:  # unpickled: the caches are not carried
+        if "_triton_chunk_plans" not in self.__dict__:  # unpickled: the caches are not carried
             self._create_caches()
         for group in self.param_groups:  # groups saved before a hyperparameter existed get this optimizer's value
             for key in self.hyperparameter_names():

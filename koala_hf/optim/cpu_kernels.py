@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from koala_hf.optim import layouts
+
 SOURCE = Path(__file__).parent / "csrc" / "koala_cpu.cpp"
 # torch's CPU capability -> the compiler flags that let ATen's vector types use it.
 ISA_FLAGS = {
@@ -56,11 +58,11 @@ def cpu_kernels():
 def _build():
     from torch.utils.cpp_extension import load
 
-    if hasattr(torch.ops.koala_hf, "koala_m_update"):
+    if hasattr(torch.ops.koala_hf, "koala_m_sums"):
         return torch.ops.koala_hf  # loaded already (by another copy of this module)
     capability = torch.backends.cpu.get_cpu_capability()
-    flags = ["-O3", "-fopenmp", *ISA_FLAGS.get(capability, [])]
-    # One build per source, torch version and instruction set (a home directory shared by different CPUs).
+    flags = ["-O3", "-fopenmp", *ISA_FLAGS.get(capability, []), *layouts.cpp_defines()]
+    # One build per source, layouts, torch version and instruction set (a home directory shared by different CPUs).
     digest = hashlib.sha256(SOURCE.read_bytes() + f"{torch.__version__} {flags}".encode()).hexdigest()[:12]
     with ninja_on_path():
         load(

@@ -6,12 +6,14 @@ collective (:func:`complete_sums`), the variant's pure coefficient functions tur
 coefficients, and an update pass applies them. The record's ``backend`` (koala_hf.optim.dispatch) says how
 the passes run: a variant maps each backend to its passes, and :func:`reduce_by_backend` and
 :func:`update_by_backend` call each backend's pass once with all the groups it runs (so that a multi-tensor
-backend covers them in one launch).
+backend covers them in one launch). What a reduction prepares for its update (the eager backends' ``H``, the
+Triton kernels' address tables) is its plan, returned with the sums (:class:`Prepared`) and handed to the
+update; a pass reads its tensor lists and columns through the variant's koala_hf.optim.layouts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
@@ -19,6 +21,7 @@ import torch
 from koala_hf.optim import dispatch
 from koala_hf.optim.dispatch import Backend
 from koala_hf.optim.layers import measurement_jacobians
+from koala_hf.optim.layouts import PassLayout
 from koala_hf.optim.sharding import local, reduce_sums, sharding_group
 
 
@@ -33,8 +36,6 @@ class GroupStep:
     grads: list[torch.Tensor]  # the gradients, as shards
     states: list[dict]  # ``optimizer.state[p]`` of every parameter stepped
     backend: Backend
-    jacobians: list[torch.Tensor] | None = None  # ``H = g + wd theta`` (E3) on the eager paths; fused kernels form it
-    sums: torch.Tensor | None = field(default=None, repr=False)  # ``[n_layers, k]``, whole layers' after complete_sums
 
     @property
     def weight_decay(self) -> float:
@@ -44,12 +45,19 @@ class GroupStep:
         """The per-parameter state tensors ``key``, as this process's shards (they are sharded like their parameter)."""
         return [local(state[key]) for state in self.states]
 
+    def lists(self, layout: PassLayout) -> list[list[torch.Tensor]]:
+        """The layout's tensor lists, in its order: ``param`` the shards, ``grad`` the gradients, a state key its
+        tensors."""
+        named = {"param": self.shards, "grad": self.grads}
+        return [named[name] if name in named else self.state_shards(name) for name in layout.lists]
+
+    def layers(self, layout: PassLayout) -> list[tuple[torch.Tensor, ...]]:
+        """Each layer's tensors, in the layout's order of lists."""
+        return list(zip(*self.lists(layout)))
+
 
 def gather(optimizer) -> list[GroupStep]:
-    """The groups with a parameter to step, their state created on first use (``optimizer._layer_state``).
-
-    ``H`` is formed here for the eager backends, on the CPU's foreach path into the optimizer's reused workspace.
-    """
+    """The groups with a parameter to step, their state created on first use (``optimizer._layer_state``)."""
     name = type(optimizer).__name__
     steps = []
     for index, group in enumerate(optimizer.param_groups):
@@ -64,31 +72,31 @@ def gather(optimizer) -> list[GroupStep]:
                 raise RuntimeError(f"{name} does not support complex gradients")
         states = [optimizer._layer_state(p) for p in params]  # an entry per parameter, as DCP expects
         shards, grads = [local(p) for p in params], [local(p.grad) for p in params]
-        step = GroupStep(index, group, params, shards, grads, states, dispatch.choose_backend(group, shards, name))
-        if not step.backend.fused:
-            foreach = step.backend is Backend.FOREACH
-            workspace = optimizer._workspace("H").get(params, shards) if foreach and step.weight_decay else None
-            step.jacobians = measurement_jacobians(shards, grads, step.weight_decay, foreach, out=workspace)
-        steps.append(step)
+        steps.append(GroupStep(index, group, params, shards, grads, states, dispatch.choose_backend(group, shards, name)))
     return steps
 
 
-def complete_sums(steps: list[GroupStep], local_sums: list[torch.Tensor], ok: torch.Tensor, optimizer: str) -> torch.Tensor:
-    """Store each group's whole-layer sums in ``step.sums``; return ``ok`` cleared when any sum is not finite.
+class CompletedSums(NamedTuple):
+    """Each group's ``[n_layers, k]`` sums over its whole layers, and the step's ``ok`` cleared when one is not finite."""
+
+    sums: list[torch.Tensor]
+    ok: torch.Tensor
+
+
+def complete_sums(steps: list[GroupStep], local_sums: list[torch.Tensor], ok: torch.Tensor, optimizer: str) -> CompletedSums:
+    """Each group's whole-layer sums, and ``ok`` cleared when any sum is not finite.
 
     ``local_sums[i]`` are group ``i``'s ``[n_layers, k]`` sums over this process's elements. Under FSDP2 those of
     every group are stacked into **one** ``all_reduce`` over the sharding group (koala_hf.optim.sharding);
     otherwise they are the whole layers' sums already.
     """
     if not steps:
-        return ok
+        return CompletedSums([], ok)
     process_group = sharding_group([p for step in steps for p in step.params], optimizer)
     whole = local_sums
     if process_group is not None:
         whole = list(reduce_sums(torch.cat(local_sums), process_group).split([len(s) for s in local_sums]))
-    for step, sums in zip(steps, whole):
-        step.sums = sums
-    return ok & torch.isfinite(torch.cat(whole)).all()
+    return CompletedSums(whole, ok & torch.isfinite(torch.cat(whole)).all())
 
 
 def _by_backend(steps: list[GroupStep]) -> dict[Backend, list[int]]:
@@ -148,8 +156,34 @@ def group_by_group_sums(one_group: Callable) -> Callable:
 def group_by_group_update(one_group: Callable) -> Callable:
     """An update written for one group, ``(optimizer, step, coefficients, ok, *extra)``, in the list form."""
 
-    def every_group(optimizer, steps, coefficients, ok, plan, *extra):  # an eager or C++ pass prepares no plan
+    def every_group(optimizer, steps, coefficients, ok, plan, *extra):  # a C++ pass prepares no plan
         for step, group_coefficients in zip(steps, coefficients):
             one_group(optimizer, step, group_coefficients, ok, *extra)
+
+    return every_group
+
+
+def eager_reduction(one_group: Callable, foreach: bool) -> Callable:
+    """The reduction of an eager backend: each group's ``H = g + wd theta`` (E3) formed one layer at a time, or
+    with multi-tensor ops (``foreach``; on the CPU into the optimizer's reused workspace), then
+    ``one_group(optimizer, step, jacobians, device, dtype) -> sums``; the formed ``H`` are the plan."""
+
+    def reduction(optimizer, steps, device, dtype) -> Prepared:
+        jacobians = []
+        for step in steps:
+            workspace = optimizer._workspace("H").get(step.params, step.shards) if foreach and step.weight_decay else None
+            jacobians.append(measurement_jacobians(step.shards, step.grads, step.weight_decay, foreach, out=workspace))
+        return Prepared([one_group(optimizer, step, h, device, dtype) for step, h in zip(steps, jacobians)], jacobians)
+
+    return reduction
+
+
+def eager_update(one_group: Callable) -> Callable:
+    """The update of an eager backend: ``one_group(optimizer, step, jacobians, coefficients, ok, *extra)`` with
+    the ``H`` its reduction formed."""
+
+    def every_group(optimizer, steps, coefficients, ok, jacobians, *extra):
+        for step, h, group_coefficients in zip(steps, jacobians, coefficients):
+            one_group(optimizer, step, h, group_coefficients, ok, *extra)
 
     return every_group

@@ -6,6 +6,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from koala_hf.optim import layouts
 from koala_hf.optim.base import MIN_JACOBIAN_NORM, KoalaOptimizer
 from koala_hf.optim.checkpoint import FILTER_STATE
 from koala_hf.optim.cpu_kernels import cpu_kernels
@@ -13,10 +14,11 @@ from koala_hf.optim.dispatch import Backend
 from koala_hf.optim.group_step import (
     GroupStep,
     complete_sums,
+    eager_reduction,
+    eager_update,
     gather,
     group_by_group_sums,
     group_by_group_update,
-    Prepared,
     reduce_by_backend,
     update_by_backend,
 )
@@ -25,8 +27,6 @@ from koala_hf.optim.layers import dot, finite_mask, group_by_device_and_dtype, w
 from koala_hf.optim.sharding import local, reduce_sums, sharding_group
 from koala_hf.optim.validation import check_range
 
-# Columns of the per-layer update coefficients (E33, E34).
-STEP_THETA, STEP_U, KEEP_AVG, TAKE_THETA = range(4)
 # E34: w_avg <- AVERAGE_KEEP w_avg + AVERAGE_TAKE theta. E30: qw_avg <- NOISE_KEEP qw_avg + NOISE_TAKE d.
 AVERAGE_KEEP, AVERAGE_TAKE = 0.9, 0.1
 NOISE_KEEP, NOISE_TAKE = 0.9, 0.1
@@ -191,15 +191,15 @@ class KOALAM(KoalaOptimizer):
         device, dtype = loss.device, loss.dtype
         covariance = state["P"]
         group_steps = gather(self)
-        reduction = reduce_by_backend(self, group_steps, SUMS, device, dtype)
-        ok = complete_sums(group_steps, reduction.sums, ok, type(self).__name__)
+        reduction = reduce_by_backend(self, group_steps, REDUCTIONS, device, dtype)
+        whole, ok = complete_sums(group_steps, reduction.sums, ok, type(self).__name__)
 
         information = [torch.zeros(1, dtype=dtype, device=device)]  # ||H||^2 / S of updated layers (E35)
         distance_sq = torch.zeros((), dtype=dtype, device=device)
         n_params = 0
         coefficients = []
-        for step in group_steps:
-            result = koala_m_coefficients(step.sums, covariance, loss=loss, r_k=noise_estimates[step.index], ok=ok,
+        for step, sums in zip(group_steps, whole):
+            result = koala_m_coefficients(sums, covariance, loss=loss, r_k=noise_estimates[step.index], ok=ok,
                                           lr=step.group["lr"], weight_decay=step.weight_decay)
             information.append(result.information)
             distance_sq = distance_sq + result.distance_sq
@@ -218,15 +218,18 @@ class KOALAM(KoalaOptimizer):
         return ok
 
 class KoalaMCoefficients(NamedTuple):
-    coefficients: torch.Tensor  # [n, 4], columns STEP_THETA ... TAKE_THETA (E33, E34)
+    coefficients: torch.Tensor  # [n, 4], in the layout's columns of coefficients (E33, E34)
     information: torch.Tensor  # [n]: ||H||^2 / S of an updated layer, else 0 (E35's terms)
     distance_sq: torch.Tensor  # sum over the layers of ||w_avg - theta||^2 after the update (E30)
 
 
 def koala_m_coefficients(sums, covariance, *, loss, r_k, ok, lr, weight_decay) -> KoalaMCoefficients:
-    """E33-E35 for a batch of layers from their ``[n, 4]`` rows ``[||H||^2, ||theta||^2, d.d, d.H]``, with
-    ``d = w_avg - theta`` before the update (pure, on the device)."""
-    hh, theta_sq, dd, dh = sums.unbind(-1)
+    """E33-E35 for a batch of layers from their ``[n, 4]`` rows of ``||H||^2``, ``||theta||^2``, ``d.d`` and
+    ``d.H`` in the layout's columns, with ``d = w_avg - theta`` before the update (pure, on the device). The
+    coefficients are those of ``theta <- theta + step_theta H``, ``u <- u + step_u H`` and
+    ``w_avg <- keep_avg w_avg + take_theta theta``."""
+    columns = layouts.KOALA_M.unstack("sums", sums)
+    hh, theta_sq, dd, dh = columns["hh"], columns["theta_theta"], columns["dd"], columns["dh"]
     s = hh * covariance[0, 0] + r_k  # E33
     scale = lr * (loss + 0.5 * weight_decay * theta_sq) / s
     k1, k2 = scale * covariance[0, 0], scale * covariance[1, 0]
@@ -236,29 +239,27 @@ def koala_m_coefficients(sums, covariance, *, loss, r_k, ok, lr, weight_decay) -
     # the others keep d.
     moved = AVERAGE_KEEP * AVERAGE_KEEP * (dd + 2.0 * k1 * dh + k1 * k1 * hh)
     zero = torch.zeros_like(s)
-    coefficients = torch.stack(
-        [
-            torch.where(update, -k1, zero),
-            torch.where(update, -k2, zero),
-            torch.where(update, AVERAGE_KEEP, torch.ones_like(s)),  # E34
-            torch.where(update, AVERAGE_TAKE, zero),
-        ],
-        dim=-1,
-    )
+    coefficients = layouts.KOALA_M.stack("coefficients", {
+        "step_theta": torch.where(update, -k1, zero),
+        "step_u": torch.where(update, -k2, zero),
+        "keep_avg": torch.where(update, AVERAGE_KEEP, torch.ones_like(s)),  # E34
+        "take_theta": torch.where(update, AVERAGE_TAKE, zero),
+    })
     return KoalaMCoefficients(coefficients, torch.where(update, hh / s, 0.0), torch.where(update, moved, dd).sum())
 
 
 # --------------------------------------------------------------- the passes
 def _eager_sums(distances_of: Callable) -> Callable:
-    """The reduction of an eager backend: ``[||H||^2, ||theta||^2, d.d, d.H]`` per layer from the formed ``H``, with
-    ``d = w_avg - theta`` before the update (E30's distance, see :func:`koala_m_coefficients`) from
-    ``distances_of(optimizer, step, dtype)``."""
+    """The per-group reduction of an eager backend: ``||H||^2``, ``||theta||^2``, ``d.d`` and ``d.H`` per layer from
+    the formed ``H``, with ``d = w_avg - theta`` before the update (E30's distance, see
+    :func:`koala_m_coefficients`) from ``distances_of(optimizer, step, dtype)``."""
 
-    @group_by_group_sums
-    def sums(optimizer: KOALAM, step: GroupStep, device, dtype) -> torch.Tensor:
+    def sums(optimizer: KOALAM, step: GroupStep, jacobians, device, dtype) -> torch.Tensor:
         distances = distances_of(optimizer, step, dtype)
-        products = torch.stack([torch.stack([dot(d, d, dtype), dot(d, h, dtype)]) for d, h in zip(distances, step.jacobians)])
-        return torch.cat([eager_norms(step, device, dtype), products.to(device)], dim=1)
+        columns = eager_norms(step, jacobians, device, dtype)
+        columns["dd"] = torch.stack([dot(d, d, dtype) for d in distances]).to(device)
+        columns["dh"] = torch.stack([dot(d, h, dtype) for d, h in zip(distances, jacobians)]).to(device)
+        return layouts.KOALA_M.stack("sums", columns)
 
     return sums
 
@@ -269,33 +270,35 @@ def _per_tensor_distances(optimizer: KOALAM, step: GroupStep, dtype) -> list[tor
 
 
 def _foreach_distances(optimizer: KOALAM, step: GroupStep, dtype) -> list[torch.Tensor]:
-    """``d = w_avg - theta`` with multi-tensor ops into the optimizer's reused workspace (on the CPU, where the
-    layers are in the arithmetic dtype), else per layer."""
-    wide = all(theta.dtype == dtype for theta in step.shards)
-    out = optimizer._workspace("d").get(step.params, step.shards) if wide else None
+    """``d = w_avg - theta`` with multi-tensor ops, on the CPU into the optimizer's reused workspace, in ``dtype``
+    (layers in another dtype, 16-bit ones, are converted first)."""
+    averages, thetas = step.state_shards("w_avg"), step.shards
+    if any(theta.dtype != dtype for theta in thetas):
+        averages, thetas = [w.to(dtype) for w in averages], [theta.to(dtype) for theta in thetas]
+    out = optimizer._workspace("d").get(step.params, step.shards) if thetas is step.shards else None
     if out is None:
-        return _per_tensor_distances(optimizer, step, dtype)
-    torch._foreach_copy_(out, step.state_shards("w_avg"))
-    torch._foreach_sub_(out, step.shards)
+        return list(torch._foreach_sub(averages, thetas))
+    torch._foreach_copy_(out, averages)
+    torch._foreach_sub_(out, thetas)
     return out
 
 
 @group_by_group_sums
 def _cpu_sums(optimizer: KOALAM, step: GroupStep, device, dtype) -> torch.Tensor:
-    return cpu_norms(step, device, dtype, averages=step.state_shards("w_avg"))
+    return cpu_norms(step, layouts.KOALA_M, "koala_m_sums", device, dtype)
 
 
-def _triton_sums(optimizer: KOALAM, group_steps: list[GroupStep], device, dtype) -> Prepared:
-    return triton_norms(optimizer, group_steps, device, dtype, averages=True)
+def _triton_sums(optimizer: KOALAM, group_steps: list[GroupStep], device, dtype):
+    return triton_norms(optimizer, group_steps, layouts.KOALA_M, "koala_m_partials", device, dtype)
 
 
 def _eager_update(update_layers: Callable, predict: Callable) -> Callable:
     """The update pass of an eager backend: E33, E34 (``update_layers``), then E31's predict (``predict``), on the
     formed ``H``, masked by ``ok``."""
 
-    @group_by_group_update
-    def update(optimizer: KOALAM, step: GroupStep, coefficients, ok, a: float, dtype) -> None:
-        jacobians = finite_mask(step.jacobians, ok, owned=step.weight_decay != 0)
+    @eager_update
+    def update(optimizer: KOALAM, step: GroupStep, jacobians, coefficients, ok, a: float, dtype) -> None:
+        jacobians = finite_mask(jacobians, ok, owned=step.weight_decay != 0)
         us, averages = step.state_shards("u"), step.state_shards("w_avg")
         update_layers(step.shards, jacobians, us, averages, coefficients)
         take = ok.to(dtype)  # E31 for the layers stepped (their grad is not None): theta += u, u *= a
@@ -326,9 +329,8 @@ def _foreach_predict(params, us, take, decay) -> None:
 def _cpu_update(optimizer: KOALAM, step: GroupStep, coefficients, ok, a: float, dtype) -> None:
     """E33, E34 and E31's predict in one multi-tensor C++ call per dtype; a skipped step writes nothing."""
     kernels = cpu_kernels()
-    lists = [step.shards, step.grads, step.state_shards("u"), step.state_shards("w_avg")]
-    for (p, g, u, w), indices in group_by_device_and_dtype(lists).values():
-        kernels.koala_m_update(p, g, u, w, coefficients[indices].cpu(), ok.cpu(), a, step.weight_decay)
+    for lists, indices in group_by_device_and_dtype(step.lists(layouts.KOALA_M)).values():
+        kernels.koala_m_update(*lists, coefficients[indices].cpu(), ok.cpu(), a, step.weight_decay)
 
 
 def _predict_covariance(covariance, qw_avg, distance, shared: dict):
@@ -344,35 +346,37 @@ def _predict_covariance(covariance, qw_avg, distance, shared: dict):
 def _per_tensor_layers(params, jacobians, us, averages, coefficients) -> None:
     """E33 and E34 one layer at a time: ``theta -= k1 H``, ``u -= k2 H``, ``w_avg = 0.9 w_avg + 0.1 theta`` (masked)."""
     for i, (p, h, u, w) in enumerate(zip(params, jacobians, us, averages)):
-        c = coefficients[i].to(p.device).unbind()
+        c = layouts.KOALA_M.unstack("coefficients", coefficients[i].to(p.device))
         p_w, h_w, u_w, w_w = widen([p, h, u, w])
-        p_w.addcmul_(h_w, c[STEP_THETA])
-        u_w.addcmul_(h_w, c[STEP_U])
-        w_w.mul_(c[KEEP_AVG]).addcmul_(p_w, c[TAKE_THETA])
+        p_w.addcmul_(h_w, c["step_theta"])
+        u_w.addcmul_(h_w, c["step_u"])
+        w_w.mul_(c["keep_avg"]).addcmul_(p_w, c["take_theta"])
         write_back([p, u, w], [p_w, u_w, w_w])
 
 
 def _foreach_layers(params, jacobians, us, averages, coefficients) -> None:
     """E33 and E34 with multi-tensor ops, one call per (device, dtype) bucket (masked)."""
     for (device, _), ((p, h, u, w), indices) in group_by_device_and_dtype([params, jacobians, us, averages]).items():
-        c = [list(column.unbind()) for column in coefficients[indices].to(device).T]
+        c = {name: list(column.unbind()) for name, column in
+             layouts.KOALA_M.unstack("coefficients", coefficients[indices].to(device)).items()}
         p_w, h_w, u_w, w_w = (widen(t) for t in (p, h, u, w))
-        torch._foreach_addcmul_(p_w, h_w, c[STEP_THETA])
-        torch._foreach_addcmul_(u_w, h_w, c[STEP_U])
-        torch._foreach_mul_(w_w, c[KEEP_AVG])
-        torch._foreach_addcmul_(w_w, p_w, c[TAKE_THETA])
+        torch._foreach_addcmul_(p_w, h_w, c["step_theta"])
+        torch._foreach_addcmul_(u_w, h_w, c["step_u"])
+        torch._foreach_mul_(w_w, c["keep_avg"])
+        torch._foreach_addcmul_(w_w, p_w, c["take_theta"])
         for originals, copies in ((p, p_w), (u, u_w), (w, w_w)):
             write_back(originals, copies)
 
 
 def _triton_update(optimizer: KOALAM, group_steps: list[GroupStep], coefficients, ok, batch, a: float, dtype) -> None:
     """E33, E34 and E31's predict: one launch per dtype for the layers of every group, masked by ``ok``."""
-    batch.update("koala_m_update", coefficients, ok, (0, 2, 3), a)  # writes theta, w_avg, u
+    batch.update("koala_m_update", coefficients, ok, a)
 
 
 # The passes of each backend (koala_hf.optim.dispatch chooses the backend).
-SUMS = {Backend.PER_TENSOR: _eager_sums(_per_tensor_distances), Backend.FOREACH: _eager_sums(_foreach_distances),
-        Backend.FUSED_CPU: _cpu_sums, Backend.TRITON: _triton_sums}
+REDUCTIONS = {Backend.PER_TENSOR: eager_reduction(_eager_sums(_per_tensor_distances), foreach=False),
+              Backend.FOREACH: eager_reduction(_eager_sums(_foreach_distances), foreach=True),
+              Backend.FUSED_CPU: _cpu_sums, Backend.TRITON: _triton_sums}
 UPDATES = {Backend.PER_TENSOR: _eager_update(_per_tensor_layers, _per_tensor_predict),
            Backend.FOREACH: _eager_update(_foreach_layers, _foreach_predict),
            Backend.FUSED_CPU: _cpu_update, Backend.TRITON: _triton_update}

@@ -4,12 +4,13 @@ Per layer the filter keeps ``v = H P`` (the gradient-covariance product),
 ``H_prev`` and, in the ``filter`` vector, last step's innovation variance
 ``S_prev``, ``H_prev . H_prev`` and ``H_prev . v_prev`` (carried instead of
 recomputed, spec cost notes). A step is one reduction pass (``H.H``,
-``H.H_prev``, ``H.v_prev`` and, with weight decay, ``theta.theta``:
-:func:`layer_products`), the scalar algebra on all layers of a group at once
+``H.H_prev``, ``H.v_prev`` and, with weight decay, ``theta.theta``, in
+float32 or wider), the scalar algebra on all layers of a group at once
 (:func:`kalman_coefficients`), and one elementwise pass (E14, E16, E17). Each
 pass has a per-tensor, a foreach, a C++ (CPU) and a Triton implementation; the
 group's backend (koala_hf.optim.dispatch) picks one (``REDUCTIONS`` and
-``UPDATES``).
+``UPDATES``). Their tensor lists, sums and coefficients are in the columns of
+``layouts.KOALA_PLUS_PLUS``.
 Under FSDP2 the reduction runs on this process's shards and one collective sums
 every layer's products (koala_hf.optim.sharding).
 """
@@ -20,13 +21,15 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from koala_hf.optim import triton_step
+from koala_hf.optim import layouts, triton_step
 from koala_hf.optim.base import MIN_JACOBIAN_NORM, KoalaOptimizer
 from koala_hf.optim.cpu_kernels import cpu_kernels
 from koala_hf.optim.dispatch import Backend
 from koala_hf.optim.group_step import (
     GroupStep,
     complete_sums,
+    eager_reduction,
+    eager_update,
     gather,
     group_by_group_sums,
     group_by_group_update,
@@ -46,11 +49,8 @@ from koala_hf.optim.layers import (
 )
 from koala_hf.optim.validation import check_prior
 
-# Columns of the per-layer ``filter`` state.
+# Columns of the per-layer ``filter`` state (saved in checkpoints: this order is their format).
 S_PREV, HH_PREV, VH_PREV, READY = range(4)
-# Columns of the elementwise coefficients: v <- C_V v + C_H H + C_HP H_prev;
-# theta <- theta + STEP_V v + STEP_H H; H_prev <- KEEP_HP H_prev + TAKE_H H.
-C_V, C_H, C_HP, STEP_V, STEP_H, KEEP_HP, TAKE_H = range(7)
 
 
 class KOALAPlusPlus(KoalaOptimizer):
@@ -160,13 +160,13 @@ class KOALAPlusPlus(KoalaOptimizer):
     def _update(self, loss, noise_estimates, ok):
         group_steps = gather(self)
         reduction = reduce_by_backend(self, group_steps, REDUCTIONS, loss.device, loss.dtype)
-        ok = complete_sums(group_steps, reduction.sums, ok, type(self).__name__)  # whole layers': one collective under FSDP2
+        whole, ok = complete_sums(group_steps, reduction.sums, ok, type(self).__name__)  # whole layers': one collective under FSDP2
         coefficients, filters = [], []
-        for step in group_steps:
+        for step, sums in zip(group_steps, whole):
             group = step.group
             layer_filters = [state["filter"] for state in step.states]  # per-layer scalars, never sharded
             result = kalman_coefficients(
-                step.sums, torch.stack(layer_filters).to(loss.device, loss.dtype),
+                sums, torch.stack(layer_filters).to(loss.device, loss.dtype),
                 loss=loss, r_k=noise_estimates[step.index], ok=ok, lr=group["lr"], sigma=group["sigma"], q=group["q"],
                 weight_decay=group["weight_decay"], symmetric=group["symmetric"],
             )
@@ -178,28 +178,23 @@ class KOALAPlusPlus(KoalaOptimizer):
         return ok
 
 
-def layer_products(p, h, h_prev, v_prev, weight_decay: float) -> torch.Tensor:
-    """``[H.H, H.H_prev, H.v_prev, theta.theta]`` of one layer in float32 or wider (E11-E13, E3)."""
-    dtype = reduction_dtype(p.dtype)
-    flat = h.reshape(-1).to(dtype)
-    theta_sq = dot(p, p, dtype) if weight_decay != 0 else torch.zeros((), dtype=dtype, device=p.device)
-    return torch.stack([torch.dot(flat, flat), dot(flat, h_prev, dtype), dot(flat, v_prev, dtype), theta_sq])
-
-
 class KalmanCoefficients(NamedTuple):
-    coefficients: torch.Tensor  # [n, 7], columns C_V ... TAKE_H
+    coefficients: torch.Tensor  # [n, 7], in the layout's columns of coefficients
     filters: torch.Tensor  # [n, 4], the layers' new filter state
 
 
 def kalman_coefficients(products, filters, *, loss, r_k, ok, lr, sigma, q, weight_decay, symmetric) -> KalmanCoefficients:
     """The scalar algebra of E10-E17 for a batch of layers (pure: tensors in, tensors out, on the device).
 
-    ``products``: ``[n, 4]`` rows of :func:`layer_products`; ``filters``:
+    ``products``: ``[n, 4]`` rows of ``H.H``, ``H.H_prev``, ``H.v_prev`` and
+    ``theta.theta`` (E11-E13, E3) in the layout's columns of sums; ``filters``:
     ``[n, 4]`` rows of ``S_prev, H_prev.H_prev, H_prev.v_prev, ready``. Returns
-    the ``[n, 7]`` elementwise coefficients (columns ``C_V ... TAKE_H``, masked
-    so that a layer not updated keeps its state) and the new ``filters``.
+    the ``[n, 7]`` elementwise coefficients of ``v <- c_v v + c_h H + c_hp H_prev``,
+    ``theta <- theta + step_v v + step_h H`` and ``H_prev <- keep_hp H_prev + take_h H``
+    (masked so that a layer not updated keeps its state) and the new ``filters``.
     """
-    hh, a, b, theta_sq = products.unbind(-1)
+    sums = layouts.KOALA_PLUS_PLUS.unstack("sums", products)
+    hh, a, b, theta_sq = sums["hh"], sums["h_hprev"], sums["h_v"], sums["theta_theta"]
     s_prev, x, y, ready = filters.unbind(-1)
     ready = ready > 0
     # E10: a layer without history starts from v_prev = sigma H, H_prev = H.
@@ -228,18 +223,15 @@ def kalman_coefficients(products, filters, *, loss, r_k, ok, lr, sigma, q, weigh
     update = ok & measured & stable
     keep = (~(ok & measured & ~stable)).to(s.dtype)  # an unstable layer restarts from E10
     zero = torch.zeros_like(s)
-    coefficients = torch.stack(
-        [
-            torch.where(update, c_v, keep),
-            torch.where(update, c_h, zero),
-            torch.where(update, c_hp, zero),
-            torch.where(update, -gain, zero),
-            torch.where(update, -gain * q, zero),
-            torch.where(update, zero, keep),
-            update.to(s.dtype),
-        ],
-        dim=-1,
-    )
+    coefficients = layouts.KOALA_PLUS_PLUS.stack("coefficients", {
+        "c_v": torch.where(update, c_v, keep),
+        "c_h": torch.where(update, c_h, zero),
+        "c_hp": torch.where(update, c_hp, zero),
+        "step_v": torch.where(update, -gain, zero),
+        "step_h": torch.where(update, -gain * q, zero),
+        "keep_hp": torch.where(update, zero, keep),
+        "take_h": update.to(s.dtype),
+    })
     new_filters = torch.where(
         update.unsqueeze(-1),
         torch.stack([s, hh, vh, torch.ones_like(s)], dim=-1),  # E17
@@ -249,30 +241,34 @@ def kalman_coefficients(products, filters, *, loss, r_k, ok, lr, sigma, q, weigh
 
 
 # --------------------------------------------------------------- reduction pass
-@group_by_group_sums
-def _eager_products(optimizer, step: GroupStep, device, dtype) -> torch.Tensor:
-    """``[n_layers, 4]`` rows of :func:`layer_products` from the formed ``H``: the reduction of both eager
-    backends (per-tensor and foreach: torch has no multi-tensor dot product)."""
-    vs, h_prevs = step.state_shards("v"), step.state_shards("H_prev")
-    return torch.stack([layer_products(p, h, h_prev, v, step.weight_decay)
-                        for p, h, v, h_prev in zip(step.shards, step.jacobians, vs, h_prevs)])
+def _eager_products(optimizer, step: GroupStep, jacobians, device, dtype) -> torch.Tensor:
+    """``[n_layers, 4]`` sums (E11-E13, E3) from the formed ``H``, each layer's in float32 or wider, a column at a
+    time (torch has no multi-tensor dot product: one ``dot`` per layer and sum on both eager backends, nothing
+    else per layer)."""
+    wide = {dt: reduction_dtype(dt) for dt in {p.dtype for p in step.shards}}
+    flat = [h.reshape(-1).to(wide[p.dtype]) for h, p in zip(jacobians, step.shards)]
+    column = lambda others: torch.stack([dot(h, x, h.dtype) for h, x in zip(flat, others)])  # noqa: E731
+    theta_sq = (torch.stack([dot(p, p, wide[p.dtype]) for p in step.shards]) if step.weight_decay != 0
+                else torch.zeros(len(flat), dtype=dtype, device=device))
+    return layouts.KOALA_PLUS_PLUS.stack("sums", {"hh": column(flat), "h_hprev": column(step.state_shards("H_prev")),
+                                                  "h_v": column(step.state_shards("v")), "theta_theta": theta_sq})
 
 
 @group_by_group_sums
 def _cpu_products(optimizer, step: GroupStep, device, dtype) -> torch.Tensor:
     """One call of the multi-tensor C++ kernel per dtype for all layers (koala_hf.optim.cpu_kernels)."""
     kernels = cpu_kernels()
-    return bucketed_rows([step.shards, step.grads, step.state_shards("H_prev"), step.state_shards("v")],
-                         lambda p, g, h_prev, v: kernels.koala_plus_plus_products(p, g, h_prev, v, step.weight_decay))
+    return bucketed_rows(step.lists(layouts.KOALA_PLUS_PLUS),
+                         lambda *lists: kernels.koala_plus_plus_products(*lists, step.weight_decay))
 
 
 def _triton_products(optimizer, group_steps: list[GroupStep], device, dtype) -> Prepared:
     """A reduction and a combination launch per dtype for the layers of every group (koala_hf.optim.triton_kernels);
     the batch (address tables, copies) is the plan the update uses."""
-    batch = triton_step.StepBatch(
-        [list(zip(s.shards, s.grads, s.state_shards("H_prev"), s.state_shards("v"))) for s in group_steps],
-        [s.weight_decay for s in group_steps], optimizer._triton_layouts)
-    return Prepared(batch.sums(4, "koala_plus_plus_partials", device, dtype), batch)
+    layout = layouts.KOALA_PLUS_PLUS
+    batch = triton_step.StepBatch(layout, [s.layers(layout) for s in group_steps], [s.weight_decay for s in group_steps],
+                                  optimizer._triton_chunk_plans)
+    return Prepared(batch.sums("koala_plus_plus_partials", device, dtype), batch)
 
 
 # ------------------------------------------------------------------ update pass
@@ -280,11 +276,11 @@ def _eager_update(layers_update: Callable) -> Callable:
     """The update pass of an eager backend: E14, E16, E17 on the formed ``H`` by ``layers_update`` (one layer at a
     time, or multi-tensor), skipped where ``ok`` reads back for free, else masked."""
 
-    @group_by_group_update
-    def update(optimizer, step: GroupStep, coefficients: torch.Tensor, ok: torch.Tensor) -> None:
+    @eager_update
+    def update(optimizer, step: GroupStep, jacobians, coefficients: torch.Tensor, ok: torch.Tensor) -> None:
         if skipped_on_host(ok):
             return
-        jacobians = finite_mask(step.jacobians, ok, owned=step.weight_decay != 0)
+        jacobians = finite_mask(jacobians, ok, owned=step.weight_decay != 0)
         layers_update(step.shards, jacobians, step.state_shards("v"), step.state_shards("H_prev"), coefficients)
 
     return update
@@ -294,24 +290,23 @@ def _eager_update(layers_update: Callable) -> Callable:
 def _cpu_update(optimizer, step: GroupStep, coefficients: torch.Tensor, ok: torch.Tensor) -> None:
     """One multi-tensor C++ call per dtype; ``H`` is recomputed inside and a skipped step writes nothing."""
     kernels = cpu_kernels()
-    lists = [step.shards, step.grads, step.state_shards("v"), step.state_shards("H_prev")]
-    for (p, g, v, hp), indices in group_by_device_and_dtype(lists).values():
-        kernels.koala_plus_plus_update(p, g, v, hp, coefficients[indices].cpu(), ok.cpu(), step.weight_decay)
+    for lists, indices in group_by_device_and_dtype(step.lists(layouts.KOALA_PLUS_PLUS)).values():
+        kernels.koala_plus_plus_update(*lists, coefficients[indices].cpu(), ok.cpu(), step.weight_decay)
 
 
 def _triton_update(optimizer, group_steps: list[GroupStep], coefficients: list[torch.Tensor], ok: torch.Tensor, batch) -> None:
     """One launch per dtype for the layers of every group, masked by ``ok`` on the device."""
-    batch.update("koala_plus_plus_update", coefficients, ok, (0, 2, 3))  # writes theta, H_prev, v
+    batch.update("koala_plus_plus_update", coefficients, ok)
 
 
 def _single_tensor_update(params, jacobians, vs, h_prevs, coefficients):
     """E14, E16, E17 one layer at a time."""
     for i, (p, h, v, h_prev) in enumerate(zip(params, jacobians, vs, h_prevs)):
-        c = coefficients[i].to(p.device).unbind()
+        c = layouts.KOALA_PLUS_PLUS.unstack("coefficients", coefficients[i].to(p.device))
         p_w, h_w, v_w, hp_w = widen([p, h, v, h_prev])
-        v_w.mul_(c[C_V]).addcmul_(h_w, c[C_H]).addcmul_(hp_w, c[C_HP])
-        p_w.addcmul_(v_w, c[STEP_V]).addcmul_(h_w, c[STEP_H])
-        hp_w.mul_(c[KEEP_HP]).addcmul_(h_w, c[TAKE_H])
+        v_w.mul_(c["c_v"]).addcmul_(h_w, c["c_h"]).addcmul_(hp_w, c["c_hp"])
+        p_w.addcmul_(v_w, c["step_v"]).addcmul_(h_w, c["step_h"])
+        hp_w.mul_(c["keep_hp"]).addcmul_(h_w, c["take_h"])
         write_back([p, v, h_prev], [p_w, v_w, hp_w])
 
 
@@ -319,21 +314,23 @@ def _foreach_update(params, jacobians, vs, h_prevs, coefficients):
     """E14, E16, E17 with multi-tensor ops, one call per (device, dtype) bucket."""
     buckets = group_by_device_and_dtype([params, jacobians, vs, h_prevs])
     for (device, _), ((p, h, v, h_prev), indices) in buckets.items():
-        c = [list(column.unbind()) for column in coefficients[indices].to(device).T]
+        c = {name: list(column.unbind()) for name, column in
+             layouts.KOALA_PLUS_PLUS.unstack("coefficients", coefficients[indices].to(device)).items()}
         p_w, h_w, v_w, hp_w = (widen(t) for t in (p, h, v, h_prev))
-        torch._foreach_mul_(v_w, c[C_V])
-        torch._foreach_addcmul_(v_w, h_w, c[C_H])
-        torch._foreach_addcmul_(v_w, hp_w, c[C_HP])
-        torch._foreach_addcmul_(p_w, v_w, c[STEP_V])
-        torch._foreach_addcmul_(p_w, h_w, c[STEP_H])
-        torch._foreach_mul_(hp_w, c[KEEP_HP])
-        torch._foreach_addcmul_(hp_w, h_w, c[TAKE_H])
+        torch._foreach_mul_(v_w, c["c_v"])
+        torch._foreach_addcmul_(v_w, h_w, c["c_h"])
+        torch._foreach_addcmul_(v_w, hp_w, c["c_hp"])
+        torch._foreach_addcmul_(p_w, v_w, c["step_v"])
+        torch._foreach_addcmul_(p_w, h_w, c["step_h"])
+        torch._foreach_mul_(hp_w, c["keep_hp"])
+        torch._foreach_addcmul_(hp_w, h_w, c["take_h"])
         for originals, copies in ((p, p_w), (v, v_w), (h_prev, hp_w)):
             write_back(originals, copies)
 
 
 # The passes of each backend (koala_hf.optim.dispatch chooses the backend).
-REDUCTIONS = {Backend.PER_TENSOR: _eager_products, Backend.FOREACH: _eager_products,
+REDUCTIONS = {Backend.PER_TENSOR: eager_reduction(_eager_products, foreach=False),
+              Backend.FOREACH: eager_reduction(_eager_products, foreach=True),
               Backend.FUSED_CPU: _cpu_products, Backend.TRITON: _triton_products}
 UPDATES = {Backend.PER_TENSOR: _eager_update(_single_tensor_update), Backend.FOREACH: _eager_update(_foreach_update),
            Backend.FUSED_CPU: _cpu_update, Backend.TRITON: _triton_update}

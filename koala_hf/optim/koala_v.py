@@ -6,12 +6,15 @@ from typing import NamedTuple
 
 import torch
 
+from koala_hf.optim import layouts
 from koala_hf.optim.base import MIN_JACOBIAN_NORM, KoalaOptimizer
 from koala_hf.optim.cpu_kernels import cpu_kernels
 from koala_hf.optim.dispatch import Backend
 from koala_hf.optim.group_step import (
     GroupStep,
     complete_sums,
+    eager_reduction,
+    eager_update,
     gather,
     group_by_group_sums,
     group_by_group_update,
@@ -90,16 +93,17 @@ class KOALAV(KoalaOptimizer):
         device, dtype = loss.device, loss.dtype
         p_hat = state["P"] + self.shared("q")  # E20
         group_steps = gather(self)
-        reduction = reduce_by_backend(self, group_steps, NORMS, device, dtype)
-        ok = complete_sums(group_steps, reduction.sums, ok, type(self).__name__)
+        reduction = reduce_by_backend(self, group_steps, REDUCTIONS, device, dtype)
+        whole, ok = complete_sums(group_steps, reduction.sums, ok, type(self).__name__)
 
         information, step_sizes = [], []  # ||H||^2 / s of every updated layer, for E22
-        for step in group_steps:
-            result = koala_v_coefficients(step.sums, p_hat=p_hat, loss=loss, r_k=noise_estimates[step.index], ok=ok,
+        for step, sums in zip(group_steps, whole):
+            result = koala_v_coefficients(sums, p_hat=p_hat, loss=loss, r_k=noise_estimates[step.index], ok=ok,
                                           lr=step.group["lr"], weight_decay=step.weight_decay)
             information.append(result.information)
             step_sizes.append(result.step_sizes)
-        update_by_backend(self, group_steps, UPDATES, step_sizes, ok, reduction.plans)
+        update_by_backend(self, group_steps, UPDATES, [layouts.KOALA_V.stack("coefficients", {"step": step})
+                                                       for step in step_sizes], ok, reduction.plans)
 
         if information:
             p_new = p_hat - p_hat * p_hat * torch.cat(information).max()  # E22
@@ -113,38 +117,45 @@ class KoalaVCoefficients(NamedTuple):
 
 
 def koala_v_coefficients(norms, *, p_hat, loss, r_k, ok, lr, weight_decay) -> KoalaVCoefficients:
-    """E21 for a batch of layers from their ``[n, 2]`` rows ``[||H||^2, ||theta||^2]`` (pure, on the device)."""
-    hh, theta_sq = norms.unbind(-1)
+    """E21 for a batch of layers from their ``[n, 2]`` rows of ``||H||^2`` and ``||theta||^2`` in the layout's
+    columns (pure, on the device)."""
+    sums = layouts.KOALA_V.unstack("sums", norms)
+    hh, theta_sq = sums["hh"], sums["theta_theta"]
     s = p_hat * hh + r_k  # E21
     gain = lr * (loss + 0.5 * weight_decay * theta_sq) * p_hat / s
     update = ok & (hh >= MIN_JACOBIAN_NORM**2) & (s > 0) & torch.isfinite(gain)
     return KoalaVCoefficients(torch.where(update, -gain, 0.0), torch.where(update, hh / s, 0.0))
 
 
-@group_by_group_sums
-def _eager_norms(optimizer, step: GroupStep, device, dtype) -> torch.Tensor:
-    return eager_norms(step, device, dtype)
+def _eager_norms(optimizer, step: GroupStep, jacobians, device, dtype) -> torch.Tensor:
+    return layouts.KOALA_V.stack("sums", eager_norms(step, jacobians, device, dtype))
 
 
 @group_by_group_sums
 def _cpu_norms(optimizer, step: GroupStep, device, dtype) -> torch.Tensor:
-    return cpu_norms(step, device, dtype)
+    return cpu_norms(step, layouts.KOALA_V, "koala_v_sums", device, dtype)
 
 
-@group_by_group_update
-def _per_tensor_update(optimizer, step: GroupStep, step_sizes: torch.Tensor, ok: torch.Tensor) -> None:
+def _triton_norms(optimizer, group_steps: list[GroupStep], device, dtype):
+    return triton_norms(optimizer, group_steps, layouts.KOALA_V, "koala_v_partials", device, dtype)
+
+
+@eager_update
+def _per_tensor_update(optimizer, step: GroupStep, jacobians, coefficients: torch.Tensor, ok: torch.Tensor) -> None:
     """``theta += step * H`` one layer at a time (E21), masked by ``ok``."""
-    jacobians = finite_mask(step.jacobians, ok, owned=step.weight_decay != 0)
+    jacobians = finite_mask(jacobians, ok, owned=step.weight_decay != 0)
+    step_sizes = layouts.KOALA_V.unstack("coefficients", coefficients)["step"]
     for p, h, factor in zip(step.shards, jacobians, step_sizes.unbind()):
         p_w, h_w = widen([p, h])
         p_w.addcmul_(h_w, factor.to(p.device))
         write_back([p], [p_w])
 
 
-@group_by_group_update
-def _foreach_update(optimizer, step: GroupStep, step_sizes: torch.Tensor, ok: torch.Tensor) -> None:
+@eager_update
+def _foreach_update(optimizer, step: GroupStep, jacobians, coefficients: torch.Tensor, ok: torch.Tensor) -> None:
     """``theta += step * H`` with multi-tensor ops, one call per (device, dtype) bucket (E21), masked by ``ok``."""
-    jacobians = finite_mask(step.jacobians, ok, owned=step.weight_decay != 0)
+    jacobians = finite_mask(jacobians, ok, owned=step.weight_decay != 0)
+    step_sizes = layouts.KOALA_V.unstack("coefficients", coefficients)["step"]
     for (device, _), ((p, h), indices) in group_by_device_and_dtype([step.shards, jacobians]).items():
         p_w, h_w = widen(p), widen(h)
         torch._foreach_addcmul_(p_w, h_w, list(step_sizes[indices].to(device).unbind()))
@@ -152,20 +163,21 @@ def _foreach_update(optimizer, step: GroupStep, step_sizes: torch.Tensor, ok: to
 
 
 @group_by_group_update
-def _cpu_update(optimizer, step: GroupStep, step_sizes: torch.Tensor, ok: torch.Tensor) -> None:
+def _cpu_update(optimizer, step: GroupStep, coefficients: torch.Tensor, ok: torch.Tensor) -> None:
     """One multi-tensor C++ call per dtype; ``H`` recomputed inside, a skipped step writes nothing."""
     kernels = cpu_kernels()
-    for (p, g), indices in group_by_device_and_dtype([step.shards, step.grads]).values():
-        kernels.koala_v_update(p, g, step_sizes[indices].cpu(), ok.cpu(), step.weight_decay)
+    for lists, indices in group_by_device_and_dtype(step.lists(layouts.KOALA_V)).values():
+        kernels.koala_v_update(*lists, coefficients[indices].cpu(), ok.cpu(), step.weight_decay)
 
 
-def _triton_update(optimizer, group_steps: list[GroupStep], step_sizes: list[torch.Tensor], ok: torch.Tensor, batch) -> None:
+def _triton_update(optimizer, group_steps: list[GroupStep], coefficients: list[torch.Tensor], ok: torch.Tensor, batch) -> None:
     """One launch per dtype for the layers of every group, masked by ``ok`` on the device."""
-    batch.update("koala_v_update", step_sizes, ok, (0,))
+    batch.update("koala_v_update", coefficients, ok)
 
 
 # The passes of each backend (koala_hf.optim.dispatch chooses the backend).
-NORMS = {Backend.PER_TENSOR: _eager_norms, Backend.FOREACH: _eager_norms, Backend.FUSED_CPU: _cpu_norms,
-         Backend.TRITON: triton_norms}
+REDUCTIONS = {Backend.PER_TENSOR: eager_reduction(_eager_norms, foreach=False),
+              Backend.FOREACH: eager_reduction(_eager_norms, foreach=True),
+              Backend.FUSED_CPU: _cpu_norms, Backend.TRITON: _triton_norms}
 UPDATES = {Backend.PER_TENSOR: _per_tensor_update, Backend.FOREACH: _foreach_update, Backend.FUSED_CPU: _cpu_update,
            Backend.TRITON: _triton_update}

@@ -96,7 +96,9 @@ def finite_mask(
         for h in jacobians:
             h.masked_fill_(~ok.to(h.device), 0)
         return jacobians
-    return [torch.where(ok.to(h.device), h, 0) for h in jacobians]
+    zero = torch.zeros((), device=ok.device)  # one 0-d zero for every layer (its dtype defers to each layer's)
+    return [torch.where(ok, h, zero) for h in jacobians] if all(h.device == ok.device for h in jacobians) else \
+        [torch.where(ok.to(h.device), h, zero.to(h.device)) for h in jacobians]
 
 
 def widen(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

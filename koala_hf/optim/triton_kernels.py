@@ -19,7 +19,9 @@ a step launches three kernels:
    skipped step writes nothing and never reads the gradient, and no value is read back to the host.
 
 The scalar algebra in between is the variants' vectorised coefficient functions over the stacked sums. A
-layer's tensors are read through a table of addresses (``data_ptr``). Arithmetic runs in float32 (float64 for
+layer's tensors are read through a table of addresses (``data_ptr``), its lists in the variant's order, and
+the sums and coefficients are read and written in the variant's columns: every position is a ``tl.constexpr``
+argument taken from koala_hf.optim.layouts. Arithmetic runs in float32 (float64 for
 float64 parameters); float16 and bfloat16 tensors are read and written in their own dtype. Compile-time
 arguments are annotated ``tl.constexpr``: Triton's compiler resolves the annotation, its interpreter does not
 look at it.
@@ -55,20 +57,32 @@ def _rounded(x, DTYPE: tl.constexpr):
     return x.to(DTYPE)
 
 
-# They take ``table``: int64 [n_layers, WIDTH], each layer's tensor addresses (one column per list) and, in the
-# last column, its number of elements; ``chunks``: int64 [n_chunks, 2], a chunk's layer and first element;
-# ``decays``: float64 [n_layers], the layer's weight decay; ``rows``: int64 [n_layers], the layer's row in the
-# step's sums and coefficient tables; ``partials``: [n_chunks, K], a chunk's sums.
+@triton.jit
+def _theta_and_jacobian(p, g, index, inside, wd, ACC: tl.constexpr):
+    """``theta`` and ``H = g + wd theta`` (E3) of a block, in the arithmetic dtype."""
+    th = tl.load(p + index, mask=inside, other=0.0).to(ACC)
+    return th, tl.load(g + index, mask=inside, other=0.0).to(ACC) + wd * th
+
+
+# They take ``table``: int64 [n_layers, WIDTH], each layer's tensor addresses (one column per list, in the
+# variant's order: koala_hf.optim.layouts) and, in the last column, its number of elements; ``chunks``: int64
+# [n_chunks, 2], a chunk's layer and first element; ``decays``: float64 [n_layers], the layer's weight decay;
+# ``rows``: int64 [n_layers], the layer's row in the step's sums and coefficient tables; ``partials``:
+# [n_chunks, N_SUM], a chunk's sums. ``LIST_*``, ``SUM_*`` and ``COEF_*`` are the layout's positions.
 
 @triton.jit
 def koala_plus_plus_partials(table, chunks, decays, partials, WIDTH: tl.constexpr, DTYPE: tl.constexpr,
-                              ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                             ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                             LIST_PARAM: tl.constexpr, LIST_GRAD: tl.constexpr, LIST_H_PREV: tl.constexpr,
+                             LIST_V: tl.constexpr, N_SUM: tl.constexpr, SUM_HH: tl.constexpr,
+                             SUM_H_HPREV: tl.constexpr, SUM_H_V: tl.constexpr, SUM_THETA_THETA: tl.constexpr):
+    """E11-E13's ``H.H``, ``H.H_prev``, ``H.v_prev`` and E3's ``theta.theta`` of a chunk."""
     pid, layer, start, numel = _chunk(table, chunks, WIDTH)
-    p = _address(table, layer, 0, WIDTH, DTYPE)
-    g = _address(table, layer, 1, WIDTH, DTYPE)
-    hp = _address(table, layer, 2, WIDTH, DTYPE)
-    v = _address(table, layer, 3, WIDTH, DTYPE)
+    p = _address(table, layer, LIST_PARAM, WIDTH, DTYPE)
+    g = _address(table, layer, LIST_GRAD, WIDTH, DTYPE)
     wd = tl.load(decays + layer).to(ACC)
+    hp = _address(table, layer, LIST_H_PREV, WIDTH, DTYPE)
+    v = _address(table, layer, LIST_V, WIDTH, DTYPE)
     hh = tl.zeros((BLOCK,), dtype=ACC)
     h_hp = tl.zeros((BLOCK,), dtype=ACC)
     h_v = tl.zeros((BLOCK,), dtype=ACC)
@@ -76,28 +90,52 @@ def koala_plus_plus_partials(table, chunks, decays, partials, WIDTH: tl.constexp
     for offset in range(0, tl.minimum(numel - start, CHUNK), BLOCK):  # the chunk, not past the layer
         index = start + offset + tl.arange(0, BLOCK)
         inside = index < numel
-        th = tl.load(p + index, mask=inside, other=0.0).to(ACC)
-        h = tl.load(g + index, mask=inside, other=0.0).to(ACC) + wd * th
+        th, h = _theta_and_jacobian(p, g, index, inside, wd, ACC)
         hh += h * h
         h_hp += h * tl.load(hp + index, mask=inside, other=0.0).to(ACC)
         h_v += h * tl.load(v + index, mask=inside, other=0.0).to(ACC)
         th_th += th * th
-    out = partials + pid * 4
-    tl.store(out, tl.sum(hh, axis=0))
-    tl.store(out + 1, tl.sum(h_hp, axis=0))
-    tl.store(out + 2, tl.sum(h_v, axis=0))
-    tl.store(out + 3, tl.where(wd != 0.0, tl.sum(th_th, axis=0), 0.0))  # theta.theta only enters through wd (E3)
+    out = partials + pid * N_SUM
+    tl.store(out + SUM_HH, tl.sum(hh, axis=0))
+    tl.store(out + SUM_H_HPREV, tl.sum(h_hp, axis=0))
+    tl.store(out + SUM_H_V, tl.sum(h_v, axis=0))
+    tl.store(out + SUM_THETA_THETA, tl.where(wd != 0.0, tl.sum(th_th, axis=0), 0.0))  # only enters through wd (E3)
 
 
 @triton.jit
-def jacobian_partials(table, chunks, decays, partials, WIDTH: tl.constexpr, DTYPE: tl.constexpr,
-                       ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, K: tl.constexpr):
-    """KOALA-V (``K = 2``): ``[H.H, theta.theta]``; KOALA-M (``K = 4``, list 2 = ``w_avg``): and ``[d.d, d.H]``."""
+def koala_v_partials(table, chunks, decays, partials, WIDTH: tl.constexpr, DTYPE: tl.constexpr,
+                     ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, LIST_PARAM: tl.constexpr,
+                     LIST_GRAD: tl.constexpr, N_SUM: tl.constexpr, SUM_HH: tl.constexpr,
+                     SUM_THETA_THETA: tl.constexpr):
+    """E21's ``H.H`` and E3's ``theta.theta`` of a chunk."""
     pid, layer, start, numel = _chunk(table, chunks, WIDTH)
-    p = _address(table, layer, 0, WIDTH, DTYPE)
-    g = _address(table, layer, 1, WIDTH, DTYPE)
-    w = _address(table, layer, 2, WIDTH, DTYPE)
+    p = _address(table, layer, LIST_PARAM, WIDTH, DTYPE)
+    g = _address(table, layer, LIST_GRAD, WIDTH, DTYPE)
     wd = tl.load(decays + layer).to(ACC)
+    hh = tl.zeros((BLOCK,), dtype=ACC)
+    th_th = tl.zeros((BLOCK,), dtype=ACC)
+    for offset in range(0, tl.minimum(numel - start, CHUNK), BLOCK):  # the chunk, not past the layer
+        index = start + offset + tl.arange(0, BLOCK)
+        th, h = _theta_and_jacobian(p, g, index, index < numel, wd, ACC)
+        hh += h * h
+        th_th += th * th
+    out = partials + pid * N_SUM
+    tl.store(out + SUM_HH, tl.sum(hh, axis=0))
+    tl.store(out + SUM_THETA_THETA, tl.where(wd != 0.0, tl.sum(th_th, axis=0), 0.0))
+
+
+@triton.jit
+def koala_m_partials(table, chunks, decays, partials, WIDTH: tl.constexpr, DTYPE: tl.constexpr,
+                     ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, LIST_PARAM: tl.constexpr,
+                     LIST_GRAD: tl.constexpr, LIST_W_AVG: tl.constexpr, LIST_U: tl.constexpr,
+                     N_SUM: tl.constexpr, SUM_HH: tl.constexpr, SUM_THETA_THETA: tl.constexpr,
+                     SUM_DD: tl.constexpr, SUM_DH: tl.constexpr):
+    """E33's ``H.H``, E3's ``theta.theta`` and E30's ``d.d``, ``d.H`` with ``d = w_avg - theta`` of a chunk."""
+    pid, layer, start, numel = _chunk(table, chunks, WIDTH)
+    p = _address(table, layer, LIST_PARAM, WIDTH, DTYPE)
+    g = _address(table, layer, LIST_GRAD, WIDTH, DTYPE)
+    wd = tl.load(decays + layer).to(ACC)
+    w = _address(table, layer, LIST_W_AVG, WIDTH, DTYPE)
     hh = tl.zeros((BLOCK,), dtype=ACC)
     th_th = tl.zeros((BLOCK,), dtype=ACC)
     dd = tl.zeros((BLOCK,), dtype=ACC)
@@ -105,20 +143,17 @@ def jacobian_partials(table, chunks, decays, partials, WIDTH: tl.constexpr, DTYP
     for offset in range(0, tl.minimum(numel - start, CHUNK), BLOCK):  # the chunk, not past the layer
         index = start + offset + tl.arange(0, BLOCK)
         inside = index < numel
-        th = tl.load(p + index, mask=inside, other=0.0).to(ACC)
-        h = tl.load(g + index, mask=inside, other=0.0).to(ACC) + wd * th
+        th, h = _theta_and_jacobian(p, g, index, inside, wd, ACC)
         hh += h * h
         th_th += th * th
-        if K == 4:
-            d = tl.load(w + index, mask=inside, other=0.0).to(ACC) - th
-            dd += d * d
-            dh += d * h
-    out = partials + pid * K
-    tl.store(out, tl.sum(hh, axis=0))
-    tl.store(out + 1, tl.where(wd != 0.0, tl.sum(th_th, axis=0), 0.0))
-    if K == 4:
-        tl.store(out + 2, tl.sum(dd, axis=0))
-        tl.store(out + 3, tl.sum(dh, axis=0))
+        d = tl.load(w + index, mask=inside, other=0.0).to(ACC) - th
+        dd += d * d
+        dh += d * h
+    out = partials + pid * N_SUM
+    tl.store(out + SUM_HH, tl.sum(hh, axis=0))
+    tl.store(out + SUM_THETA_THETA, tl.where(wd != 0.0, tl.sum(th_th, axis=0), 0.0))
+    tl.store(out + SUM_DD, tl.sum(dd, axis=0))
+    tl.store(out + SUM_DH, tl.sum(dh, axis=0))
 
 
 @triton.jit
@@ -137,75 +172,79 @@ def combine(partials, spans, rows, sums, K: tl.constexpr, KP: tl.constexpr):
 
 @triton.jit
 def koala_plus_plus_update(table, chunks, rows, decays, coefficients, ok, WIDTH: tl.constexpr,
-                            DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """E14, E16, E17 with the layer's coefficients ``C_V ... TAKE_H`` (koala_plus_plus.py), masked by ``ok``."""
-    pid, layer, start, numel = _chunk(table, chunks, WIDTH)
-    p = _address(table, layer, 0, WIDTH, DTYPE)
-    g = _address(table, layer, 1, WIDTH, DTYPE)
-    hp = _address(table, layer, 2, WIDTH, DTYPE)
-    v = _address(table, layer, 3, WIDTH, DTYPE)
-    wd = tl.load(decays + layer).to(ACC)
+                           N_COEF: tl.constexpr, COEF_C_V: tl.constexpr, COEF_C_H: tl.constexpr,
+                           COEF_C_HP: tl.constexpr, COEF_STEP_V: tl.constexpr, COEF_STEP_H: tl.constexpr,
+                           COEF_KEEP_HP: tl.constexpr, COEF_TAKE_H: tl.constexpr, LIST_PARAM: tl.constexpr,
+                           LIST_GRAD: tl.constexpr, LIST_H_PREV: tl.constexpr, LIST_V: tl.constexpr,
+                           DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """E14, E16, E17 with the layer's row of coefficients, masked by ``ok``."""
     go = tl.load(ok) != 0  # a skipped step writes nothing and never reads the gradient
-    c = coefficients + tl.load(rows + layer) * 7
-    c_v = tl.load(c).to(ACC)
-    c_h = tl.load(c + 1).to(ACC)
-    c_hp = tl.load(c + 2).to(ACC)
-    step_v = tl.load(c + 3).to(ACC)
-    step_h = tl.load(c + 4).to(ACC)
-    keep_hp = tl.load(c + 5).to(ACC)
-    take_h = tl.load(c + 6).to(ACC)
+    pid, layer, start, numel = _chunk(table, chunks, WIDTH)
+    p = _address(table, layer, LIST_PARAM, WIDTH, DTYPE)
+    g = _address(table, layer, LIST_GRAD, WIDTH, DTYPE)
+    wd = tl.load(decays + layer).to(ACC)
+    h_prevs, vs = _address(table, layer, LIST_H_PREV, WIDTH, DTYPE), _address(table, layer, LIST_V, WIDTH, DTYPE)
+    c = coefficients + tl.load(rows + layer) * N_COEF
+    c_v = tl.load(c + COEF_C_V).to(ACC)
+    c_h = tl.load(c + COEF_C_H).to(ACC)
+    c_hp = tl.load(c + COEF_C_HP).to(ACC)
+    step_v = tl.load(c + COEF_STEP_V).to(ACC)
+    step_h = tl.load(c + COEF_STEP_H).to(ACC)
+    keep_hp = tl.load(c + COEF_KEEP_HP).to(ACC)
+    take_h = tl.load(c + COEF_TAKE_H).to(ACC)
     for offset in range(0, tl.minimum(numel - start, CHUNK), BLOCK):  # the chunk, not past the layer
         index = start + offset + tl.arange(0, BLOCK)
         inside = (index < numel) & go
-        th = tl.load(p + index, mask=inside, other=0.0).to(ACC)
-        h = tl.load(g + index, mask=inside, other=0.0).to(ACC) + wd * th
-        h_prev = tl.load(hp + index, mask=inside, other=0.0).to(ACC)
-        v_new = c_v * tl.load(v + index, mask=inside, other=0.0).to(ACC) + c_h * h + c_hp * h_prev
+        th, h = _theta_and_jacobian(p, g, index, inside, wd, ACC)
+        h_prev = tl.load(h_prevs + index, mask=inside, other=0.0).to(ACC)
+        v_new = c_v * tl.load(vs + index, mask=inside, other=0.0).to(ACC) + c_h * h + c_hp * h_prev
         tl.store(p + index, _rounded(th + step_v * v_new + step_h * h, DTYPE), mask=inside)
-        tl.store(hp + index, _rounded(keep_hp * h_prev + take_h * h, DTYPE), mask=inside)
-        tl.store(v + index, _rounded(v_new, DTYPE), mask=inside)
+        tl.store(h_prevs + index, _rounded(keep_hp * h_prev + take_h * h, DTYPE), mask=inside)
+        tl.store(vs + index, _rounded(v_new, DTYPE), mask=inside)
 
 
 @triton.jit
 def koala_v_update(table, chunks, rows, decays, coefficients, ok, WIDTH: tl.constexpr, DTYPE: tl.constexpr,
-                    ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                   ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, LIST_PARAM: tl.constexpr,
+                   LIST_GRAD: tl.constexpr, N_COEF: tl.constexpr, COEF_STEP: tl.constexpr):
     """E21: ``theta += step H`` with the layer's step, masked by ``ok``."""
     pid, layer, start, numel = _chunk(table, chunks, WIDTH)
-    p = _address(table, layer, 0, WIDTH, DTYPE)
-    g = _address(table, layer, 1, WIDTH, DTYPE)
+    p = _address(table, layer, LIST_PARAM, WIDTH, DTYPE)
+    g = _address(table, layer, LIST_GRAD, WIDTH, DTYPE)
     wd = tl.load(decays + layer).to(ACC)
     go = tl.load(ok) != 0
-    step = tl.load(coefficients + tl.load(rows + layer)).to(ACC)
+    step = tl.load(coefficients + tl.load(rows + layer) * N_COEF + COEF_STEP).to(ACC)
     for offset in range(0, tl.minimum(numel - start, CHUNK), BLOCK):  # the chunk, not past the layer
         index = start + offset + tl.arange(0, BLOCK)
         inside = (index < numel) & go
-        th = tl.load(p + index, mask=inside, other=0.0).to(ACC)
-        h = tl.load(g + index, mask=inside, other=0.0).to(ACC) + wd * th
+        th, h = _theta_and_jacobian(p, g, index, inside, wd, ACC)
         tl.store(p + index, _rounded(th + step * h, DTYPE), mask=inside)
 
 
 @triton.jit
 def koala_m_update(table, chunks, rows, decays, coefficients, ok, decay, WIDTH: tl.constexpr,
-                    DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """E33, E34 with the layer's coefficients ``STEP_THETA ... TAKE_THETA`` (koala_m.py), then E31's predict
-    ``theta += u, u *= a`` from theta and u as stored (rounded where 16-bit, as the eager paths do); masked."""
+                   DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                   LIST_PARAM: tl.constexpr, LIST_GRAD: tl.constexpr, LIST_W_AVG: tl.constexpr,
+                   LIST_U: tl.constexpr, N_COEF: tl.constexpr, COEF_STEP_THETA: tl.constexpr,
+                   COEF_STEP_U: tl.constexpr, COEF_KEEP_AVG: tl.constexpr, COEF_TAKE_THETA: tl.constexpr):
+    """E33, E34 with the layer's row of coefficients, then E31's predict ``theta += u, u *= a`` from theta and u as
+    stored (rounded where 16-bit, as the eager paths do); masked by ``ok``."""
     pid, layer, start, numel = _chunk(table, chunks, WIDTH)
-    p = _address(table, layer, 0, WIDTH, DTYPE)
-    g = _address(table, layer, 1, WIDTH, DTYPE)
-    w = _address(table, layer, 2, WIDTH, DTYPE)
-    u = _address(table, layer, 3, WIDTH, DTYPE)
+    p = _address(table, layer, LIST_PARAM, WIDTH, DTYPE)
+    g = _address(table, layer, LIST_GRAD, WIDTH, DTYPE)
     wd = tl.load(decays + layer).to(ACC)
+    w = _address(table, layer, LIST_W_AVG, WIDTH, DTYPE)
+    u = _address(table, layer, LIST_U, WIDTH, DTYPE)
     go = tl.load(ok) != 0
-    c = coefficients + tl.load(rows + layer) * 4
-    k_theta = tl.load(c).to(ACC)
-    k_u = tl.load(c + 1).to(ACC)
-    keep = tl.load(c + 2).to(ACC)
-    take = tl.load(c + 3).to(ACC)
+    c = coefficients + tl.load(rows + layer) * N_COEF
+    k_theta = tl.load(c + COEF_STEP_THETA).to(ACC)
+    k_u = tl.load(c + COEF_STEP_U).to(ACC)
+    keep = tl.load(c + COEF_KEEP_AVG).to(ACC)
+    take = tl.load(c + COEF_TAKE_THETA).to(ACC)
     for offset in range(0, tl.minimum(numel - start, CHUNK), BLOCK):  # the chunk, not past the layer
         index = start + offset + tl.arange(0, BLOCK)
         inside = (index < numel) & go
-        th = tl.load(p + index, mask=inside, other=0.0).to(ACC)
-        h = tl.load(g + index, mask=inside, other=0.0).to(ACC) + wd * th
+        th, h = _theta_and_jacobian(p, g, index, inside, wd, ACC)
         th_post = th + k_theta * h
         u_post = _rounded(tl.load(u + index, mask=inside, other=0.0).to(ACC) + k_u * h, DTYPE).to(ACC)
         tl.store(w + index, _rounded(keep * tl.load(w + index, mask=inside, other=0.0).to(ACC) + take * th_post, DTYPE),
@@ -225,4 +264,5 @@ def probe(source, target):
 INTERPRETED = type(probe).__name__ == "InterpretedFunction"
 # The launched kernels, by name (koala_hf.optim.triton_step launches them through triton_runtime.launch).
 LAUNCHED = {kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__: kernel for kernel in (
-    koala_plus_plus_partials, jacobian_partials, combine, koala_plus_plus_update, koala_v_update, koala_m_update)}
+    koala_plus_plus_partials, koala_v_partials, koala_m_partials, combine, koala_plus_plus_update, koala_v_update,
+    koala_m_update)}

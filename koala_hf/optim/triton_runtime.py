@@ -22,6 +22,9 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+OLDEST_TRITON = (3, 2)
+
+
 def unavailable(devices: set[str]) -> str | None:
     """Why the Triton kernels cannot run on ``devices`` here, or ``None`` when they can."""
     try:
@@ -31,6 +34,10 @@ def unavailable(devices: set[str]) -> str | None:
     others = sorted(devices - {"cuda"})
     if others == ["cpu"] and not interpreting():
         return "on the CPU they run only through Triton's interpreter: set TRITON_INTERPRET=1 (slow; for tests)"
+    if too_old(triton.__version__):
+        return (f"Triton {triton.__version__}'s compiler gives these kernels' compile-time arguments the wrong values "
+                f"(found compiling them ahead of time on Triton 3.0); Triton {'.'.join(map(str, OLDEST_TRITON))} or "
+                "newer compiles them (it comes with torch 2.6 and later)")
     if interpreting() != _triton_imported_interpreting():
         return _MODE_CHANGED
     if others == ["cpu"] and not interpreter_runs():
@@ -45,6 +52,11 @@ def unavailable(devices: set[str]) -> str | None:
 
 _MODE_CHANGED = ("TRITON_INTERPRET was changed after Triton was imported, and Triton fixes its mode at import: set it "
                  "in the environment before starting Python")
+
+
+def too_old(version: str) -> bool:
+    """Whether Triton ``version`` predates :data:`OLDEST_TRITON`, the oldest that compiles these kernels correctly."""
+    return tuple(int(part) for part in version.split(".")[:2] if part.isdigit()) < OLDEST_TRITON
 
 
 def launch(kernel, grid: tuple[int, ...], *args, **constants) -> None:

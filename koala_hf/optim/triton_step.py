@@ -2,7 +2,7 @@
 
 The layers of a step are bucketed by dtype, across parameter groups (:class:`StepBatch`). A bucket reads its
 layers' tensors through a table of addresses (``data_ptr``) uploaded once per step (:class:`Bucket`); its chunk
-layout depends only on the layers' sizes and is built once and kept (:class:`Layout`). A layer whose tensors
+plan depends only on the layers' sizes and is built once and kept (:class:`ChunkPlan`). A layer whose tensors
 do not share one dense memory layout (``channels_last`` and other permutations do) runs on contiguous copies
 that the update writes back. :func:`layer_sums` launches a reduction and a combination per bucket,
 :func:`update` one update per bucket; every launch goes through ``triton_runtime.launch``, where
@@ -16,11 +16,12 @@ from dataclasses import dataclass
 import torch
 
 from koala_hf.optim import triton_runtime
+from koala_hf.optim.layouts import PassLayout
 from koala_hf.optim.triton_runtime import BLOCK, CHUNK, triton_dtype
 
 
 @dataclass
-class Layout:
+class ChunkPlan:
     """What depends only on a bucket's layers' sizes, rows and weight decays: built once, kept on the device."""
 
     chunks: torch.Tensor  # int64 [n_chunks, 2]
@@ -29,7 +30,7 @@ class Layout:
     decays: torch.Tensor  # float64 [n_layers], as given (converted to the arithmetic dtype in the kernels)
 
     @classmethod
-    def build(cls, numels: list[int], rows: list[int], decays: list[float], device) -> "Layout":
+    def build(cls, numels: list[int], rows: list[int], decays: list[float], device) -> "ChunkPlan":
         chunks, spans = [], []
         for layer, numel in enumerate(numels):
             starts = range(0, numel, CHUNK)
@@ -43,7 +44,7 @@ class Layout:
 class Bucket:
     """One dtype's layers of a step, as the kernels read them: addresses uploaded once, non-dense layers copied."""
 
-    def __init__(self, layers: list[list[torch.Tensor]], rows: list[int], decays: list[float], layouts: dict):
+    def __init__(self, layers: list[list[torch.Tensor]], rows: list[int], decays: list[float], chunk_plans: dict):
         first = layers[0][0]
         self.device, self.dtype = first.device, first.dtype
         for tensors in layers:
@@ -54,24 +55,22 @@ class Bucket:
         self.tensors = [tensors if _one_dense_layout(tensors) else [t.detach().contiguous() for t in tensors] for tensors in layers]
         numels = [tensors[0].numel() for tensors in self.tensors]
         key = (self.device, self.dtype, tuple(numels), tuple(rows), tuple(decays))
-        if key not in layouts:
-            layouts[key] = Layout.build(numels, rows, decays, self.device)
-        self.layout = layouts[key]
+        if key not in chunk_plans:
+            chunk_plans[key] = ChunkPlan.build(numels, rows, decays, self.device)
+        self.chunks = chunk_plans[key]
         self.table = upload([[t.data_ptr() for t in tensors] + [tensors[0].numel()] for tensors in self.tensors], self.device)
-        self.width = len(layers[0]) + 1
 
     @property
     def constants(self) -> dict:
         acc = torch.float64 if self.dtype == torch.float64 else torch.float32
-        return {"WIDTH": self.width, "DTYPE": triton_dtype(self.dtype), "ACC": triton_dtype(acc), "CHUNK": CHUNK,
-                "BLOCK": BLOCK}
+        return {"DTYPE": triton_dtype(self.dtype), "ACC": triton_dtype(acc), "CHUNK": CHUNK, "BLOCK": BLOCK}
 
     @property
     def n_chunks(self) -> int:
-        return len(self.layout.chunks)
+        return len(self.chunks.chunks)
 
     def write_back(self, written: tuple[int, ...]) -> None:
-        """Store the results of the lists ``written`` into the originals of layers that ran on copies."""
+        """Store the results of the lists at positions ``written`` into the originals of layers that ran on copies."""
         for originals, tensors in zip(self.originals, self.tensors):
             if tensors is not originals:
                 for k in written:
@@ -94,57 +93,67 @@ def _one_dense_layout(tensors: list[torch.Tensor]) -> bool:
     return first.detach().permute(order).is_contiguous()
 
 
-def buckets(layer_lists: list[list[list[torch.Tensor]]], decays: list[float], layouts: dict) -> list[Bucket]:
-    """The step's layers by dtype. ``layer_lists[i]`` is layer ``i``'s tensors (list 0: the parameter); its row
-    in the step's sums and coefficients is ``i``."""
+def buckets(layer_lists: list[list[list[torch.Tensor]]], decays: list[float], chunk_plans: dict) -> list[Bucket]:
+    """The step's layers by dtype. ``layer_lists[i]`` is layer ``i``'s tensors; its row in the step's sums and
+    coefficients is ``i``."""
     by_dtype: dict = {}
     for row, tensors in enumerate(layer_lists):
         by_dtype.setdefault((tensors[0].device, tensors[0].dtype), []).append(row)
-    return [Bucket([layer_lists[r] for r in rows], rows, [decays[r] for r in rows], layouts) for rows in by_dtype.values()]
+    return [Bucket([layer_lists[r] for r in rows], rows, [decays[r] for r in rows], chunk_plans) for rows in by_dtype.values()]
 
 
-def layer_sums(buckets_: list[Bucket], n_layers: int, width: int, kernel: str, device, dtype, **extra) -> torch.Tensor:
-    """``[n_layers, width]`` sums of every layer of the step: a reduction and a combination launch per bucket."""
+def layer_sums(buckets_: list[Bucket], n_layers: int, layout: PassLayout, kernel: str, device, dtype) -> torch.Tensor:
+    """``[n_layers, len(layout.sums)]`` sums of every layer of the step: a reduction and a combination launch per
+    bucket, in the layout's columns."""
     found = triton_runtime.kernels().LAUNCHED
+    width = len(layout.sums)
     sums = torch.empty(n_layers, width, dtype=dtype, device=device)
     for bucket in buckets_:
         partials = torch.empty(bucket.n_chunks, width, dtype=torch.float64 if bucket.dtype == torch.float64 else torch.float32,
                                device=bucket.device)
         if bucket.n_chunks:
-            triton_runtime.launch(found[kernel], (bucket.n_chunks,), bucket.table, bucket.layout.chunks, bucket.layout.decays, partials,
-                   **bucket.constants, **extra)
-        triton_runtime.launch(found["combine"], (len(bucket.layout.rows),), partials, bucket.layout.spans, bucket.layout.rows, sums,
-               K=width, KP=4)
+            triton_runtime.launch(found[kernel], (bucket.n_chunks,), bucket.table, bucket.chunks.chunks, bucket.chunks.decays,
+                                  partials, **bucket.constants, **layout.triton_constants("lists", "sums"))
+        triton_runtime.launch(found["combine"], (len(bucket.chunks.rows),), partials, bucket.chunks.spans, bucket.chunks.rows,
+                              sums, K=width, KP=triton_power_of_two(width))
     return sums
 
 
-def update(buckets_: list[Bucket], kernel: str, coefficients: torch.Tensor, ok: torch.Tensor, written: tuple[int, ...],
+def update(buckets_: list[Bucket], layout: PassLayout, kernel: str, coefficients: torch.Tensor, ok: torch.Tensor,
            *scalars) -> None:
-    """The elementwise update of every layer of the step: one launch per bucket, masked by ``ok`` on the device."""
+    """The elementwise update of every layer of the step: one launch per bucket, masked by ``ok`` on the device;
+    the lists the layout says the update writes are written back where a layer ran on copies."""
     found = triton_runtime.kernels().LAUNCHED
     for bucket in buckets_:
         if bucket.n_chunks:
-            triton_runtime.launch(found[kernel], (bucket.n_chunks,), bucket.table, bucket.layout.chunks, bucket.layout.rows,
-                   bucket.layout.decays, coefficients, ok, *scalars, **bucket.constants)
-        bucket.write_back(written)
+            triton_runtime.launch(found[kernel], (bucket.n_chunks,), bucket.table, bucket.chunks.chunks, bucket.chunks.rows,
+                                  bucket.chunks.decays, coefficients, ok, *scalars, **bucket.constants,
+                                  **layout.triton_constants("lists", "coefficients"))
+        bucket.write_back(layout.written_positions)
+
+
+def triton_power_of_two(n: int) -> int:
+    """The smallest power of two at least ``n`` (a Triton block's size)."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 class StepBatch:
-    """Every group of a step that runs on the Triton kernels, batched: ``layers[g][i]`` is group ``g``'s layer
-    ``i`` (its tensors, the parameter first), ``decays[g]`` the group's weight decay. Built in the reduction pass
-    and kept for the update, so that both read the same addresses (and the same copies)."""
+    """Every group of a step that runs on the Triton kernels, batched, its tensor lists in ``layout``'s order:
+    ``layers[g][i]`` is group ``g``'s layer ``i`` (its tensors), ``decays[g]`` the group's weight decay. Built in
+    the reduction pass and kept for the update, so that both read the same addresses (and the same copies)."""
 
-    def __init__(self, layers: list[list[list[torch.Tensor]]], decays: list[float], layouts: dict):
+    def __init__(self, layout: PassLayout, layers: list[list[list[torch.Tensor]]], decays: list[float], chunk_plans: dict):
+        self.layout = layout
         self.sizes = [len(group) for group in layers]
         flat = [tensors for group in layers for tensors in group]
         flat_decays = [decay for group, decay in zip(layers, decays) for _ in group]
-        self.buckets = buckets(flat, flat_decays, layouts)
+        self.buckets = buckets(flat, flat_decays, chunk_plans)
         self.n_layers = len(flat)
 
-    def sums(self, width: int, kernel: str, device, dtype, **extra) -> list[torch.Tensor]:
-        """Each group's ``[n_layers, width]`` sums (views of one table for the whole step)."""
-        return list(layer_sums(self.buckets, self.n_layers, width, kernel, device, dtype, **extra).split(self.sizes))
+    def sums(self, kernel: str, device, dtype) -> list[torch.Tensor]:
+        """Each group's ``[n_layers, len(layout.sums)]`` sums (views of one table for the whole step)."""
+        return list(layer_sums(self.buckets, self.n_layers, self.layout, kernel, device, dtype).split(self.sizes))
 
-    def update(self, kernel: str, coefficients: list[torch.Tensor], ok: torch.Tensor, written: tuple[int, ...], *scalars) -> None:
+    def update(self, kernel: str, coefficients: list[torch.Tensor], ok: torch.Tensor, *scalars) -> None:
         table = coefficients[0] if len(coefficients) == 1 else torch.cat(coefficients)
-        update(self.buckets, kernel, table, ok, written, *scalars)
+        update(self.buckets, self.layout, kernel, table, ok, *scalars)

@@ -153,8 +153,8 @@ def direct_ops(optimizer, loss) -> list[str]:
 
 @pytest.mark.parametrize("variant, kernels", [
     (KOALAPlusPlus, ("koala_plus_plus_products", "koala_plus_plus_update")),
-    (KOALAV, ("koala_jacobian_sums", "koala_v_update")),
-    (KOALAM, ("koala_jacobian_sums", "koala_m_update")),
+    (KOALAV, ("koala_v_sums", "koala_v_update")),
+    (KOALAM, ("koala_m_sums", "koala_m_update")),
 ], ids=["koala++", "koala-v", "koala-m"])
 def test_the_calls_per_step_do_not_grow_with_the_number_of_layers(variant, kernels):
     calls = {}

@@ -25,16 +25,20 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 namespace {
 
 constexpr int64_t BLOCK = 16384;
-// Columns of the KOALA++ coefficients (koala_plus_plus.py: C_V ... TAKE_H).
-enum { C_V, C_H, C_HP, STEP_V, STEP_H, KEEP_HP, TAKE_H, N_COEFFICIENTS };
-// Columns of the KOALA-M coefficients (koala_m.py: STEP_THETA ... TAKE_THETA).
-enum { M_STEP_THETA, M_STEP_U, M_KEEP_AVG, M_TAKE_THETA, M_COEFFICIENTS };
+// Every tensor list's position, and every column of the sums and coefficients, comes from
+// koala_hf/optim/layouts.py as a compiler flag (cpu_kernels.py passes them): KPP_ for KOALA++, KV_ for
+// KOALA-V, KM_ for KOALA-M; e.g. KPP_LIST_H_PREV, KPP_SUM_H_V, KPP_COEF_STEP_V, KPP_N_LIST, and KPP_WRITTEN,
+// the lists an update writes (bit k: list k).
+static_assert(KPP_N_LIST == 4 && KPP_N_SUM == 4 && KPP_N_COEF == 7, "layouts.py: KOALA++'s lists or columns changed in number");
+static_assert(KV_N_LIST == 2 && KV_N_SUM == 2 && KV_N_COEF == 1, "layouts.py: KOALA-V's lists or columns changed in number");
+static_assert(KM_N_LIST == 4 && KM_N_SUM == 4 && KM_N_COEF == 4, "layouts.py: KOALA-M's lists or columns changed in number");
 
 struct Block {
   int64_t layer, begin, end;
@@ -75,11 +79,12 @@ struct Layers {
     return tensors[list][b.layer].data_ptr<T>() + b.begin;
   }
 
-  // The results of the lists written (by index) into originals that were copied.
-  void write_back(std::initializer_list<size_t> written) {
+  // The results of the lists written (bit k of ``written``: list k) into originals that were copied.
+  void write_back(unsigned written) {
     for (size_t i = 0; i < copied.size(); ++i)
       if (copied[i])
-        for (size_t k : written) originals[k][i].copy_(tensors[k][i]);
+        for (size_t k = 0; k < tensors.size(); ++k)
+          if (written >> k & 1u) originals[k][i].copy_(tensors[k][i]);
   }
 };
 
@@ -153,34 +158,36 @@ struct Loader {
 };
 
 // ------------------------------------------------------------------ KOALA++
-at::Tensor koala_plus_plus_products(at::TensorList params, at::TensorList grads, at::TensorList h_prevs,
-                                    at::TensorList vs, double weight_decay) {
-  Layers layers({params, grads, h_prevs, vs});
+// The tensor lists of every op below arrive in layouts.py's order: list0 ... list3.
+at::Tensor koala_plus_plus_products(at::TensorList list0, at::TensorList list1, at::TensorList list2,
+                                    at::TensorList list3, double weight_decay) {
+  Layers layers({list0, list1, list2, list3});
+  const at::TensorList params = layers.originals[KPP_LIST_PARAM];
   const auto acc_type = params.empty() ? at::kFloat : at::toOpMathType(params[0].scalar_type());
-  if (params.empty()) return at::empty({0, 4}, acc_type);
+  if (params.empty()) return at::empty({0, KPP_N_SUM}, acc_type);
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "koala_plus_plus_products", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using L = Loader<scalar_t, acc_t>;
     using Vec = at::vec::Vectorized<acc_t>;
     const acc_t wd = static_cast<acc_t>(weight_decay);
-    out = layer_sums<4>(layers, acc_type, [&](const Block& k, double* sums) {
-      const scalar_t *p = layers.ptr<scalar_t>(0, k), *g = layers.ptr<scalar_t>(1, k);
-      const scalar_t *hp = layers.ptr<scalar_t>(2, k), *v = layers.ptr<scalar_t>(3, k);
+    out = layer_sums<KPP_N_SUM>(layers, acc_type, [&](const Block& k, double* sums) {
       struct {
         const scalar_t *p, *g, *hp, *v;
         acc_t wd;
         void vector(int64_t i, Vec* x, Vec* y) const {
           Vec th = L::vec(p, i), h = at::vec::fmadd(Vec(wd), th, L::vec(g, i));
-          x[0] = h, y[0] = h, x[1] = h, y[1] = L::vec(hp, i), x[2] = h, y[2] = L::vec(v, i), x[3] = th, y[3] = th;
+          x[KPP_SUM_HH] = h, y[KPP_SUM_HH] = h, x[KPP_SUM_H_HPREV] = h, y[KPP_SUM_H_HPREV] = L::vec(hp, i);
+          x[KPP_SUM_H_V] = h, y[KPP_SUM_H_V] = L::vec(v, i), x[KPP_SUM_THETA_THETA] = th, y[KPP_SUM_THETA_THETA] = th;
         }
         void scalar(int64_t i, acc_t* x, acc_t* y) const {
           acc_t th = static_cast<acc_t>(p[i]), h = static_cast<acc_t>(g[i]) + wd * th;
-          x[0] = h, y[0] = h, x[1] = h, y[1] = static_cast<acc_t>(hp[i]), x[2] = h, y[2] = static_cast<acc_t>(v[i]);
-          x[3] = th, y[3] = th;
+          x[KPP_SUM_HH] = h, y[KPP_SUM_HH] = h, x[KPP_SUM_H_HPREV] = h, y[KPP_SUM_H_HPREV] = static_cast<acc_t>(hp[i]);
+          x[KPP_SUM_H_V] = h, y[KPP_SUM_H_V] = static_cast<acc_t>(v[i]), x[KPP_SUM_THETA_THETA] = th, y[KPP_SUM_THETA_THETA] = th;
         }
-      } load{p, g, hp, v, wd};
-      dot_block<acc_t, 4>(k.end - k.begin, load, sums);
+      } load{layers.ptr<scalar_t>(KPP_LIST_PARAM, k), layers.ptr<scalar_t>(KPP_LIST_GRAD, k),
+             layers.ptr<scalar_t>(KPP_LIST_H_PREV, k), layers.ptr<scalar_t>(KPP_LIST_V, k), wd};
+      dot_block<acc_t, KPP_N_SUM>(k.end - k.begin, load, sums);
     });
   });
   return out;
@@ -188,21 +195,24 @@ at::Tensor koala_plus_plus_products(at::TensorList params, at::TensorList grads,
 
 // ``ok`` false (a non-finite loss or gradient): nothing is written, as the masked coefficients would keep
 // every tensor as it is, and the gradient, which may hold NaN, is never read. So in every update below.
-void koala_plus_plus_update(at::TensorList params, at::TensorList grads, at::TensorList vs, at::TensorList h_prevs,
+void koala_plus_plus_update(at::TensorList list0, at::TensorList list1, at::TensorList list2, at::TensorList list3,
                             const at::Tensor& coefficients, const at::Tensor& ok, double weight_decay) {
+  Layers layers({list0, list1, list2, list3});
+  const at::TensorList params = layers.originals[KPP_LIST_PARAM];
   if (params.empty() || !ok.item<bool>()) return;
-  Layers layers({params, grads, vs, h_prevs});
   const auto acc_type = at::toOpMathType(params[0].scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "koala_plus_plus_update", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor table = coefficient_table(coefficients, params.size(), N_COEFFICIENTS, acc_type);
+    const at::Tensor table = coefficient_table(coefficients, params.size(), KPP_N_COEF, acc_type);
     const acc_t* coefficient = table.const_data_ptr<acc_t>();
     const acc_t wd = static_cast<acc_t>(weight_decay);
     for_each_block_backwards(layers, [&](const Block& k) {
-      scalar_t *p = layers.ptr<scalar_t>(0, k), *v = layers.ptr<scalar_t>(2, k), *hp = layers.ptr<scalar_t>(3, k);
-      const scalar_t* g = layers.ptr<scalar_t>(1, k);
-      const acc_t* c = coefficient + N_COEFFICIENTS * k.layer;
-      const acc_t cv = c[C_V], ch = c[C_H], chp = c[C_HP], sv = c[STEP_V], sh = c[STEP_H], khp = c[KEEP_HP], take = c[TAKE_H];
+      scalar_t *p = layers.ptr<scalar_t>(KPP_LIST_PARAM, k), *v = layers.ptr<scalar_t>(KPP_LIST_V, k);
+      scalar_t* hp = layers.ptr<scalar_t>(KPP_LIST_H_PREV, k);
+      const scalar_t* g = layers.ptr<scalar_t>(KPP_LIST_GRAD, k);
+      const acc_t* c = coefficient + KPP_N_COEF * k.layer;
+      const acc_t cv = c[KPP_COEF_C_V], ch = c[KPP_COEF_C_H], chp = c[KPP_COEF_C_HP], sv = c[KPP_COEF_STEP_V];
+      const acc_t sh = c[KPP_COEF_STEP_H], khp = c[KPP_COEF_KEEP_HP], take = c[KPP_COEF_TAKE_H];
       _Pragma("omp simd")
       for (int64_t i = 0; i < k.end - k.begin; ++i) {
         acc_t th = static_cast<acc_t>(p[i]);
@@ -215,74 +225,86 @@ void koala_plus_plus_update(at::TensorList params, at::TensorList grads, at::Ten
       }
     });
   });
-  layers.write_back({0, 2, 3});
+  layers.write_back(KPP_WRITTEN);
 }
 
 // ---------------------------------------------------------------- KOALA-V/M
-// [H.H, theta.theta] per layer, with ``averages`` (KOALA-M's w_avg, or empty) also [d.d, d.H], d = w_avg - theta.
-at::Tensor koala_jacobian_sums(at::TensorList params, at::TensorList grads, at::TensorList averages, double weight_decay) {
-  const bool distances = !averages.empty();
-  std::vector<at::TensorList> lists{params, grads};
-  if (distances) lists.push_back(averages);
-  Layers layers(lists);
-  const int64_t width = distances ? 4 : 2;
+// The positions of a variant's [H.H, theta.theta] sums and, for KOALA-M, [d.d, d.H] with d = w_avg - theta.
+struct KoalaVSums {
+  static constexpr int PARAM = KV_LIST_PARAM, GRAD = KV_LIST_GRAD, AVERAGE = -1, WIDTH = KV_N_SUM;
+  static constexpr int HH = KV_SUM_HH, THETA_THETA = KV_SUM_THETA_THETA, DD = -1, DH = -1;
+};
+struct KoalaMSums {
+  static constexpr int PARAM = KM_LIST_PARAM, GRAD = KM_LIST_GRAD, AVERAGE = KM_LIST_W_AVG, WIDTH = KM_N_SUM;
+  static constexpr int HH = KM_SUM_HH, THETA_THETA = KM_SUM_THETA_THETA, DD = KM_SUM_DD, DH = KM_SUM_DH;
+};
+
+template <typename S>
+at::Tensor jacobian_sums(Layers& layers, double weight_decay) {
+  const at::TensorList params = layers.originals[S::PARAM];
   const auto acc_type = params.empty() ? at::kFloat : at::toOpMathType(params[0].scalar_type());
-  if (params.empty()) return at::empty({0, width}, acc_type);
+  if (params.empty()) return at::empty({0, S::WIDTH}, acc_type);
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "koala_jacobian_sums", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using L = Loader<scalar_t, acc_t>;
     using Vec = at::vec::Vectorized<acc_t>;
     const acc_t wd = static_cast<acc_t>(weight_decay);
-    struct Load {  // pairs 2 and 3 only with w (dot_block<4>); without it dot_block<2> reads pairs 0 and 1
+    struct Load {
       const scalar_t *p, *g, *w;
       acc_t wd;
       void vector(int64_t i, Vec* x, Vec* y) const {
         Vec th = L::vec(p, i), h = at::vec::fmadd(Vec(wd), th, L::vec(g, i));
-        x[0] = h, y[0] = h, x[1] = th, y[1] = th;
-        if (w != nullptr) {
+        x[S::HH] = h, y[S::HH] = h, x[S::THETA_THETA] = th, y[S::THETA_THETA] = th;
+        if constexpr (S::AVERAGE >= 0) {
           Vec d = L::vec(w, i) - th;
-          x[2] = d, y[2] = d, x[3] = d, y[3] = h;
+          x[S::DD] = d, y[S::DD] = d, x[S::DH] = d, y[S::DH] = h;
         }
       }
       void scalar(int64_t i, acc_t* x, acc_t* y) const {
         acc_t th = static_cast<acc_t>(p[i]), h = static_cast<acc_t>(g[i]) + wd * th;
-        x[0] = h, y[0] = h, x[1] = th, y[1] = th;
-        if (w != nullptr) {
+        x[S::HH] = h, y[S::HH] = h, x[S::THETA_THETA] = th, y[S::THETA_THETA] = th;
+        if constexpr (S::AVERAGE >= 0) {
           acc_t d = static_cast<acc_t>(w[i]) - th;
-          x[2] = d, y[2] = d, x[3] = d, y[3] = h;
+          x[S::DD] = d, y[S::DD] = d, x[S::DH] = d, y[S::DH] = h;
         }
       }
     };
-    if (distances) {
-      out = layer_sums<4>(layers, acc_type, [&](const Block& k, double* sums) {
-        Load load{layers.ptr<scalar_t>(0, k), layers.ptr<scalar_t>(1, k), layers.ptr<scalar_t>(2, k), wd};
-        dot_block<acc_t, 4>(k.end - k.begin, load, sums);
-      });
-    } else {
-      out = layer_sums<2>(layers, acc_type, [&](const Block& k, double* sums) {
-        Load load{layers.ptr<scalar_t>(0, k), layers.ptr<scalar_t>(1, k), nullptr, wd};
-        dot_block<acc_t, 2>(k.end - k.begin, load, sums);
-      });
-    }
+    out = layer_sums<S::WIDTH>(layers, acc_type, [&](const Block& k, double* sums) {
+      const scalar_t* w = S::AVERAGE >= 0 ? layers.ptr<scalar_t>(S::AVERAGE, k) : nullptr;
+      Load load{layers.ptr<scalar_t>(S::PARAM, k), layers.ptr<scalar_t>(S::GRAD, k), w, wd};
+      dot_block<acc_t, S::WIDTH>(k.end - k.begin, load, sums);
+    });
   });
   return out;
 }
 
-void koala_v_update(at::TensorList params, at::TensorList grads, const at::Tensor& steps, const at::Tensor& ok,
+at::Tensor koala_v_sums(at::TensorList list0, at::TensorList list1, double weight_decay) {
+  Layers layers({list0, list1});
+  return jacobian_sums<KoalaVSums>(layers, weight_decay);
+}
+
+at::Tensor koala_m_sums(at::TensorList list0, at::TensorList list1, at::TensorList list2, at::TensorList list3,
+                        double weight_decay) {
+  Layers layers({list0, list1, list2, list3});
+  return jacobian_sums<KoalaMSums>(layers, weight_decay);
+}
+
+void koala_v_update(at::TensorList list0, at::TensorList list1, const at::Tensor& coefficients, const at::Tensor& ok,
                     double weight_decay) {
+  Layers layers({list0, list1});
+  const at::TensorList params = layers.originals[KV_LIST_PARAM];
   if (params.empty() || !ok.item<bool>()) return;
-  Layers layers({params, grads});
   const auto acc_type = at::toOpMathType(params[0].scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "koala_v_update", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor table = coefficient_table(steps.reshape({-1, 1}), params.size(), 1, acc_type);
-    const acc_t* step = table.const_data_ptr<acc_t>();
+    const at::Tensor table = coefficient_table(coefficients, params.size(), KV_N_COEF, acc_type);
+    const acc_t* coefficient = table.const_data_ptr<acc_t>();
     const acc_t wd = static_cast<acc_t>(weight_decay);
     for_each_block_backwards(layers, [&](const Block& k) {
-      scalar_t* p = layers.ptr<scalar_t>(0, k);
-      const scalar_t* g = layers.ptr<scalar_t>(1, k);
-      const acc_t s = step[k.layer];
+      scalar_t* p = layers.ptr<scalar_t>(KV_LIST_PARAM, k);
+      const scalar_t* g = layers.ptr<scalar_t>(KV_LIST_GRAD, k);
+      const acc_t s = coefficient[KV_N_COEF * k.layer + KV_COEF_STEP];
       _Pragma("omp simd")
       for (int64_t i = 0; i < k.end - k.begin; ++i) {
         acc_t th = static_cast<acc_t>(p[i]);
@@ -290,24 +312,27 @@ void koala_v_update(at::TensorList params, at::TensorList grads, const at::Tenso
       }
     });
   });
-  layers.write_back({0});
+  layers.write_back(KV_WRITTEN);
 }
 
-void koala_m_update(at::TensorList params, at::TensorList grads, at::TensorList us, at::TensorList averages,
+void koala_m_update(at::TensorList list0, at::TensorList list1, at::TensorList list2, at::TensorList list3,
                     const at::Tensor& coefficients, const at::Tensor& ok, double decay, double weight_decay) {
+  Layers layers({list0, list1, list2, list3});
+  const at::TensorList params = layers.originals[KM_LIST_PARAM];
   if (params.empty() || !ok.item<bool>()) return;
-  Layers layers({params, grads, us, averages});
   const auto acc_type = at::toOpMathType(params[0].scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "koala_m_update", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor table = coefficient_table(coefficients, params.size(), M_COEFFICIENTS, acc_type);
+    const at::Tensor table = coefficient_table(coefficients, params.size(), KM_N_COEF, acc_type);
     const acc_t* coefficient = table.const_data_ptr<acc_t>();
     const acc_t wd = static_cast<acc_t>(weight_decay), a = static_cast<acc_t>(decay);
     for_each_block_backwards(layers, [&](const Block& k) {
-      scalar_t *p = layers.ptr<scalar_t>(0, k), *u = layers.ptr<scalar_t>(2, k), *w = layers.ptr<scalar_t>(3, k);
-      const scalar_t* g = layers.ptr<scalar_t>(1, k);
-      const acc_t* c = coefficient + M_COEFFICIENTS * k.layer;
-      const acc_t k_theta = c[M_STEP_THETA], k_u = c[M_STEP_U], keep = c[M_KEEP_AVG], take = c[M_TAKE_THETA];
+      scalar_t *p = layers.ptr<scalar_t>(KM_LIST_PARAM, k), *u = layers.ptr<scalar_t>(KM_LIST_U, k);
+      scalar_t* w = layers.ptr<scalar_t>(KM_LIST_W_AVG, k);
+      const scalar_t* g = layers.ptr<scalar_t>(KM_LIST_GRAD, k);
+      const acc_t* c = coefficient + KM_N_COEF * k.layer;
+      const acc_t k_theta = c[KM_COEF_STEP_THETA], k_u = c[KM_COEF_STEP_U], keep = c[KM_COEF_KEEP_AVG];
+      const acc_t take = c[KM_COEF_TAKE_THETA];
       _Pragma("omp simd")
       for (int64_t i = 0; i < k.end - k.begin; ++i) {
         acc_t th = static_cast<acc_t>(p[i]);
@@ -322,25 +347,38 @@ void koala_m_update(at::TensorList params, at::TensorList grads, at::TensorList 
       }
     });
   });
-  layers.write_back({0, 2, 3});
+  layers.write_back(KM_WRITTEN);
 }
 
 }  // namespace
 
+// A pass's tensor lists in layouts.py's order, ``list0 ... listN-1``, those it writes (bit k of ``written``:
+// list k) marked (a!), (b!) ...
+std::string lists(int n, unsigned written = 0) {
+  std::string out;
+  char alias = 'a';
+  for (int k = 0; k < n; ++k)
+    out += (written >> k & 1u ? std::string("Tensor(") + alias++ + "!)[]" : std::string("Tensor[]")) + " list" +
+           std::to_string(k) + ", ";
+  return out;
+}
+
 TORCH_LIBRARY(koala_hf, m) {
-  m.def("koala_plus_plus_products(Tensor[] params, Tensor[] grads, Tensor[] h_prevs, Tensor[] vs, float weight_decay) -> Tensor");
-  m.def("koala_plus_plus_update(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] vs, Tensor(c!)[] h_prevs, "
-        "Tensor coefficients, Tensor ok, float weight_decay) -> ()");
-  m.def("koala_jacobian_sums(Tensor[] params, Tensor[] grads, Tensor[] averages, float weight_decay) -> Tensor");
-  m.def("koala_v_update(Tensor(a!)[] params, Tensor[] grads, Tensor steps, Tensor ok, float weight_decay) -> ()");
-  m.def("koala_m_update(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] us, Tensor(c!)[] averages, "
-        "Tensor coefficients, Tensor ok, float decay, float weight_decay) -> ()");
+  m.def(("koala_plus_plus_products(" + lists(KPP_N_LIST) + "float weight_decay) -> Tensor").c_str());
+  m.def(("koala_plus_plus_update(" + lists(KPP_N_LIST, KPP_WRITTEN) +
+         "Tensor coefficients, Tensor ok, float weight_decay) -> ()").c_str());
+  m.def(("koala_v_sums(" + lists(KV_N_LIST) + "float weight_decay) -> Tensor").c_str());
+  m.def(("koala_v_update(" + lists(KV_N_LIST, KV_WRITTEN) + "Tensor coefficients, Tensor ok, float weight_decay) -> ()").c_str());
+  m.def(("koala_m_sums(" + lists(KM_N_LIST) + "float weight_decay) -> Tensor").c_str());
+  m.def(("koala_m_update(" + lists(KM_N_LIST, KM_WRITTEN) +
+         "Tensor coefficients, Tensor ok, float decay, float weight_decay) -> ()").c_str());
 }
 
 TORCH_LIBRARY_IMPL(koala_hf, CPU, m) {
   m.impl("koala_plus_plus_products", &koala_plus_plus_products);
   m.impl("koala_plus_plus_update", &koala_plus_plus_update);
-  m.impl("koala_jacobian_sums", &koala_jacobian_sums);
+  m.impl("koala_v_sums", &koala_v_sums);
   m.impl("koala_v_update", &koala_v_update);
+  m.impl("koala_m_sums", &koala_m_sums);
   m.impl("koala_m_update", &koala_m_update);
 }
