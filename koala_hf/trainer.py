@@ -19,6 +19,9 @@ training forward's outputs are read where the model returns them (a forward hook
   the Trainer back-propagated, summed over the step's micro-batches, and the noise measurement falls back to
   ``L^2``; a one-time notice names the cause.
 
+Which of these routes a run takes is held by one object, ``trainer.measurement``
+(:class:`koala_hf.trainer_measurement.TrainerMeasurement`, whose module documents the routes and their states).
+
 Without an optimizer, KoalaTrainer builds one: the variant named by :class:`KoalaTrainingArguments`, or,
 given the Trainer's own ``TrainingArguments`` (replacing ``Trainer`` by ``KoalaTrainer`` in an existing
 script), KOALA++, at its own default learning rate when ``learning_rate`` was left at the Trainer's default.
@@ -46,6 +49,7 @@ from koala_hf.loops import koala_optimizer
 from koala_hf.optim.base import KoalaOptimizer, constructor_defaults
 from koala_hf.per_sample import per_sample_losses
 from koala_hf.registry import optimizer_entry
+from koala_hf.trainer_measurement import FALLBACK, Route, TrainerMeasurement, check_per_sample_losses
 from koala_hf.training_args import KoalaTrainingArguments, trainer_optim_chosen
 from koala_hf.unwrap import innermost_model
 
@@ -56,8 +60,6 @@ SHARDED_SETUP_ERROR = (
     "one, which would silently change the algorithm, so it is not supported. Use FSDP2 (accelerate's "
     "fsdp_version: 2, recipes/accelerate_configs/fsdp.yaml), DDP (multi-GPU / multi-node configs) or one process."
 )
-FALLBACK = ("KOALA measures the loss the Trainer back-propagated instead (exact), and its noise measurement falls "
-            "back to loss**2 (E1). Override KoalaTrainer.per_sample_losses to provide per-sample losses.")
 
 
 def refuse_sharded_setups(*, fsdp: bool, deepspeed: bool) -> None:
@@ -104,7 +106,7 @@ class KoalaTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if self.optimizer is None and self.optimizer_cls_and_kwargs is None:
             self.optimizer_cls_and_kwargs = self._koala_optimizer_to_build()
-        if self._uses_koala():
+        if self._koala() is not None or self._builds_koala():
             fsdp_version = getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) if self.is_fsdp_enabled else 0
             refuse_sharded_setups(fsdp=fsdp_version == 1, deepspeed=self.is_deepspeed_enabled)
             if self.args.world_size > 1 and getattr(self.args, "average_tokens_across_devices", True) is False:
@@ -115,12 +117,9 @@ class KoalaTrainer(Trainer):
                                "would otherwise be the mean of each process's own token mean)")
         overridden = type(self).per_sample_losses is not KoalaTrainer.per_sample_losses
         self._loss_in_front = _overrides_before(type(self), "compute_loss", KoalaTrainer)  # a compute_loss before ours
-        self._derive_per_sample = overridden or self._loss_in_front is None
-        self._in_training_step = self._observed_micro_batch = False
-        self._backpropagated = None  # fallback measurement: the step's summed back-propagated loss
-        self._fallback_noticed = False
-        self._measurement_checked = False
-        self._renormalise = False  # the model ignores num_items_in_batch: its loss is rescaled (see the module)
+        # How the loss reaches the step (koala_hf.trainer_measurement: its routes and their states).
+        self.measurement = TrainerMeasurement(Route.UNCHECKED if overridden or self._loss_in_front is None
+                                              else Route.BACKPROPAGATED)
         self.scaler_skipped_steps = 0
         self.add_callback(_FeedTheStep(self))
 
@@ -149,10 +148,15 @@ class KoalaTrainer(Trainer):
                           " (no optimizer given; the Trainer's default learning rate is AdamW's, KOALA++ takes its own)"))
         return cls, kwargs
 
-    def _uses_koala(self) -> bool:
-        if self.optimizer is not None:
-            return koala_optimizer(self.optimizer) is not None
-        return self.optimizer_cls_and_kwargs is not None and issubclass(self.optimizer_cls_and_kwargs[0], KoalaOptimizer)
+    def _koala(self) -> KoalaOptimizer | None:
+        """The KOALA optimizer this Trainer steps (inside Accelerate's wrapper), or ``None`` (none yet, or a
+        baseline): the one place that decides whether KOALA is in use."""
+        return koala_optimizer(self.optimizer) if self.optimizer is not None else None
+
+    def _builds_koala(self) -> bool:
+        """No optimizer yet, and the one the Trainer will build is a KOALA variant."""
+        return (self.optimizer is None and self.optimizer_cls_and_kwargs is not None
+                and issubclass(self.optimizer_cls_and_kwargs[0], KoalaOptimizer))
 
     # ------------------------------------------------------- measurement
     def per_sample_losses(self, model, outputs, labels, inputs) -> torch.Tensor | None:
@@ -178,8 +182,8 @@ class KoalaTrainer(Trainer):
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        optimizer = koala_optimizer(self.optimizer) if self.optimizer is not None else None
-        if not (self._in_training_step and self._derive_per_sample and optimizer is not None):
+        measurement, optimizer = self.measurement, self._koala()
+        if not (measurement.in_training_step and measurement.route.per_sample and optimizer is not None):
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         labels = inputs.get("labels")  # the Trainer may pop it
         with _training_forwards(model) as forwards:
@@ -188,80 +192,35 @@ class KoalaTrainer(Trainer):
         losses = self.per_sample_losses(model, forwards[0], labels, inputs) if len(forwards) == 1 else None
         if losses is not None and losses.numel() == 0:
             losses = None
-        if not self._measurement_checked:
-            self._measurement_checked = True
-            losses = self._check_measurement(loss, losses, num_items_in_batch, len(forwards))
-            if losses is None:
-                self._derive_per_sample = False  # measure what is back-propagated from now on
-        if losses is not None:
-            optimizer.observe(losses.mean(), losses)
-            self._observed_micro_batch = True
-            if self._renormalise:  # the micro-batch's token sum over the step's token count, in the loss's dtype
+        if measurement.route is Route.UNCHECKED:
+            route, notice = check_per_sample_losses(
+                losses, loss, num_items_in_batch=num_items_in_batch,
+                normalised=self.model_accepts_loss_kwargs or self.compute_loss_func is not None,
+                num_processes=self.accelerator.num_processes, forwards=len(forwards), trainer=type(self).__name__,
+                model=type(innermost_model(self.model)).__name__)
+            measurement.settle(route, notice)
+        if losses is not None and measurement.route.per_sample:
+            measurement.observe_per_sample(optimizer, losses)
+            if measurement.route is Route.RESCALED:  # the micro-batch's token sum over the step's token count
                 count = num_items_in_batch.to(loss.dtype) if torch.is_tensor(num_items_in_batch) else float(num_items_in_batch)
                 loss = loss * losses.numel() / count
         return (loss, *result[1:]) if return_outputs else loss
 
-    def _check_measurement(self, loss, losses, num_items_in_batch, forwards: int):
-        """The per-sample losses if they average to the loss ``compute_loss`` returned, else ``None`` with a
-        notice naming why (first step only; the one host read of the run)."""
-        name = type(self).__name__
-        if losses is None:
-            cause = (f"{forwards} forward passes computed this loss" if forwards != 1 else
-                     "the training forward's outputs give none (no logits, log-probabilities or labels)")
-            self._notice(f"{name}: no per-sample losses: {cause}. {FALLBACK}")
-            return None
-        # With average_tokens_across_devices the token count is every process's, and the Trainer multiplies
-        # the loss (in place) by the number of processes, so that averaging the gradients undoes it.
-        scales = {1.0, float(self.accelerator.num_processes)}
-        normalised = num_items_in_batch is not None and (self.model_accepts_loss_kwargs or self.compute_loss_func is not None)
-        candidates = [losses.mean().float()] + ([losses.sum().float() / num_items_in_batch] if normalised else [])
-        values = torch.stack([c.to(loss.device) for c in candidates] + [loss.detach().float()]).tolist()
-        *derived, reported = values
-
-        def matches(value: float) -> bool:
-            return any(abs(value * scale - reported) <= 1e-3 * abs(reported) + 1e-6 for scale in scales)
-
-        if normalised and matches(derived[1]):
-            return losses
-        if matches(derived[0]):
-            if normalised and abs(derived[0] - derived[1]) > 1e-3 * abs(derived[0]) + 1e-6:
-                model_name = type(innermost_model(self.model)).__name__
-                self._renormalise = True
-                self._notice(f"{name}: {model_name} takes **kwargs but ignores num_items_in_batch: its loss is each "
-                             "micro-batch's own token mean, and the Trainer, expecting a loss normalised by the "
-                             "step's token count, does not divide it by the accumulation steps. KoalaTrainer "
-                             "rescales it to the step's token normalisation, so that the gradient is that of the "
-                             "step's token mean, which KOALA measures per token.")
-            return losses
-        expected = derived[1] if normalised else derived[0]
-        self._notice(f"{name}: the loss compute_loss returned ({reported:.6g}) is not the mean of the per-sample "
-                     f"losses derived from the model's outputs ({expected:.6g}): a custom or weighted loss, an "
-                     "auxiliary term, or a loss type KoalaTrainer does not read (for TRL's, use "
-                     f"koala_hf.KoalaSFTTrainer). {FALLBACK}")
-        return None
-
     def training_step(self, model, inputs, num_items_in_batch=None):
-        self._in_training_step, self._observed_micro_batch = True, False
+        measurement = self.measurement
+        measurement.begin_micro_batch()
         try:
             loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
-            self._in_training_step = False
-        if self._uses_koala() and not self._observed_micro_batch:
-            if not self._fallback_noticed:
-                front = self._loss_in_front
-                cause = "none observed" if front is None else (
-                    f"{front.__name__}.compute_loss runs in front of KoalaTrainer's" + (
-                        "" if front is type(self) else f"; put KoalaTrainer first: class {type(self).__name__}"
-                        f"(KoalaTrainer, {front.__name__})"))
-                self._notice(f"{type(self).__name__}: no per-sample losses for this model/loss ({cause}). {FALLBACK}")
-            # What was back-propagated for this micro-batch, already divided for accumulation.
-            contribution = loss.detach().float()
-            self._backpropagated = contribution if self._backpropagated is None else self._backpropagated + contribution
+            measurement.in_training_step = False
+        if self._koala() is not None and measurement.end_micro_batch(loss):
+            front = self._loss_in_front
+            cause = "none observed" if front is None else (
+                f"{front.__name__}.compute_loss runs in front of KoalaTrainer's" + (
+                    "" if front is type(self) else f"; put KoalaTrainer first: class {type(self).__name__}"
+                    f"(KoalaTrainer, {front.__name__})"))
+            measurement.notice(f"{type(self).__name__}: no per-sample losses for this model/loss ({cause}). {FALLBACK}")
         return loss
-
-    def _notice(self, message: str) -> None:
-        self._fallback_noticed = True
-        logger.warning(message)
 
     # ------------------------------------------------------ logs and saving
     def _issue_warnings_after_load(self, load_result) -> None:
@@ -273,14 +232,14 @@ class KoalaTrainer(Trainer):
         super()._issue_warnings_after_load(type(load_result)(missing, load_result.unexpected_keys))
 
     def log(self, logs: dict, *args, **kwargs) -> None:
-        optimizer = koala_optimizer(self.optimizer) if self.optimizer is not None else None
+        optimizer = self._koala()
         if optimizer is not None and "loss" in logs:
             logs = {**logs, **optimizer.diagnostics(), "koala/scaler_skipped_steps": float(self.scaler_skipped_steps)}
         super().log(logs, *args, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Saves the posterior weights (KOALA-M's ``eval()`` mode); checkpoints keep the training state."""
-        optimizer = koala_optimizer(self.optimizer) if self.optimizer is not None else None
+        optimizer = self._koala()
         switch = not _internal_call and optimizer is not None and hasattr(optimizer, "eval")
         if switch:
             optimizer.eval()
@@ -326,29 +285,26 @@ def _training_forwards(model):
 
 
 class _FeedTheStep(TrainerCallback):
-    """Around each optimizer step: observe a fallback measurement; drop one a grad scaler skipped."""
+    """Around each optimizer step: observe a back-propagated measurement; drop one a grad scaler skipped."""
 
     def __init__(self, trainer: KoalaTrainer):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
-        optimizer = koala_optimizer(self.trainer.optimizer)
+        optimizer = self.trainer._koala()
         if optimizer is not None:
             # Sum the measurement over exactly the processes whose gradients DDP averages: none when the
             # Trainer runs each process on its own (e.g. a process group it does not use).
             optimizer.measurement.process_group = None if args.world_size > 1 else False
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        trainer = self.trainer
-        if trainer._backpropagated is not None:
-            optimizer = koala_optimizer(trainer.optimizer)
-            if optimizer is not None:
-                optimizer.observe(trainer._backpropagated)
-            trainer._backpropagated = None
+        optimizer = self.trainer._koala()
+        if optimizer is not None:
+            self.trainer.measurement.feed(optimizer)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         trainer = self.trainer
-        optimizer = koala_optimizer(trainer.optimizer)
+        optimizer = trainer._koala()
         if optimizer is None:
             return
         if trainer.accelerator.optimizer_step_was_skipped:

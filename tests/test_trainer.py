@@ -21,6 +21,7 @@ from transformers.trainer_pt_utils import LabelSmoother
 
 from koala_hf import KOALAM, KOALAPlusPlus, KoalaTrainer, KoalaTrainingArguments, koala_optimizer
 from koala_hf.trainer import refuse_sharded_setups
+from koala_hf.trainer_measurement import Route
 from tests.helpers import RecordingMeasurements, counting_sequences, tiny_gpt2
 
 transformers.logging.set_verbosity_error()
@@ -492,6 +493,6 @@ def test_a_model_whose_loss_matches_keeps_its_per_sample_losses(tmp_path):
     optimizer = Recording(model.parameters())
     trainer = KoalaTrainer(model=model, args=arguments(tmp_path, max_steps=2), train_dataset=data, optimizers=(optimizer, None))
     trainer.train()
-    assert trainer._derive_per_sample and trainer._measurement_checked
+    assert trainer.measurement.route is Route.PER_SAMPLE  # checked on the first micro-batch, and kept
     (loss, noise), _ = optimizer.measured
     assert noise.item() > loss.item() ** 2  # mean(l_i^2) > L^2: measured from the per-token losses

@@ -23,7 +23,7 @@ torch.save(
         "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
         "world_size": trainer.args.world_size,
         "distributed_type": str(trainer.accelerator.distributed_type),
-        "measured_per_sample": trainer._derive_per_sample,
+        "measured_per_sample": trainer.measurement.route.per_sample,
     },
     f"{output_dir}/rank{trainer.args.process_index}.pt",
 )

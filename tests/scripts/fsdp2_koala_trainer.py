@@ -46,7 +46,7 @@ torch.save(
         "distributed_type": str(trainer.accelerator.distributed_type),
         "sharded": type(next(trainer.model.parameters())).__name__,
         "koala_steps": koala_optimizer(trainer.optimizer).state["koala"]["step"].item(),
-        "measured_per_sample": trainer._derive_per_sample,
+        "measured_per_sample": trainer.measurement.route.per_sample,
     },
     f"{output_dir}/rank{trainer.args.process_index}{'-resumed' if resume else ''}.pt",
 )
