@@ -21,7 +21,8 @@ Per task and schedule the grid (``GRIDS``): the tuned baseline(s), KOALA++ with 
 E1c (``none``) at three lrs bracketing the best constant-lr setting of the earlier benchmarks, KOALA-V and
 KOALA-M at their default lr and three more. Where a KOALA line's best lr is the edge of its grid, the line
 goes on past that edge by factors of 3 (``next_lr``, at most ``EXTEND`` more runs) until the best is interior. Then, at the best KOALA++ setting: sigma and q at three values
-each (``SIGMA_Q``). Then the best KOALA++ and the best baseline at three seeds (``SEEDS``; 12 epochs for the LM).
+each (``SIGMA_Q``). Then the best KOALA++, the best KOALA setting of any variant (when another leads) and the
+best baseline at three seeds (``SEEDS``; 12 epochs for the LM).
 
 Every run is skipped when its results.json is there (an interrupted sweep resumes). A constant-lr LM run of
 benchmarks/wikitext2_paper_protocol.py with the same settings is reused rather than trained again (its
@@ -207,9 +208,11 @@ def main(argv=None) -> None:
         if "seeds" not in args.phases:
             continue
         koala = sweep.best(model, is_koala)
+        any_koala = sweep.best(model, lambda r: r["optimizer"] not in BASELINES)  # KOALA-V or -M may lead
         baseline = sweep.best(model, lambda r: r["optimizer"] in BASELINES)
-        sweep.save(**{model: {"best_koala": koala["path"], "best_baseline": baseline["path"]}})
-        for chosen in (koala, baseline):
+        sweep.save(**{model: {"best_koala": koala["path"], "best_any_koala": any_koala["path"],
+                              "best_baseline": baseline["path"]}})
+        for chosen in (koala, *([any_koala] if any_koala is not koala else []), baseline):
             extra = {k: chosen[k] for k in SIGMA_Q if k in chosen}
             for seed in SEEDS:
                 sweep.run("seeds", model, chosen["schedule"], chosen["optimizer"], chosen["noise"],

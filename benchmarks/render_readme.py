@@ -8,7 +8,8 @@ docs/; every section must appear somewhere. main: ``main_job_cpu/compare.md`` (r
 wikitext2 and wikitext2-long: ``wikitext2_paper_protocol_cpu/compare.md`` and ``long.md``
 (benchmarks/wikitext2_paper_protocol.py); vision: ``digits_cpu/digits.md`` (benchmarks/digits_vision.py);
 performance: every ``*_step_*.md`` table (benchmarks/optimizer_step.py, train_step.py; ``*_cuda.md`` from
-benchmarks/gpu_check.sh); fsdp2: ``fsdp2_state_memory_*.md`` (benchmarks/fsdp2_state_memory.py); summary:
+benchmarks/gpu_check.sh); fsdp2: ``fsdp2_state_memory_*.md`` (benchmarks/fsdp2_state_memory.py); guidance:
+every ``guidance_cpu/<task>/guidance.md`` (benchmarks/render_guidance.py, from the guidance sweep); summary:
 the README's small table, computed here from ``long.json``, the frozen grid's runs and ``digits.json``. A
 section without a result file says so.
 """
@@ -26,6 +27,7 @@ SECTIONS = {
     "vision": "digits_cpu/digits.md",
     "performance": "*_step_*.md",
     "fsdp2": "fsdp2_state_memory_*.md",
+    "guidance": "guidance_cpu/*/guidance.md",
 }
 
 
