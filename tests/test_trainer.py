@@ -1,6 +1,7 @@
 """KoalaTrainer: the loss reaches the step in every training setup (E1 through the Trainer)."""
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -301,6 +302,38 @@ def test_under_the_default_linear_decay_the_logged_effective_step_is_that_of_the
     applied = lr0 * (1 - (steps - 1) / steps)
     expected = (applied * optimizer.state["koala"]["loss"] / s).mean().item()
     assert last["koala/effective_step"] == pytest.approx(expected, rel=1e-6) and expected > 0
+
+
+def advice_run(tmp_path, lr, noise):
+    """300 steps of KoalaTrainer on the tiny GPT, logged every 25 steps; returns the trainer and the advice."""
+    args = arguments(tmp_path, max_steps=300, logging_steps=25, learning_rate=lr, lr_scheduler_type="constant",
+                     koala_kwargs={"noise": noise})
+    trainer = KoalaTrainer(model=tiny_gpt2(), args=args, train_dataset=counting_sequences(512))
+    with pytest.MonkeyPatch.context() as patch:
+        said = []
+        patch.setattr(logging.getLogger("koala_hf"), "warning", lambda message, *a, **k: said.append(message))
+        trainer.train()
+    return trainer, [message for message in said if "koala/" in message]
+
+
+def test_the_papers_lm_lr_with_e1a_noise_gets_advice_in_the_log_with_the_sgd_step_it_takes(tmp_path):
+    """lr 1e-3 with E1a on a loss near 3.4: R ~ L^2 is all of S, and each step is an SGD step of lr L/R (sigma+q)
+    (E15, E16; the spec's note on the papers' LM setting). Said once, with that figure from the state."""
+    trainer, advice = advice_run(tmp_path, 1e-3, "second_moment")
+    assert len(advice) == 1 and "noise='none'" in advice[0], advice
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all(entry["koala/noise_share"] > 0.99 for entry in logs)
+    said_at = next(entry for entry in logs if entry["step"] == 25 + 200)  # a full window after the first reading
+    sgd_step = 1e-3 * said_at["koala/measured_loss"] / said_at["koala/R"] * (0.1 + 0.1)  # one group: R is its own
+    assert f"= {sgd_step:.3g}" in advice[0]
+
+
+def test_a_healthy_run_gets_no_advice(tmp_path):
+    """E1c at lr 1e-2: R fades, the loss falls from 3.4 to near 0, and nothing is said."""
+    trainer, advice = advice_run(tmp_path, 1e-2, "none")
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logs[-1]["loss"] < 0.1 * logs[0]["loss"] and logs[-1]["koala/noise_share"] < 0.01
+    assert advice == []
 
 
 def test_under_bf16_autocast_the_measurement_is_the_float32_cross_entropy_of_the_bf16_logits(tmp_path):

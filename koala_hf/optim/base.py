@@ -32,6 +32,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from koala_hf.measurement import LossMeasurement
 from koala_hf.optim import checkpoint, dispatch
+from koala_hf.optim.advice import Reading, TrainingAdvisor
 from koala_hf.optim.checkpoint import FILTER_STATE
 from koala_hf.optim.layers import StepWorkspace
 from koala_hf.optim.noise import noise_estimates
@@ -102,6 +103,7 @@ class KoalaOptimizer(torch.optim.Optimizer):
         self._checked_parameters = WeakIdKeyDictionary()  # parameters check_parameter has accepted, held weakly
         self._triton_chunk_plans: dict = {}  # the Triton kernels' chunk plans by the layers' sizes (triton_step.ChunkPlan)
         self._workspaces: dict = {}  # the CPU foreach paths' reused temporaries by name (StepWorkspace)
+        self._advisor = TrainingAdvisor(type(self).__name__)  # what diagnostics() readings say, said once
 
     def _install_checkpoint_hooks(self) -> None:
         """The save hook (koala_hf.optim.checkpoint.pack); torch's hooks do not survive pickling, so again after it."""
@@ -190,7 +192,9 @@ class KoalaOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def diagnostics(self) -> dict[str, float]:
         """KOALA's own signals for logs: noise estimate ``R``, skipped steps, and the variant's, all of the last
-        step (a learning rate in them is the one that step applied, :meth:`applied_lr`).
+        step (a learning rate in them is the one that step applied, :meth:`applied_lr`). Each reading also goes
+        to the optimizer's :class:`~koala_hf.optim.advice.TrainingAdvisor`, which logs once what a sign of a
+        poor setting calls for.
 
         Reads values back from the device: call it when logging, not every step.
         """
@@ -206,7 +210,14 @@ class KoalaOptimizer(torch.optim.Optimizer):
         if signals["koala/negative_loss_steps"] > 0 and not self._warned_negative_loss:
             self._warn_negative_loss()
         signals.update({key: value.item() for key, value in self._signals(state).items()})
+        skipped = int(signals["koala/skipped_steps"] - signals["koala/negative_loss_steps"])
+        self._advisor.read(Reading(signals, steps=int(state["step"].item()) + int(signals["koala/skipped_steps"]),
+                                   skipped=skipped, sigma_plus_q=self._sgd_step_scale()))
         return signals
+
+    def _sgd_step_scale(self) -> float | None:
+        """The factor that turns ``lr * L / R`` into the step a noise-dominated KOALA takes (advice), if any."""
+        return None
 
     def _signals(self, state: dict) -> dict[str, torch.Tensor]:
         return {}

@@ -157,6 +157,11 @@ class KOALAPlusPlus(KoalaOptimizer):
         return {"koala/innovation_variance": torch.where(stepped, s, 0.0).sum() / count,
                 "koala/effective_step": effective.sum() / count, "koala/noise_share": shares.sum() / count}
 
+    def _sgd_step_scale(self) -> float:
+        """With ``S ~ R``, E16 is an SGD step of ``lr * L / R`` times ``v + q H ~ (sigma + q) H``."""
+        group = self.param_groups[0]
+        return float(group["sigma"]) + float(group["q"])
+
     def _update(self, loss, noise_estimates, ok):
         group_steps = gather(self)
         reduction = reduce_by_backend(self, group_steps, REDUCTIONS, loss.device, loss.dtype)
