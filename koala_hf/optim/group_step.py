@@ -166,14 +166,15 @@ def group_by_group_update(one_group: Callable) -> Callable:
 def eager_reduction(one_group: Callable, foreach: bool) -> Callable:
     """The reduction of an eager backend: each group's ``H = g + wd theta`` (E3) formed one layer at a time, or
     with multi-tensor ops (``foreach``; on the CPU into the optimizer's reused workspace), then
-    ``one_group(optimizer, step, jacobians, device, dtype) -> sums``; the formed ``H`` are the plan."""
+    ``one_group(optimizer, step, jacobians, device, dtype, foreach) -> sums``; the formed ``H`` are the plan."""
 
     def reduction(optimizer, steps, device, dtype) -> Prepared:
         jacobians = []
         for step in steps:
             workspace = optimizer._workspace("H").get(step.params, step.shards) if foreach and step.weight_decay else None
             jacobians.append(measurement_jacobians(step.shards, step.grads, step.weight_decay, foreach, out=workspace))
-        return Prepared([one_group(optimizer, step, h, device, dtype) for step, h in zip(steps, jacobians)], jacobians)
+        return Prepared([one_group(optimizer, step, h, device, dtype, foreach) for step, h in zip(steps, jacobians)],
+                        jacobians)
 
     return reduction
 

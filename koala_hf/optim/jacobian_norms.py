@@ -9,17 +9,16 @@ import torch
 from koala_hf.optim import triton_step
 from koala_hf.optim.cpu_kernels import cpu_kernels
 from koala_hf.optim.group_step import GroupStep, Prepared
-from koala_hf.optim.layers import bucketed_rows, dot
+from koala_hf.optim.layers import bucketed_rows, dots
 from koala_hf.optim.layouts import PassLayout
 
 
-def eager_norms(step: GroupStep, jacobians: list[torch.Tensor], device, dtype) -> dict[str, torch.Tensor]:
-    """The ``hh`` and ``theta_theta`` columns, ``[n_layers]`` each, from the formed ``H`` (per-tensor and foreach
-    paths: torch has no multi-tensor dot product)."""
-    zero = torch.zeros((), dtype=dtype, device=device)
-    wd = step.weight_decay
-    return {"hh": torch.stack([dot(h, h, dtype).to(device) for h in jacobians]),
-            "theta_theta": torch.stack([dot(p, p, dtype).to(device) if wd else zero for p in step.shards])}
+def eager_norms(step: GroupStep, jacobians: list[torch.Tensor], device, dtype, foreach: bool) -> dict[str, torch.Tensor]:
+    """The ``hh`` and ``theta_theta`` columns, ``[n_layers]`` each, from the formed ``H``: a ``dot`` per layer, or
+    multi-tensor sums on the foreach path (:func:`~koala_hf.optim.layers.dots`)."""
+    theta_sq = dots(step.shards, None, dtype, foreach, device) if step.weight_decay else \
+        torch.zeros(len(jacobians), dtype=dtype, device=device)
+    return {"hh": dots(jacobians, None, dtype, foreach, device), "theta_theta": theta_sq}
 
 
 def cpu_norms(step: GroupStep, layout: PassLayout, kernel: str, device, dtype) -> torch.Tensor:

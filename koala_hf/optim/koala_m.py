@@ -23,7 +23,7 @@ from koala_hf.optim.group_step import (
     update_by_backend,
 )
 from koala_hf.optim.jacobian_norms import cpu_norms, eager_norms, triton_norms
-from koala_hf.optim.layers import dot, finite_mask, group_by_device_and_dtype, widen, write_back
+from koala_hf.optim.layers import dot, dots, finite_mask, group_by_device_and_dtype, widen, write_back
 from koala_hf.optim.sharding import local, reduce_sums, sharding_group
 from koala_hf.optim.validation import check_range
 
@@ -254,11 +254,11 @@ def _eager_sums(distances_of: Callable) -> Callable:
     the formed ``H``, with ``d = w_avg - theta`` before the update (E30's distance, see
     :func:`koala_m_coefficients`) from ``distances_of(optimizer, step, dtype)``."""
 
-    def sums(optimizer: KOALAM, step: GroupStep, jacobians, device, dtype) -> torch.Tensor:
+    def sums(optimizer: KOALAM, step: GroupStep, jacobians, device, dtype, foreach: bool) -> torch.Tensor:
         distances = distances_of(optimizer, step, dtype)
-        columns = eager_norms(step, jacobians, device, dtype)
-        columns["dd"] = torch.stack([dot(d, d, dtype) for d in distances]).to(device)
-        columns["dh"] = torch.stack([dot(d, h, dtype) for d, h in zip(distances, jacobians)]).to(device)
+        columns = eager_norms(step, jacobians, device, dtype, foreach)
+        columns["dd"] = dots(distances, None, dtype, foreach, device)
+        columns["dh"] = dots(distances, jacobians, dtype, foreach, device)
         return layouts.KOALA_M.stack("sums", columns)
 
     return sums

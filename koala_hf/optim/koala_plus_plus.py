@@ -39,7 +39,7 @@ from koala_hf.optim.group_step import (
 )
 from koala_hf.optim.layers import (
     bucketed_rows,
-    dot,
+    dots,
     finite_mask,
     group_by_device_and_dtype,
     reduction_dtype,
@@ -246,16 +246,13 @@ def kalman_coefficients(products, filters, *, loss, r_k, ok, lr, sigma, q, weigh
 
 
 # --------------------------------------------------------------- reduction pass
-def _eager_products(optimizer, step: GroupStep, jacobians, device, dtype) -> torch.Tensor:
+def _eager_products(optimizer, step: GroupStep, jacobians, device, dtype, foreach: bool) -> torch.Tensor:
     """``[n_layers, 4]`` sums (E11-E13, E3) from the formed ``H``, each layer's in float32 or wider, a column at a
-    time (torch has no multi-tensor dot product: one ``dot`` per layer and sum on both eager backends, nothing
-    else per layer)."""
-    wide = {dt: reduction_dtype(dt) for dt in {p.dtype for p in step.shards}}
-    flat = [h.reshape(-1).to(wide[p.dtype]) for h, p in zip(jacobians, step.shards)]
-    column = lambda others: torch.stack([dot(h, x, h.dtype) for h, x in zip(flat, others)])  # noqa: E731
-    theta_sq = (torch.stack([dot(p, p, wide[p.dtype]) for p in step.shards]) if step.weight_decay != 0
-                else torch.zeros(len(flat), dtype=dtype, device=device))
-    return layouts.KOALA_PLUS_PLUS.stack("sums", {"hh": column(flat), "h_hprev": column(step.state_shards("H_prev")),
+    time: one ``dot`` per layer, or multi-tensor sums on the foreach path (:func:`~koala_hf.optim.layers.dots`)."""
+    column = lambda others: dots(jacobians, others, None, foreach, device)  # noqa: E731
+    theta_sq = (dots(step.shards, None, None, foreach, device) if step.weight_decay != 0
+                else torch.zeros(len(jacobians), dtype=dtype, device=device))
+    return layouts.KOALA_PLUS_PLUS.stack("sums", {"hh": column(None), "h_hprev": column(step.state_shards("H_prev")),
                                                   "h_v": column(step.state_shards("v")), "theta_theta": theta_sq})
 
 

@@ -127,8 +127,8 @@ def koala_v_coefficients(norms, *, p_hat, loss, r_k, ok, lr, weight_decay) -> Ko
     return KoalaVCoefficients(torch.where(update, -gain, 0.0), torch.where(update, hh / s, 0.0))
 
 
-def _eager_norms(optimizer, step: GroupStep, jacobians, device, dtype) -> torch.Tensor:
-    return layouts.KOALA_V.stack("sums", eager_norms(step, jacobians, device, dtype))
+def _eager_norms(optimizer, step: GroupStep, jacobians, device, dtype, foreach: bool) -> torch.Tensor:
+    return layouts.KOALA_V.stack("sums", eager_norms(step, jacobians, device, dtype, foreach))
 
 
 @group_by_group_sums

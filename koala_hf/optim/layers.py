@@ -9,12 +9,15 @@ without reading a value back to the host.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+@functools.cache  # torch.promote_types dispatches an op: once per dtype, not once per layer and step
 def reduction_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a layer's reductions and update arithmetic run in: at least float32."""
     return torch.promote_types(dtype, torch.float32)
@@ -68,6 +71,52 @@ def dot(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.dot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype))
 
 
+# Devices where the foreach paths take each layer's sums with one ``dot`` per layer: on the CPU a per-layer op
+# costs no launch, and a dot reads its two tensors once. Elsewhere they use multi-tensor sums (``dots``), a
+# constant number of launches for any number of layers. Tests empty it to check those sums on the CPU.
+PER_LAYER_SUMS = ("cpu",)
+
+
+def dots(xs: list[torch.Tensor], ys: list[torch.Tensor] | None, dtype: torch.dtype | None, foreach: bool,
+         device: torch.device) -> torch.Tensor:
+    """``[n]``: ``x_i . y_i`` (``ys=None``: ``x_i . x_i``) accumulated in ``dtype`` (``None``: in each layer's
+    :func:`reduction_dtype`), on ``device``.
+
+    ``foreach``: layers already in their accumulation dtype (float32, float64) and off :data:`PER_LAYER_SUMS`
+    are summed with multi-tensor ops, a fixed number per (device, dtype): ``||x||^2`` as a squared
+    ``_foreach_norm``, and ``x . y`` as ``2 sum(max(p, 0)) - sum(|p|)`` over the products ``p = x * y`` (two
+    1-norms; their rounding is that of a plain sum of the products). The others (16-bit layers, which must
+    widen first) take a ``dot`` each, as the per-tensor path does.
+    """
+    ys_ = xs if ys is None else ys
+    accumulate = [dtype or reduction_dtype(x.dtype) for x in xs]
+    multi = [i for i, (x, y) in enumerate(zip(xs, ys_)) if foreach and x.dtype == y.dtype == accumulate[i]
+             and x.device.type not in PER_LAYER_SUMS]
+    single = sorted(set(range(len(xs))) - set(multi))
+    per_layer = [dot(xs[i], ys_[i], accumulate[i]).to(device) for i in single]
+    if not multi:
+        return torch.stack(per_layer) if xs else torch.zeros(0, dtype=dtype or torch.float32, device=device)
+    columns = []  # (layer indices, their sums)
+    for (x, y), indices in group_by_device_and_dtype([[xs[i] for i in multi], [ys_[i] for i in multi]]).values():
+        if ys is None:
+            sums = torch.stack(torch._foreach_norm(x, 2)).square()
+        else:
+            products = torch._foreach_mul(x, y)
+            magnitudes = torch.stack(torch._foreach_norm(products, 1))
+            torch._foreach_clamp_min_(products, 0.0)
+            sums = 2 * torch.stack(torch._foreach_norm(products, 1)) - magnitudes
+        columns.append(([multi[j] for j in indices], sums.to(device)))
+    if not single and len(columns) == 1:
+        return columns[0][1]
+    if single:
+        columns.append((single, torch.stack(per_layer)))
+    out_dtype = functools.reduce(torch.promote_types, accumulate)
+    out = torch.empty(len(xs), dtype=out_dtype, device=device)
+    for indices, sums in columns:
+        out[indices] = sums.to(out_dtype)
+    return out
+
+
 # Devices whose values a step reads back for free (no device synchronisation): there a skipped step is
 # skipped instead of masked. Tests empty it to run the masked, synchronisation-free path of other devices.
 HOST_READABLE = ("cpu",)
@@ -93,8 +142,11 @@ def finite_mask(
     if ok.device.type in HOST_READABLE and bool(ok):
         return jacobians
     if owned:
+        skipped = {}  # ``~ok`` once per device, not once per layer
         for h in jacobians:
-            h.masked_fill_(~ok.to(h.device), 0)
+            if h.device not in skipped:
+                skipped[h.device] = ~ok.to(h.device)
+            h.masked_fill_(skipped[h.device], 0)
         return jacobians
     zero = torch.zeros((), device=ok.device)  # one 0-d zero for every layer (its dtype defers to each layer's)
     return [torch.where(ok, h, zero) for h in jacobians] if all(h.device == ok.device for h in jacobians) else \

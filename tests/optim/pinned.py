@@ -39,15 +39,17 @@ PATHS = {"per-tensor": {"foreach": False}, "foreach": {"foreach": True}, "fused"
 
 @contextlib.contextmanager
 def masked_like_a_device(path: str):
-    """``foreach-masked``: the masked, synchronisation-free path that devices other than the CPU take."""
+    """``foreach-masked``: the masked, synchronisation-free path that devices other than the CPU take, with their
+    multi-tensor sums."""
     if path != "foreach-masked":
         yield
         return
     readable, layers.HOST_READABLE = layers.HOST_READABLE, ()
+    per_layer, layers.PER_LAYER_SUMS = layers.PER_LAYER_SUMS, ()
     try:
         yield
     finally:
-        layers.HOST_READABLE = readable
+        layers.HOST_READABLE, layers.PER_LAYER_SUMS = readable, per_layer
 
 
 def trajectory(name: str, path: str) -> dict[str, torch.Tensor]:

@@ -2,12 +2,15 @@
 
 import gc
 
+import pytest
 import torch
 
+from koala_hf.optim import layers
 from koala_hf.optim.layers import (
     StepWorkspace,
     bucketed_rows,
     dot,
+    dots,
     finite_mask,
     group_by_device_and_dtype,
     measurement_jacobians,
@@ -81,3 +84,45 @@ def test_buckets_keep_each_tensors_index_and_rows_come_back_in_layer_order():
     assert [indices for _, indices in buckets.values()] == [[0, 2], [1, 3]]
     rows = bucketed_rows([tensors], lambda ts: torch.stack([torch.tensor([float(t.numel())], dtype=t.dtype) for t in ts]))
     assert rows.dtype is torch.float64 and rows[:, 0].tolist() == [2.0, 2.0, 3.0, 1.0]
+
+
+@pytest.mark.parametrize("off_the_cpu", [False, True], ids=["per-layer", "multi-tensor"])
+@pytest.mark.parametrize("accumulate", [None, torch.float64], ids=["each-layers", "float64"])
+def test_the_foreach_sums_equal_float64_dot_products_for_any_mix_of_layers(monkeypatch, off_the_cpu, accumulate):
+    """Multi-tensor sums where a device would take them (PER_LAYER_SUMS emptied), per-layer dots for the 16-bit
+    layers and the rest, every row in layer order: against float64 ``torch.dot`` of the same values."""
+    if off_the_cpu:
+        monkeypatch.setattr(layers, "PER_LAYER_SUMS", ())
+    torch.manual_seed(0)
+    xs = [torch.randn(5, 7), torch.randn(3, dtype=torch.bfloat16), torch.randn(4, 6, dtype=torch.float64),
+          torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last), torch.randn(0), torch.randn(9)]
+    ys = [torch.randn_like(x) for x in xs]
+    for others in (None, ys):
+        pairs = [(x.double().reshape(-1), (x if others is None else y).double().reshape(-1)) for x, y in zip(xs, ys)]
+        expected = torch.stack([torch.dot(x, y) for x, y in pairs])
+        magnitude = torch.stack([torch.dot(x.abs(), y.abs()) for x, y in pairs])  # a float32 sum's error scales with it
+        actual = dots(xs, others, accumulate, True, torch.device("cpu"))
+        assert actual.dtype == torch.float64  # float64 layers (or accumulation) widen the whole column
+        assert ((actual - expected).abs() <= 1e-6 * magnitude).all(), (actual - expected) / magnitude
+    # One dtype, off the CPU: one multi-tensor column, in that dtype, equal to per-layer float32 dots.
+    single = [x.float() for x in xs]
+    column = dots(single, [y.float() for y in ys], None, True, torch.device("cpu"))
+    assert column.dtype == torch.float32
+    expected = torch.stack([dot(x, y.float(), torch.float32) for x, y in zip(single, ys)])
+    magnitude = torch.stack([dot(x.abs(), y.float().abs(), torch.float32) for x, y in zip(single, ys)])
+    assert ((column - expected).abs() <= 1e-6 * magnitude).all()
+
+
+@pytest.mark.parametrize("variant", ["koala++", "koala-v", "koala-m"])
+def test_on_a_device_the_foreach_step_dispatches_one_op_per_layer_at_most_and_within_twice_adamws_at_gpt2_size(variant):
+    """Counted on fake CUDA tensors: the sums are multi-tensor ops (not a dot per layer); what still grows with the
+    layers is one masking op each. At GPT-2 124M's 148 tensors, within 2x AdamW foreach's count (issue target)."""
+    from koala_hf import create_optimizer
+    from koala_hf.optim.profiling import step_dispatches
+
+    make = lambda ps: create_optimizer(variant, ps, lr=0.1, weight_decay=1e-3, foreach=True)  # noqa: E731
+    counted = {n: step_dispatches(make, [(3, 4)] * n) for n in (8, 16, 148)}
+    assert counted[16].ops - counted[8].ops <= 8, counted[16].by_op
+    assert "dot" not in counted[148].by_op and "_local_scalar_dense" not in counted[148].by_op
+    adamw = step_dispatches(lambda ps: torch.optim.AdamW(ps, foreach=True), [(3, 4)] * 148)
+    assert counted[148].ops <= 2 * adamw.ops, (counted[148].ops, adamw.ops)
