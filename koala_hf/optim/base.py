@@ -25,13 +25,13 @@ import functools
 import inspect
 import sys
 import warnings
+import weakref
 from typing import Callable
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from koala_hf.measurement import LossMeasurement
-from koala_hf.optim import checkpoint, dispatch
+from koala_hf.optim import checkpoint, dispatch, triton_step
 from koala_hf.optim.advice import Reading, TrainingAdvisor
 from koala_hf.optim.checkpoint import FILTER_STATE
 from koala_hf.optim.layers import StepWorkspace
@@ -100,8 +100,9 @@ class KoalaOptimizer(torch.optim.Optimizer):
     def _create_caches(self) -> None:
         """What the optimizer keeps between steps that is not state (never saved; rebuilt after a pickle)."""
         self._applied_lrs: list = []  # the learning rates the last step applied, per group (applied_lr)
-        self._checked_parameters = WeakIdKeyDictionary()  # parameters check_parameter has accepted, held weakly
+        self._checked_parameters: dict[int, weakref.ref] = {}  # id -> the parameter check_parameter accepted, held weakly
         self._triton_chunk_plans: dict = {}  # the Triton kernels' chunk plans by the layers' sizes (triton_step.ChunkPlan)
+        self._triton_batches = triton_step.BatchCache()  # the last step's batch per layout, reused while addresses hold
         self._workspaces: dict = {}  # the CPU foreach paths' reused temporaries by name (StepWorkspace)
         self._advisor = TrainingAdvisor(type(self).__name__)  # what diagnostics() readings say, said once
 
@@ -121,6 +122,7 @@ class KoalaOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_warned_negative_loss", False)
         if "_triton_chunk_plans" not in self.__dict__:  # unpickled: the caches are not carried
             self._create_caches()
+        self._triton_batches.clear()  # a loaded state dict brings new state tensors
         for group in self.param_groups:  # groups saved before a hyperparameter existed get this optimizer's value
             for key in self.hyperparameter_names():
                 group.setdefault(key, self.defaults[key])
@@ -180,9 +182,10 @@ class KoalaOptimizer(torch.optim.Optimizer):
         at ``add_param_group``, and at a step for parameters swapped in since (accelerate's FSDP2 preparation
         replaces them by their shards)."""
         for p in params:
-            if p not in self._checked_parameters:
+            seen = self._checked_parameters.get(id(p))  # a plain dict: this runs for every parameter at every step
+            if seen is None or seen() is not p:  # new, or a new object where a freed one was
                 check_parameter(p, type(self).__name__)
-                self._checked_parameters[p] = True
+                self._checked_parameters[id(p)] = weakref.ref(p)
 
     def shared(self, name: str):
         """A hyperparameter of the filter as a whole (``shared_hyperparameters``), read from the first group."""

@@ -33,6 +33,5 @@ def cpu_norms(step: GroupStep, layout: PassLayout, kernel: str, device, dtype) -
 def triton_norms(optimizer, group_steps: list[GroupStep], layout: PassLayout, kernel: str, device, dtype) -> Prepared:
     """The Triton kernels for every group at once (a reduction and a combination launch per dtype); the batch is
     the plan the update uses."""
-    batch = triton_step.StepBatch(layout, [s.layers(layout) for s in group_steps], [s.weight_decay for s in group_steps],
-                                  optimizer._triton_chunk_plans)
+    batch = optimizer._triton_batches.get(layout, group_steps, optimizer._triton_chunk_plans)
     return Prepared(batch.sums(kernel, device, dtype), batch)

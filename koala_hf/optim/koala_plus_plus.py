@@ -47,6 +47,7 @@ from koala_hf.optim.layers import (
     widen,
     write_back,
 )
+from koala_hf.optim.sharding import sharding_group
 from koala_hf.optim.validation import check_prior
 
 # Columns of the per-layer ``filter`` state (saved in checkpoints: this order is their format).
@@ -165,6 +166,11 @@ class KOALAPlusPlus(KoalaOptimizer):
     def _update(self, loss, noise_estimates, ok):
         group_steps = gather(self)
         reduction = reduce_by_backend(self, group_steps, REDUCTIONS, loss.device, loss.dtype)
+        fused = _triton_scalar_step(self, group_steps, reduction, loss, noise_estimates, ok)
+        if fused is not None:  # every group on the Triton kernels: the scalar algebra ran in one launch
+            coefficients, ok = fused
+            reduction.plans[Backend.TRITON].update("koala_plus_plus_update", [coefficients], ok)
+            return ok
         whole, ok = complete_sums(group_steps, reduction.sums, ok, type(self).__name__)  # whole layers': one collective under FSDP2
         coefficients, filters = [], []
         for step, sums in zip(group_steps, whole):
@@ -268,9 +274,38 @@ def _triton_products(optimizer, group_steps: list[GroupStep], device, dtype) -> 
     """A reduction and a combination launch per dtype for the layers of every group (koala_hf.optim.triton_kernels);
     the batch (address tables, copies) is the plan the update uses."""
     layout = layouts.KOALA_PLUS_PLUS
-    batch = triton_step.StepBatch(layout, [s.layers(layout) for s in group_steps], [s.weight_decay for s in group_steps],
-                                  optimizer._triton_chunk_plans)
+    batch = optimizer._triton_batches.get(layout, group_steps, optimizer._triton_chunk_plans)
     return Prepared(batch.sums("koala_plus_plus_partials", device, dtype), batch)
+
+
+# The groups' hyperparameters as the fused scalar step reads them (a row per group; HYPER_* their columns),
+# with the sums computed as kalman_coefficients computes them (in Python floats).
+HYPERPARAMETERS = {"lr": lambda g: g["lr"], "sigma": lambda g: g["sigma"], "q": lambda g: g["q"],
+                   "sigma_plus_q": lambda g: g["sigma"] + g["q"], "half_decay": lambda g: 0.5 * g["weight_decay"],
+                   "symmetric": lambda g: float(g["symmetric"])}
+SCALAR_STEP_CONSTANTS = {"N_HYPER": len(HYPERPARAMETERS), **{f"HYPER_{name.upper()}": i for i, name in enumerate(HYPERPARAMETERS)},
+                         "FILTER_S_PREV": S_PREV, "FILTER_HH_PREV": HH_PREV, "FILTER_VH_PREV": VH_PREV,
+                         "FILTER_READY": READY, "MIN_HH": MIN_JACOBIAN_NORM**2}
+
+
+def _triton_scalar_step(optimizer, group_steps: list[GroupStep], reduction, loss, noise_estimates, ok):
+    """E10-E17 for every layer in one launch (triton_kernels.koala_plus_plus_coefficients): the coefficient table
+    and the step's ``ok``, the filter states written in place; ``None`` where the step is not all on the Triton
+    kernels, is sharded (its sums need the collective first), keeps a layer's filter in another dtype than the
+    step's arithmetic (float32 and float64 parameters mixed), or has a tensor lr. Then kalman_coefficients runs."""
+    batch = reduction.plans.get(Backend.TRITON)
+    if batch is None or any(step.backend is not Backend.TRITON for step in group_steps):
+        return None
+    if any(isinstance(g["lr"], torch.Tensor) for g in optimizer.param_groups) or \
+            sharding_group([p for step in group_steps for p in step.params], type(optimizer).__name__) is not None:
+        return None
+    filters = [state["filter"] for step in group_steps for state in step.states]
+    if any(f.dtype != loss.dtype or f.device != loss.device for f in filters):
+        return None
+    groups = [step.index for step in group_steps for _ in step.states]
+    hyperparameters = [[float(read(group)) for read in HYPERPARAMETERS.values()] for group in optimizer.param_groups]
+    return batch.scalar_step("koala_plus_plus_coefficients", filters, groups, hyperparameters, noise_estimates,
+                             loss, ok, **SCALAR_STEP_CONSTANTS)
 
 
 # ------------------------------------------------------------------ update pass

@@ -171,6 +171,104 @@ def combine(partials, spans, rows, sums, K: tl.constexpr, KP: tl.constexpr):
 
 
 @triton.jit
+def _finite(x):
+    """Elementwise: ``x`` is neither infinite nor NaN (``x - x`` is then exactly 0)."""
+    return (x - x) == 0.0
+
+
+# The scalar step after the reduction, in one program for every layer of the step: ``sums`` [n_layers, N_SUM] in
+# the arithmetic dtype, ``filters`` int64 [n_layers] the address of each layer's ``filter`` state (ACC, written
+# in place, its columns FILTER_*), ``groups`` int64 [n_layers] a layer's parameter group, ``hyper`` float64 [n_groups, N_HYPER] a
+# group's hyperparameters (HYPER_* their columns), ``r_k`` [n_groups] the groups' noise estimates, ``loss`` the
+# measured loss, ``ok`` the step's flag so far; writes ``ok_out`` (``ok`` and every sum finite) and
+# ``coefficients`` [n_layers, N_COEF].
+
+@triton.jit
+def koala_plus_plus_coefficients(sums, filters, groups, hyper, r_k, loss, ok, ok_out, coefficients, n_layers,
+                                 ACC: tl.constexpr, LAYERS: tl.constexpr, N_SUM: tl.constexpr,
+                                 SUM_HH: tl.constexpr, SUM_H_HPREV: tl.constexpr, SUM_H_V: tl.constexpr,
+                                 SUM_THETA_THETA: tl.constexpr, N_COEF: tl.constexpr, COEF_C_V: tl.constexpr,
+                                 COEF_C_H: tl.constexpr, COEF_C_HP: tl.constexpr, COEF_STEP_V: tl.constexpr,
+                                 COEF_STEP_H: tl.constexpr, COEF_KEEP_HP: tl.constexpr, COEF_TAKE_H: tl.constexpr,
+                                 N_HYPER: tl.constexpr, HYPER_LR: tl.constexpr, HYPER_SIGMA: tl.constexpr,
+                                 HYPER_Q: tl.constexpr, HYPER_SIGMA_PLUS_Q: tl.constexpr,
+                                 HYPER_HALF_DECAY: tl.constexpr, HYPER_SYMMETRIC: tl.constexpr,
+                                 FILTER_S_PREV: tl.constexpr, FILTER_HH_PREV: tl.constexpr,
+                                 FILTER_VH_PREV: tl.constexpr, FILTER_READY: tl.constexpr, MIN_HH: tl.constexpr):
+    """E10-E17's scalar algebra for every layer, as koala_plus_plus.kalman_coefficients computes it, and the
+    step's ``ok`` (the sums' finiteness, as group_step.complete_sums checks it). One program: a pass over the
+    sums for ``ok``, then the layers in blocks of ``LAYERS``."""
+    offsets = tl.arange(0, LAYERS)
+    bad = tl.zeros((LAYERS,), dtype=tl.int32)
+    for start in range(0, n_layers, LAYERS):
+        rows = start + offsets
+        inside = rows < n_layers
+        for k in tl.static_range(N_SUM):
+            x = tl.load(sums + rows * N_SUM + k, mask=inside, other=0.0)
+            bad += (inside & ~_finite(x)).to(tl.int32)
+    go = (tl.load(ok) != 0) & (tl.sum(bad, axis=0) == 0)
+    tl.store(ok_out, go)
+    measured_loss = tl.load(loss).to(ACC)
+    for start in range(0, n_layers, LAYERS):
+        rows = start + offsets
+        inside = rows < n_layers
+        row = sums + rows * N_SUM
+        hh = tl.load(row + SUM_HH, mask=inside, other=1.0).to(ACC)
+        a = tl.load(row + SUM_H_HPREV, mask=inside, other=1.0).to(ACC)
+        b = tl.load(row + SUM_H_V, mask=inside, other=1.0).to(ACC)
+        theta_sq = tl.load(row + SUM_THETA_THETA, mask=inside, other=0.0).to(ACC)
+        state = tl.load(filters + rows, mask=inside, other=0).to(tl.pointer_type(ACC))
+        kept_s_prev = tl.load(state + FILTER_S_PREV, mask=inside, other=1.0)
+        kept_x = tl.load(state + FILTER_HH_PREV, mask=inside, other=1.0)
+        kept_y = tl.load(state + FILTER_VH_PREV, mask=inside, other=0.0)
+        ready_value = tl.load(state + FILTER_READY, mask=inside, other=0.0)
+        ready = ready_value > 0
+        group = tl.load(groups + rows, mask=inside, other=0)
+        h = hyper + group * N_HYPER
+        lr = tl.load(h + HYPER_LR, mask=inside, other=0.0).to(ACC)
+        sigma = tl.load(h + HYPER_SIGMA, mask=inside, other=0.0).to(ACC)
+        q = tl.load(h + HYPER_Q, mask=inside, other=0.0).to(ACC)
+        sigma_plus_q = tl.load(h + HYPER_SIGMA_PLUS_Q, mask=inside, other=1.0).to(ACC)  # no 0/0 past the layers
+        half_decay = tl.load(h + HYPER_HALF_DECAY, mask=inside, other=0.0).to(ACC)
+        symmetric = tl.load(h + HYPER_SYMMETRIC, mask=inside, other=0.0) != 0
+        r = tl.load(r_k + group, mask=inside, other=0.0).to(ACC)
+        # E10: a layer without history starts from v_prev = sigma H, H_prev = H.
+        s_prev = tl.where(ready, kept_s_prev, sigma_plus_q * hh + r)
+        x = tl.where(ready, kept_x, hh)
+        y = tl.where(ready, kept_y, sigma * hh)
+        a = tl.where(ready, a, hh)
+        b = tl.where(ready, b, sigma * hh)
+        lam = (b + q * a) / s_prev  # E11
+        alpha = a / x  # E12
+        rho = tl.where(symmetric, b / x - a * y / (x * x), 0.0)  # E13
+        c_v = alpha - lam  # E14
+        c_hp = rho - q * lam
+        c_h = tl.where(ready, q, sigma * c_v + q + c_hp)
+        c_v = tl.where(ready, c_v, 0.0)
+        c_hp = tl.where(ready, c_hp, 0.0)
+        vh = c_v * b + c_h * hh + c_hp * a
+        s = vh + q * hh + r  # E15
+        gain = lr * (measured_loss + half_decay * theta_sq) / s  # E16
+        stable = (s > 0) & _finite(s) & _finite(gain) & _finite(c_v) & _finite(c_h) & _finite(c_hp)
+        usable = go & (hh >= MIN_HH)
+        update = usable & stable
+        keep = tl.where(usable & ~stable, 0.0, 1.0)  # an unstable layer restarts from E10
+        out = coefficients + rows * N_COEF
+        tl.store(out + COEF_C_V, tl.where(update, c_v, keep), mask=inside)
+        tl.store(out + COEF_C_H, tl.where(update, c_h, 0.0), mask=inside)
+        tl.store(out + COEF_C_HP, tl.where(update, c_hp, 0.0), mask=inside)
+        tl.store(out + COEF_STEP_V, tl.where(update, -gain, 0.0), mask=inside)
+        tl.store(out + COEF_STEP_H, tl.where(update, -gain * q, 0.0), mask=inside)
+        tl.store(out + COEF_KEEP_HP, tl.where(update, 0.0, keep), mask=inside)
+        tl.store(out + COEF_TAKE_H, tl.where(update, 1.0, 0.0), mask=inside)
+        # E17, or the filter as it was (cleared where the layer restarts).
+        tl.store(state + FILTER_S_PREV, tl.where(update, s, kept_s_prev * keep), mask=inside)
+        tl.store(state + FILTER_HH_PREV, tl.where(update, hh, kept_x * keep), mask=inside)
+        tl.store(state + FILTER_VH_PREV, tl.where(update, vh, kept_y * keep), mask=inside)
+        tl.store(state + FILTER_READY, tl.where(update, 1.0, ready_value * keep), mask=inside)
+
+
+@triton.jit
 def koala_plus_plus_update(table, chunks, rows, decays, coefficients, ok, WIDTH: tl.constexpr,
                            N_COEF: tl.constexpr, COEF_C_V: tl.constexpr, COEF_C_H: tl.constexpr,
                            COEF_C_HP: tl.constexpr, COEF_STEP_V: tl.constexpr, COEF_STEP_H: tl.constexpr,
@@ -264,5 +362,5 @@ def probe(source, target):
 INTERPRETED = type(probe).__name__ == "InterpretedFunction"
 # The launched kernels, by name (koala_hf.optim.triton_step launches them through triton_runtime.launch).
 LAUNCHED = {kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__: kernel for kernel in (
-    koala_plus_plus_partials, koala_v_partials, koala_m_partials, combine, koala_plus_plus_update, koala_v_update,
-    koala_m_update)}
+    koala_plus_plus_partials, koala_v_partials, koala_m_partials, combine, koala_plus_plus_coefficients,
+    koala_plus_plus_update, koala_v_update, koala_m_update)}

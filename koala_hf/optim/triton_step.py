@@ -4,7 +4,8 @@ The layers of a step are bucketed by dtype, across parameter groups (:class:`Ste
 layers' tensors through a table of addresses (``data_ptr``) uploaded once per step (:class:`Bucket`); its chunk
 plan depends only on the layers' sizes and is built once and kept (:class:`ChunkPlan`). A layer whose tensors
 do not share one dense memory layout (``channels_last`` and other permutations do) runs on contiguous copies
-that the update writes back. :func:`layer_sums` launches a reduction and a combination per bucket,
+that the update writes back. A step's batch is kept (:class:`BatchCache`) and reused for as long as its
+parameters' and gradients' addresses are unchanged, so that a step builds nothing per layer. :func:`layer_sums` launches a reduction and a combination per bucket,
 :func:`update` one update per bucket; every launch goes through ``triton_runtime.launch``, where
 koala_hf.optim.profiling counts them.
 """
@@ -18,6 +19,8 @@ import torch
 from koala_hf.optim import triton_runtime
 from koala_hf.optim.layouts import PassLayout
 from koala_hf.optim.triton_runtime import BLOCK, CHUNK, triton_dtype
+
+SCALAR_BLOCK = 256  # layers per vector operation of the scalar step's one program
 
 
 @dataclass
@@ -51,14 +54,16 @@ class Bucket:
             if any(t.dtype != self.dtype or t.device != self.device for t in tensors):
                 raise ValueError(f"fused Triton step: a layer mixes dtypes or devices ({[(t.dtype, str(t.device)) for t in tensors]}); "
                                  "keep each parameter's gradient and state in its own dtype, or use foreach=True")
-        self.originals = layers
-        self.tensors = [tensors if _one_dense_layout(tensors) else [t.detach().contiguous() for t in tensors] for tensors in layers]
-        numels = [tensors[0].numel() for tensors in self.tensors]
+        tensors = [ts if _one_dense_layout(ts) else [t.detach().contiguous() for t in ts] for ts in layers]
+        # Only the layers on copies are held (to write back): a kept batch holds no gradient alive.
+        self.copies = [(originals, copied) for originals, copied in zip(layers, tensors) if copied is not originals]
+        numels = [ts[0].numel() for ts in tensors]
         key = (self.device, self.dtype, tuple(numels), tuple(rows), tuple(decays))
         if key not in chunk_plans:
             chunk_plans[key] = ChunkPlan.build(numels, rows, decays, self.device)
         self.chunks = chunk_plans[key]
-        self.table = upload([[t.data_ptr() for t in tensors] + [tensors[0].numel()] for tensors in self.tensors], self.device)
+        self.table = upload([[t.data_ptr() for t in ts] + [ts[0].numel()] for ts in tensors], self.device)
+        self.partials: torch.Tensor | None = None  # the reduction's per-chunk sums, allocated at the first step
 
     @property
     def constants(self) -> dict:
@@ -71,16 +76,26 @@ class Bucket:
 
     def write_back(self, written: tuple[int, ...]) -> None:
         """Store the results of the lists at positions ``written`` into the originals of layers that ran on copies."""
-        for originals, tensors in zip(self.originals, self.tensors):
-            if tensors is not originals:
-                for k in written:
-                    originals[k].detach().copy_(tensors[k])
+        for originals, copied in self.copies:
+            for k in written:
+                originals[k].detach().copy_(copied[k])
 
 
-def upload(rows: list[list[int]], device: torch.device) -> torch.Tensor:
-    """An int64 table on ``device`` without a synchronisation: from pinned memory, asynchronously, on CUDA."""
+def upload(rows: list[list], device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """A table on ``device`` without a synchronisation: from pinned memory, asynchronously, on CUDA."""
     pinned = device.type == "cuda" and torch.cuda.is_available()
-    return torch.tensor(rows, dtype=torch.int64, pin_memory=pinned).to(device, non_blocking=True)
+    return torch.tensor(rows, dtype=dtype, pin_memory=pinned).to(device, non_blocking=True)
+
+
+@dataclass
+class ScalarTables:
+    """What the fused scalar step (a variant's ``*_coefficients`` kernel) reads and writes besides the sums, built
+    once per batch: each layer's ``filter`` state address and parameter group, and its two outputs."""
+
+    filters: torch.Tensor  # int64 [n_layers]: the address of each layer's filter state
+    groups: torch.Tensor  # int64 [n_layers]: the index of each layer's parameter group
+    ok: torch.Tensor  # bool []: the step's flag, the sums' finiteness included
+    coefficients: torch.Tensor  # [n_layers, N_COEF]
 
 
 def _one_dense_layout(tensors: list[torch.Tensor]) -> bool:
@@ -102,15 +117,16 @@ def buckets(layer_lists: list[list[list[torch.Tensor]]], decays: list[float], ch
     return [Bucket([layer_lists[r] for r in rows], rows, [decays[r] for r in rows], chunk_plans) for rows in by_dtype.values()]
 
 
-def layer_sums(buckets_: list[Bucket], n_layers: int, layout: PassLayout, kernel: str, device, dtype) -> torch.Tensor:
-    """``[n_layers, len(layout.sums)]`` sums of every layer of the step: a reduction and a combination launch per
-    bucket, in the layout's columns."""
+def layer_sums(buckets_: list[Bucket], sums: torch.Tensor, layout: PassLayout, kernel: str) -> torch.Tensor:
+    """Into ``sums`` (``[n_layers, len(layout.sums)]``), the sums of every layer of the step: a reduction and a
+    combination launch per bucket, in the layout's columns."""
     found = triton_runtime.kernels().LAUNCHED
     width = len(layout.sums)
-    sums = torch.empty(n_layers, width, dtype=dtype, device=device)
     for bucket in buckets_:
-        partials = torch.empty(bucket.n_chunks, width, dtype=torch.float64 if bucket.dtype == torch.float64 else torch.float32,
-                               device=bucket.device)
+        if bucket.partials is None or bucket.partials.shape[1] != width:  # kept with the bucket: no allocation per step
+            bucket.partials = torch.empty(bucket.n_chunks, width, device=bucket.device,
+                                          dtype=torch.float64 if bucket.dtype == torch.float64 else torch.float32)
+        partials = bucket.partials
         if bucket.n_chunks:
             triton_runtime.launch(found[kernel], (bucket.n_chunks,), bucket.table, bucket.chunks.chunks, bucket.chunks.decays,
                                   partials, **bucket.constants, **layout.triton_constants("lists", "sums"))
@@ -149,11 +165,67 @@ class StepBatch:
         flat_decays = [decay for group, decay in zip(layers, decays) for _ in group]
         self.buckets = buckets(flat, flat_decays, chunk_plans)
         self.n_layers = len(flat)
+        self._scalar_tables: ScalarTables | None = None
+        self._sums: torch.Tensor | None = None  # every layer's sums, rewritten at each step
+
+    @property
+    def reusable(self) -> bool:
+        """No layer runs on copies (copies hold one step's values: such a batch is built every step)."""
+        return not any(bucket.copies for bucket in self.buckets)
 
     def sums(self, kernel: str, device, dtype) -> list[torch.Tensor]:
-        """Each group's ``[n_layers, len(layout.sums)]`` sums (views of one table for the whole step)."""
-        return list(layer_sums(self.buckets, self.n_layers, self.layout, kernel, device, dtype).split(self.sizes))
+        """Each group's ``[n_layers, len(layout.sums)]`` sums: views of one table for the whole step, which the
+        batch keeps and rewrites at each step (read within the step)."""
+        if self._sums is None or self._sums.dtype != dtype or self._sums.device != torch.device(device):
+            self._sums = torch.empty(self.n_layers, len(self.layout.sums), dtype=dtype, device=device)
+        return list(layer_sums(self.buckets, self._sums, self.layout, kernel).split(self.sizes))
+
+    def scalar_step(self, kernel: str, filters, groups: list[int], hyperparameters: list[list[float]],
+                    r_k: torch.Tensor, loss: torch.Tensor, ok: torch.Tensor, **constants) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's scalar algebra for every layer in one launch of ``kernel`` (one program), from this step's
+        sums (:meth:`sums` first): returns the
+        ``[n_layers, N_COEF]`` coefficients and the step's ``ok`` with the sums' finiteness; each layer's filter
+        state (``filters``, in ``loss``'s dtype) is written in place. ``groups``: each layer's parameter group;
+        ``hyperparameters``: a row per group, uploaded at every step (a scheduler moves the lr)."""
+        device = loss.device
+        if self._scalar_tables is None:
+            self._scalar_tables = ScalarTables(
+                upload([f.data_ptr() for f in filters], device), upload(groups, device),
+                torch.empty((), dtype=torch.bool, device=device),
+                torch.empty(self.n_layers, len(self.layout.coefficients), dtype=loss.dtype, device=device))
+        tables = self._scalar_tables
+        triton_runtime.launch(triton_runtime.kernels().LAUNCHED[kernel], (1,), self._sums, tables.filters, tables.groups,
+                              upload(hyperparameters, device, torch.float64), r_k, loss, ok, tables.ok,
+                              tables.coefficients, self.n_layers, ACC=triton_dtype(loss.dtype), LAYERS=SCALAR_BLOCK,
+                              **self.layout.triton_constants("sums", "coefficients"), **constants)
+        return tables.coefficients, tables.ok
 
     def update(self, kernel: str, coefficients: list[torch.Tensor], ok: torch.Tensor, *scalars) -> None:
         table = coefficients[0] if len(coefficients) == 1 else torch.cat(coefficients)
         update(self.buckets, self.layout, kernel, table, ok, *scalars)
+
+
+class BatchCache:
+    """Each layout's last :class:`StepBatch`, reused while the step's groups, weight decays and the addresses of
+    their parameters and gradients are those it was built for (gradients set to ``None`` between steps come back
+    at new addresses: then it is rebuilt). The state tensors are the optimizer's own, replaced only when a state
+    dict is loaded: :meth:`clear` then (``KoalaOptimizer.__setstate__``)."""
+
+    def __init__(self) -> None:
+        self._batches: dict[str, tuple[tuple, StepBatch]] = {}
+
+    def clear(self) -> None:
+        self._batches.clear()
+
+    def get(self, layout: PassLayout, group_steps, chunk_plans: dict) -> StepBatch:
+        key = tuple((step.index, step.weight_decay, tuple(p.data_ptr() for p in step.shards),
+                     tuple(g.data_ptr() for g in step.grads)) for step in group_steps)
+        kept = self._batches.get(layout.prefix)
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        batch = StepBatch(layout, [s.layers(layout) for s in group_steps], [s.weight_decay for s in group_steps], chunk_plans)
+        if batch.reusable:
+            self._batches[layout.prefix] = (key, batch)
+        else:
+            self._batches.pop(layout.prefix, None)
+        return batch

@@ -35,6 +35,7 @@ FILTER = {"koala++": {}, "koala++ns": {}, "koala-v": {"sigma": 0.2, "q": 0.5},
           "koala-m": {"sw": 0.1, "sc": 0.01, "sv": 0.1, "a": 0.8, "qw": 0.02, "qv": 0.01}}
 PATHS = {"per-tensor": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True},
          "foreach-masked": {"foreach": True}}
+TRITON = {"triton": {"fused": "triton"}}  # replayed against the per-tensor pins (under Triton's interpreter)
 
 
 @contextlib.contextmanager
@@ -54,7 +55,7 @@ def masked_like_a_device(path: str):
 
 def trajectory(name: str, path: str) -> dict[str, torch.Tensor]:
     model = tiny_network()
-    optimizer = create_optimizer(name, weight_and_bias_groups(model, *GROUPS[name]), **FILTER[name], **PATHS[path])
+    optimizer = create_optimizer(name, weight_and_bias_groups(model, *GROUPS[name]), **FILTER[name], **{**PATHS, **TRITON}[path])
     steps = []
     with masked_like_a_device(path):
         for index, (x, y) in enumerate(regression_batches(STEPS)):

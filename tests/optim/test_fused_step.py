@@ -20,7 +20,7 @@ class MixedNetwork(nn.Module):
     non-contiguous) matrix, a strided view whose gradient is laid out differently (copied and written back),
     vectors, a one-element tensor, float64 and bfloat16 layers beside the float32 ones."""
 
-    def __init__(self):
+    def __init__(self, wide_dtype=torch.float64):
         super().__init__()
         torch.manual_seed(0)
         self.conv = nn.Parameter(torch.randn(6, 3, 3, 3).to(memory_format=torch.channels_last))
@@ -28,7 +28,7 @@ class MixedNetwork(nn.Module):
         self.strided = nn.Parameter(torch.randn(5, 10)[:, ::2])
         self.bias = nn.Parameter(torch.randn(5))
         self.scale = nn.Parameter(torch.randn(1))
-        self.wide = nn.Parameter(torch.randn(40000, dtype=torch.float64))  # more than one block of the kernels
+        self.wide = nn.Parameter(torch.randn(40000, dtype=wide_dtype))  # more than one block of the kernels
         self.low = nn.Parameter(torch.randn(7, 4, dtype=torch.bfloat16))
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,8 +61,8 @@ def train(model: MixedNetwork, optimizer: KOALAPlusPlus, inputs, nan_at: int | N
 STATE_KEYS = {KOALAPlusPlus: ("v", "H_prev", "filter"), KOALAV: (), KOALAM: ("u", "w_avg")}
 
 
-def run(path: dict, nan_at: int | None = None, variant=KOALAPlusPlus):
-    model = MixedNetwork()
+def run(path: dict, nan_at: int | None = None, variant=KOALAPlusPlus, wide_dtype=torch.float64):
+    model = MixedNetwork(wide_dtype)
     assert model.conv.is_contiguous(memory_format=torch.channels_last) and not model.transposed.is_contiguous()
     second = {"symmetric": False, "lr": 0.1} if variant is KOALAPlusPlus else {"lr": 0.05}  # KOALA++ (NS)
     groups = [
