@@ -102,6 +102,11 @@ class LossMeasurement:
 
         No value is read back to the host: the fallback choice is a masked select.
         """
+        return loss_and_noise(self.consume_stats())
+
+    def consume_stats(self) -> torch.Tensor:
+        """The measurement's sums over every sample on every process (``loss_sum, square_sum, count, fallbacks``,
+        what :func:`loss_and_noise` turns into E1's ``(L_k, m_k)``), and reset."""
         stats = self._stats
         if stats is None:
             raise RuntimeError("no loss measurement is pending")
@@ -111,7 +116,13 @@ class LossMeasurement:
             if dist.get_world_size(group) > 1:
                 stats = stats.clone()
                 dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
-        loss_sum, square_sum, count, fallbacks = stats.unbind()
-        mean_loss = loss_sum / count
-        noise = torch.where(fallbacks > 0, mean_loss * mean_loss, square_sum / count)
-        return mean_loss, noise
+        return stats
+
+
+def loss_and_noise(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """E1's ``(L_k, m_k)`` from a measurement's sums (:meth:`LossMeasurement.consume_stats`): the mean loss, and the
+    mean squared per-sample loss, or ``L_k^2`` where a micro-batch gave no per-sample losses."""
+    loss_sum, square_sum, count, fallbacks = stats.unbind()
+    mean_loss = loss_sum / count
+    noise = torch.where(fallbacks > 0, mean_loss * mean_loss, square_sum / count)
+    return mean_loss, noise

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from koala_hf.measurement import loss_and_noise
+
 
 def tiny_network(dtype=torch.float64, seed=0) -> nn.Module:
     torch.manual_seed(seed)
@@ -138,11 +140,11 @@ class RecordingMeasurements:
 
     def __init__(self, optimizer):
         self.measured = []
-        consume = optimizer.measurement.consume
+        consume = optimizer.measurement.consume_stats
 
         def recording_consume():
-            result = consume()
-            self.measured.append(tuple(t.detach().clone() for t in result))
-            return result
+            stats = consume()
+            self.measured.append(tuple(t.detach().clone() for t in loss_and_noise(stats)))
+            return stats
 
-        optimizer.measurement.consume = recording_consume
+        optimizer.measurement.consume_stats = recording_consume

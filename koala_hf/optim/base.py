@@ -6,7 +6,7 @@ then ``step()``; or ``step(closure)`` with a closure returning the loss, as in t
 a measurement no step consumed.
 
 A step consumes the measurement (E1), updates each group's noise estimate ``R_k`` (E2,
-koala_hf.optim.noise), and hands both to the variant's ``_update``, which runs over the per-group records of
+koala_hf.optim.noise), and hands both to the variant's ``_update`` (as koala_hf.optim.step_inputs.StepInputs), which runs over the per-group records of
 koala_hf.optim.group_step on the backend koala_hf.optim.dispatch chooses. A non-finite or negative loss
 (KOALA measures against a target of 0, E1) skips the step: nothing moves, and the skip is counted.
 
@@ -35,7 +35,7 @@ from koala_hf.optim import checkpoint, dispatch, triton_step
 from koala_hf.optim.advice import Reading, TrainingAdvisor
 from koala_hf.optim.checkpoint import FILTER_STATE
 from koala_hf.optim.layers import StepWorkspace
-from koala_hf.optim.noise import noise_estimates
+from koala_hf.optim.step_inputs import StepInputs
 from koala_hf.optim.sharding import check_parameter
 from koala_hf.optim.validation import check_noise, check_range
 
@@ -279,29 +279,17 @@ class KoalaOptimizer(torch.optim.Optimizer):
                 self._create_state()
                 return loss
             raise RuntimeError(missing_loss_message(type(self).__name__))
-        mean_loss, noise_measurement = self._measurement.consume()
-        state = self._filter_state()
-        mean_loss = mean_loss.to(device=state["R"].device, dtype=state["R"].dtype)
-        noise_measurement = noise_measurement.to(device=state["R"].device, dtype=state["R"].dtype)
-
-        previous_estimates = state["R"]
-        estimates = noise_estimates(self.param_groups, previous_estimates, noise_measurement, mean_loss)  # E2
-        negative = mean_loss < 0  # E1 measures against a target of 0: a negative loss would climb
-        ok = torch.isfinite(mean_loss) & torch.isfinite(noise_measurement) & ~negative  # the step may be taken
-        ok = self._update(mean_loss, estimates, ok)  # and was: narrowed where the sums are not finite
+        inputs = StepInputs(self._measurement.consume_stats(), self._filter_state(), self.param_groups)
+        ok = self._update(inputs)  # the step taken: narrowed where the sums are not finite
         # The learning rates this step applied, for diagnostics() read after a scheduler has moved them on.
         self._applied_lrs = [group["lr"].clone() if isinstance(group["lr"], torch.Tensor) else group["lr"]
                              for group in self.param_groups]
-
-        state["R"] = torch.where(ok, estimates, previous_estimates)
-        state["skipped_steps"].add_(~ok)
-        state["negative_loss_steps"].add_(negative)
-        state["step"].add_(ok)  # steps taken; skipped ones are counted apart
-        state["loss"] = torch.where(ok, mean_loss, state["loss"])
+        inputs.record(ok)  # R where taken, the counters, the loss (unless a fused scalar step wrote them)
         return loss
 
-    def _update(self, loss: torch.Tensor, noise_estimates: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-        """Apply one step; ``noise_estimates[i]`` is ``R_k`` of group ``i``. Return the device flag "step taken"."""
+    def _update(self, inputs: StepInputs) -> torch.Tensor:
+        """Apply one step from ``inputs.measured`` (E1, E2: the loss, each group's ``R_k``, ``ok``), or from its raw
+        sums in a fused scalar step. Return the device flag "step taken"."""
         raise NotImplementedError
 
     def _is_state_initialisation(self) -> bool:

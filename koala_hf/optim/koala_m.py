@@ -184,7 +184,8 @@ class KOALAM(KoalaOptimizer):
     def _signals(self, state: dict) -> dict:
         return {"koala/P_weights": state["P"][0, 0], "koala/P_velocity": state["P"][1, 1], "koala/qw_avg": state["qw_avg"]}
 
-    def _update(self, loss, noise_estimates, ok):
+    def _update(self, inputs):
+        loss, noise_estimates, ok = inputs.measured.loss, inputs.measured.estimates, inputs.measured.ok
         state = self._filter_state()
         if not state["training"]:
             raise RuntimeError("KOALAM.step() was called in eval mode; call optimizer.train() first")

@@ -88,7 +88,8 @@ class KOALAV(KoalaOptimizer):
     def _signals(self, state: dict) -> dict:
         return {"koala/P": state["P"]}
 
-    def _update(self, loss, noise_estimates, ok):
+    def _update(self, inputs):
+        loss, noise_estimates, ok = inputs.measured.loss, inputs.measured.estimates, inputs.measured.ok
         state = self._filter_state()
         device, dtype = loss.device, loss.dtype
         p_hat = state["P"] + self.shared("q")  # E20

@@ -178,13 +178,33 @@ def _finite(x):
 
 # The scalar step after the reduction, in one program for every layer of the step: ``sums`` [n_layers, N_SUM] in
 # the arithmetic dtype, ``filters`` int64 [n_layers] the address of each layer's ``filter`` state (ACC, written
-# in place, its columns FILTER_*), ``groups`` int64 [n_layers] a layer's parameter group, ``hyper`` float64 [n_groups, N_HYPER] a
-# group's hyperparameters (HYPER_* their columns), ``r_k`` [n_groups] the groups' noise estimates, ``loss`` the
-# measured loss, ``ok`` the step's flag so far; writes ``ok_out`` (``ok`` and every sum finite) and
+# in place, its columns FILTER_*), ``groups`` int64 [n_layers] a layer's parameter group, ``hyper`` float64
+# [n_groups, N_HYPER] a group's hyperparameters (HYPER_* their columns; HYPER_R is NaN where R_k is estimated,
+# HYPER_MODE 0, 1, 2 for E1a, E1b, E1c), ``stats`` the measurement's sums (koala_hf.measurement), and the
+# filter-wide state: ``noise`` [n_groups] R_k (read, then written where the step is taken), the counters
+# ``steps``, ``skipped``, ``negatives`` and the last ``loss``; writes ``ok_out`` (the step was taken) and
 # ``coefficients`` [n_layers, N_COEF].
 
 @triton.jit
-def koala_plus_plus_coefficients(sums, filters, groups, hyper, r_k, loss, ok, ok_out, coefficients, n_layers,
+def _noise_estimate(hyper, noise, group, inside, measured_noise, measured_loss, N_HYPER: tl.constexpr,
+                    HYPER_R: tl.constexpr, HYPER_MODE: tl.constexpr, HYPER_ALPHA_R: tl.constexpr,
+                    HYPER_ONE_MINUS_ALPHA_R: tl.constexpr, ACC: tl.constexpr):
+    """R_{k-1} and R_k of ``group`` (E2): its fixed ``r``, or ``alpha_r R_{k-1} + (1 - alpha_r) m_k`` with m_k by
+    its mode (E1a-E1c), as koala_hf.optim.noise computes it."""
+    h = hyper + group * N_HYPER
+    previous = tl.load(noise + group, mask=inside, other=1.0).to(ACC)
+    fixed = tl.load(h + HYPER_R, mask=inside, other=0.0).to(ACC)
+    mode = tl.load(h + HYPER_MODE, mask=inside, other=0.0)
+    alpha = tl.load(h + HYPER_ALPHA_R, mask=inside, other=0.0).to(ACC)
+    one_minus_alpha = tl.load(h + HYPER_ONE_MINUS_ALPHA_R, mask=inside, other=0.0).to(ACC)
+    variance = tl.maximum(measured_noise - measured_loss * measured_loss, 0.0)
+    m = tl.where(mode == 0.0, measured_noise, tl.where(mode == 1.0, variance, 0.0))
+    return previous, tl.where(fixed == fixed, fixed, alpha * previous + one_minus_alpha * m)
+
+
+@triton.jit
+def koala_plus_plus_coefficients(sums, filters, groups, hyper, stats, noise, steps, skipped, negatives, loss,
+                                 ok_out, coefficients, n_layers, n_groups,
                                  ACC: tl.constexpr, LAYERS: tl.constexpr, N_SUM: tl.constexpr,
                                  SUM_HH: tl.constexpr, SUM_H_HPREV: tl.constexpr, SUM_H_V: tl.constexpr,
                                  SUM_THETA_THETA: tl.constexpr, N_COEF: tl.constexpr, COEF_C_V: tl.constexpr,
@@ -193,11 +213,22 @@ def koala_plus_plus_coefficients(sums, filters, groups, hyper, r_k, loss, ok, ok
                                  N_HYPER: tl.constexpr, HYPER_LR: tl.constexpr, HYPER_SIGMA: tl.constexpr,
                                  HYPER_Q: tl.constexpr, HYPER_SIGMA_PLUS_Q: tl.constexpr,
                                  HYPER_HALF_DECAY: tl.constexpr, HYPER_SYMMETRIC: tl.constexpr,
+                                 HYPER_R: tl.constexpr, HYPER_MODE: tl.constexpr, HYPER_ALPHA_R: tl.constexpr,
+                                 HYPER_ONE_MINUS_ALPHA_R: tl.constexpr,
                                  FILTER_S_PREV: tl.constexpr, FILTER_HH_PREV: tl.constexpr,
                                  FILTER_VH_PREV: tl.constexpr, FILTER_READY: tl.constexpr, MIN_HH: tl.constexpr):
-    """E10-E17's scalar algebra for every layer, as koala_plus_plus.kalman_coefficients computes it, and the
-    step's ``ok`` (the sums' finiteness, as group_step.complete_sums checks it). One program: a pass over the
-    sums for ``ok``, then the layers in blocks of ``LAYERS``."""
+    """A KOALA++ step's scalar part in one program: E1 from the measurement's sums (as
+    koala_hf.measurement.loss_and_noise), E2 per group, whether the step may be taken (the loss and noise
+    finite, the loss not negative, every sum finite: as koala_hf.optim.step_inputs and group_step.complete_sums
+    decide), E10-E17 for every layer in blocks of ``LAYERS`` (as koala_plus_plus.kalman_coefficients), and the
+    filter-wide state's update (as StepInputs.record)."""
+    loss_sum = tl.load(stats + 0)
+    square_sum = tl.load(stats + 1)
+    count = tl.load(stats + 2)
+    mean = loss_sum / count
+    measured_noise = tl.where(tl.load(stats + 3) > 0, mean * mean, square_sum / count).to(ACC)  # E1
+    measured_loss = mean.to(ACC)
+    negative = measured_loss < 0.0
     offsets = tl.arange(0, LAYERS)
     bad = tl.zeros((LAYERS,), dtype=tl.int32)
     for start in range(0, n_layers, LAYERS):
@@ -206,9 +237,7 @@ def koala_plus_plus_coefficients(sums, filters, groups, hyper, r_k, loss, ok, ok
         for k in tl.static_range(N_SUM):
             x = tl.load(sums + rows * N_SUM + k, mask=inside, other=0.0)
             bad += (inside & ~_finite(x)).to(tl.int32)
-    go = (tl.load(ok) != 0) & (tl.sum(bad, axis=0) == 0)
-    tl.store(ok_out, go)
-    measured_loss = tl.load(loss).to(ACC)
+    go = _finite(measured_loss) & _finite(measured_noise) & ~negative & (tl.sum(bad, axis=0) == 0)
     for start in range(0, n_layers, LAYERS):
         rows = start + offsets
         inside = rows < n_layers
@@ -231,7 +260,8 @@ def koala_plus_plus_coefficients(sums, filters, groups, hyper, r_k, loss, ok, ok
         sigma_plus_q = tl.load(h + HYPER_SIGMA_PLUS_Q, mask=inside, other=1.0).to(ACC)  # no 0/0 past the layers
         half_decay = tl.load(h + HYPER_HALF_DECAY, mask=inside, other=0.0).to(ACC)
         symmetric = tl.load(h + HYPER_SYMMETRIC, mask=inside, other=0.0) != 0
-        r = tl.load(r_k + group, mask=inside, other=0.0).to(ACC)
+        _, r = _noise_estimate(hyper, noise, group, inside, measured_noise, measured_loss, N_HYPER, HYPER_R, HYPER_MODE,
+                               HYPER_ALPHA_R, HYPER_ONE_MINUS_ALPHA_R, ACC)
         # E10: a layer without history starts from v_prev = sigma H, H_prev = H.
         s_prev = tl.where(ready, kept_s_prev, sigma_plus_q * hh + r)
         x = tl.where(ready, kept_x, hh)
@@ -250,7 +280,7 @@ def koala_plus_plus_coefficients(sums, filters, groups, hyper, r_k, loss, ok, ok
         s = vh + q * hh + r  # E15
         gain = lr * (measured_loss + half_decay * theta_sq) / s  # E16
         stable = (s > 0) & _finite(s) & _finite(gain) & _finite(c_v) & _finite(c_h) & _finite(c_hp)
-        usable = go & (hh >= MIN_HH)
+        usable = tl.where(go, hh >= MIN_HH, False)  # (a scalar flag & a block: Triton's interpreter refuses it)
         update = usable & stable
         keep = tl.where(usable & ~stable, 0.0, 1.0)  # an unstable layer restarts from E10
         out = coefficients + rows * N_COEF
@@ -266,6 +296,18 @@ def koala_plus_plus_coefficients(sums, filters, groups, hyper, r_k, loss, ok, ok
         tl.store(state + FILTER_HH_PREV, tl.where(update, hh, kept_x * keep), mask=inside)
         tl.store(state + FILTER_VH_PREV, tl.where(update, vh, kept_y * keep), mask=inside)
         tl.store(state + FILTER_READY, tl.where(update, 1.0, ready_value * keep), mask=inside)
+    tl.debug_barrier()  # every R_{k-1} above is read before R_k is written below
+    for start in range(0, n_groups, LAYERS):
+        rows = start + offsets
+        inside = rows < n_groups
+        previous, estimate = _noise_estimate(hyper, noise, rows, inside, measured_noise, measured_loss, N_HYPER,
+                                             HYPER_R, HYPER_MODE, HYPER_ALPHA_R, HYPER_ONE_MINUS_ALPHA_R, ACC)
+        tl.store(noise + rows, tl.where(go, estimate, previous), mask=inside)
+    tl.store(ok_out, go)
+    tl.store(skipped, tl.load(skipped) + tl.where(go, 0, 1))
+    tl.store(negatives, tl.load(negatives) + tl.where(negative, 1, 0))
+    tl.store(steps, tl.load(steps) + tl.where(go, 1, 0))  # steps taken; skipped ones are counted apart
+    tl.store(loss, tl.where(go, measured_loss, tl.load(loss)))
 
 
 @triton.jit

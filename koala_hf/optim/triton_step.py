@@ -181,23 +181,25 @@ class StepBatch:
         return list(layer_sums(self.buckets, self._sums, self.layout, kernel).split(self.sizes))
 
     def scalar_step(self, kernel: str, filters, groups: list[int], hyperparameters: list[list[float]],
-                    r_k: torch.Tensor, loss: torch.Tensor, ok: torch.Tensor, **constants) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step's scalar algebra for every layer in one launch of ``kernel`` (one program), from this step's
-        sums (:meth:`sums` first): returns the
-        ``[n_layers, N_COEF]`` coefficients and the step's ``ok`` with the sums' finiteness; each layer's filter
-        state (``filters``, in ``loss``'s dtype) is written in place. ``groups``: each layer's parameter group;
+                    stats: torch.Tensor, state: dict, **constants) -> tuple[torch.Tensor, torch.Tensor]:
+        """A step's scalar part for every layer in one launch of ``kernel`` (one program), from this step's sums
+        (:meth:`sums` first) and the measurement's ``stats``: returns the ``[n_layers, N_COEF]`` coefficients and
+        the flag "step taken"; each layer's filter state (``filters``, in the state's dtype) and the filter-wide
+        ``state`` (``R``, the counters, the loss) are written in place. ``groups``: each layer's parameter group;
         ``hyperparameters``: a row per group, uploaded at every step (a scheduler moves the lr)."""
-        device = loss.device
+        noise = state["R"]
+        device = noise.device
         if self._scalar_tables is None:
             self._scalar_tables = ScalarTables(
                 upload([f.data_ptr() for f in filters], device), upload(groups, device),
                 torch.empty((), dtype=torch.bool, device=device),
-                torch.empty(self.n_layers, len(self.layout.coefficients), dtype=loss.dtype, device=device))
+                torch.empty(self.n_layers, len(self.layout.coefficients), dtype=noise.dtype, device=device))
         tables = self._scalar_tables
         triton_runtime.launch(triton_runtime.kernels().LAUNCHED[kernel], (1,), self._sums, tables.filters, tables.groups,
-                              upload(hyperparameters, device, torch.float64), r_k, loss, ok, tables.ok,
-                              tables.coefficients, self.n_layers, ACC=triton_dtype(loss.dtype), LAYERS=SCALAR_BLOCK,
-                              **self.layout.triton_constants("sums", "coefficients"), **constants)
+                              upload(hyperparameters, device, torch.float64), stats, noise, state["step"],
+                              state["skipped_steps"], state["negative_loss_steps"], state["loss"], tables.ok,
+                              tables.coefficients, self.n_layers, len(hyperparameters), ACC=triton_dtype(noise.dtype),
+                              LAYERS=SCALAR_BLOCK, **self.layout.triton_constants("sums", "coefficients"), **constants)
         return tables.coefficients, tables.ok
 
     def update(self, kernel: str, coefficients: list[torch.Tensor], ok: torch.Tensor, *scalars) -> None:
