@@ -17,7 +17,6 @@ every layer's products (koala_hf.optim.sharding).
 
 from __future__ import annotations
 
-import math
 from typing import Callable, NamedTuple
 
 import torch
@@ -48,7 +47,6 @@ from koala_hf.optim.layers import (
     widen,
     write_back,
 )
-from koala_hf.optim.sharding import sharding_group
 from koala_hf.optim.validation import check_prior
 
 # Columns of the per-layer ``filter`` state (saved in checkpoints: this order is their format).
@@ -281,41 +279,21 @@ def _triton_products(optimizer, group_steps: list[GroupStep], device, dtype) -> 
     return Prepared(batch.sums("koala_plus_plus_partials", device, dtype), batch)
 
 
-# The groups' hyperparameters as the fused scalar step reads them (a row per group; HYPER_* their columns),
-# with the sums computed as kalman_coefficients and noise.noise_estimates compute them (in Python floats).
-NOISE_MODES = {"second_moment": 0.0, "variance": 1.0, "none": 2.0}  # E1a, E1b, E1c
-HYPERPARAMETERS = {"lr": lambda g: g["lr"], "sigma": lambda g: g["sigma"], "q": lambda g: g["q"],
-                   "sigma_plus_q": lambda g: g["sigma"] + g["q"], "half_decay": lambda g: 0.5 * g["weight_decay"],
-                   "symmetric": lambda g: float(g["symmetric"]),
-                   "r": lambda g: math.nan if g["r"] is None else g["r"], "mode": lambda g: NOISE_MODES[g["noise"]],
-                   "alpha_r": lambda g: g["alpha_r"], "one_minus_alpha_r": lambda g: 1.0 - g["alpha_r"]}
-SCALAR_STEP_CONSTANTS = {"N_HYPER": len(HYPERPARAMETERS), **{f"HYPER_{name.upper()}": i for i, name in enumerate(HYPERPARAMETERS)},
-                         "FILTER_S_PREV": S_PREV, "FILTER_HH_PREV": HH_PREV, "FILTER_VH_PREV": VH_PREV,
-                         "FILTER_READY": READY, "MIN_HH": MIN_JACOBIAN_NORM**2}
+# KOALA++'s own columns of the scalar kernel's hyperparameters (triton_step.fused_scalar_step), computed as
+# kalman_coefficients computes them, and where its per-layer filter keeps what.
+HYPERPARAMETERS = {"sigma": lambda g: g["sigma"], "q": lambda g: g["q"], "sigma_plus_q": lambda g: g["sigma"] + g["q"],
+                   "symmetric": lambda g: float(g["symmetric"])}
+FILTER_COLUMNS = {"FILTER_S_PREV": S_PREV, "FILTER_HH_PREV": HH_PREV, "FILTER_VH_PREV": VH_PREV, "FILTER_READY": READY,
+                  "MIN_HH": MIN_JACOBIAN_NORM**2}
 
 
 def _triton_scalar_step(optimizer, group_steps: list[GroupStep], reduction, inputs):
-    """E1, E2 and E10-E17 for every layer in one launch (triton_kernels.koala_plus_plus_coefficients): the
-    coefficient table and the flag "step taken", the filter states and the filter-wide state written in place
-    (``inputs.recorded_by_kernel``). ``None`` where the step is not all on the Triton kernels, is sharded (its
-    sums need the collective first), keeps a layer's filter in another dtype than the step's arithmetic (float32
-    and float64 parameters mixed), measured its loss on another device, or has a tensor lr: then torch computes it."""
-    batch = reduction.plans.get(Backend.TRITON)
-    if batch is None or any(step.backend is not Backend.TRITON for step in group_steps):
-        return None
-    noise = inputs.state["R"]
-    if any(isinstance(g["lr"], torch.Tensor) for g in optimizer.param_groups) or inputs.stats.device != noise.device or \
-            sharding_group([p for step in group_steps for p in step.params], type(optimizer).__name__) is not None:
-        return None
+    """E1, E2 and E10-E17 in one launch (triton_scalar_kernels.koala_plus_plus_coefficients), each layer's filter
+    state read and written through a table of addresses; ``None`` where torch must compute them."""
     filters = [state["filter"] for step in group_steps for state in step.states]
-    if any(f.dtype != noise.dtype or f.device != noise.device for f in filters):
-        return None
-    groups = [step.index for step in group_steps for _ in step.states]
-    hyperparameters = [[float(read(group)) for read in HYPERPARAMETERS.values()] for group in optimizer.param_groups]
-    result = batch.scalar_step("koala_plus_plus_coefficients", filters, groups, hyperparameters, inputs.stats,
-                               inputs.state, **SCALAR_STEP_CONSTANTS)
-    inputs.recorded_by_kernel()
-    return result
+    return triton_step.fused_scalar_step(
+        optimizer, group_steps, reduction, inputs, "koala_plus_plus_coefficients", HYPERPARAMETERS,
+        lambda batch: (batch.address_table("filters", filters, inputs.state["R"].device),), FILTER_COLUMNS, filters)
 
 
 # ------------------------------------------------------------------ update pass

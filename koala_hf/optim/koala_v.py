@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from koala_hf.optim import layouts
+from koala_hf.optim import layouts, triton_step
 from koala_hf.optim.base import MIN_JACOBIAN_NORM, KoalaOptimizer
 from koala_hf.optim.cpu_kernels import cpu_kernels
 from koala_hf.optim.dispatch import Backend
@@ -89,12 +89,18 @@ class KOALAV(KoalaOptimizer):
         return {"koala/P": state["P"]}
 
     def _update(self, inputs):
-        loss, noise_estimates, ok = inputs.measured.loss, inputs.measured.estimates, inputs.measured.ok
-        state = self._filter_state()
-        device, dtype = loss.device, loss.dtype
-        p_hat = state["P"] + self.shared("q")  # E20
+        state = inputs.state
         group_steps = gather(self)
-        reduction = reduce_by_backend(self, group_steps, REDUCTIONS, device, dtype)
+        reduction = reduce_by_backend(self, group_steps, REDUCTIONS, state["R"].device, state["R"].dtype)
+        fused = triton_step.fused_scalar_step(self, group_steps, reduction, inputs, "koala_v_coefficients",
+                                              {"q": lambda g: g["q"]}, lambda batch: (state["P"],),
+                                              {"MIN_HH": MIN_JACOBIAN_NORM**2})
+        if fused is not None:  # every group on the Triton kernels: E1, E2 and E20-E22 ran in one launch
+            coefficients, ok = fused
+            reduction.plans[Backend.TRITON].update("koala_v_update", [coefficients], ok)
+            return ok
+        loss, noise_estimates, ok = inputs.measured.loss, inputs.measured.estimates, inputs.measured.ok
+        p_hat = state["P"] + self.shared("q")  # E20
         whole, ok = complete_sums(group_steps, reduction.sums, ok, type(self).__name__)
 
         information, step_sizes = [], []  # ||H||^2 / s of every updated layer, for E22

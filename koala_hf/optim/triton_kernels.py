@@ -18,7 +18,8 @@ a step launches three kernels:
    KOALA-V: E21; KOALA-M: E33, E34 and E31's predict), masked by the step's ``ok`` flag read on the device: a
    skipped step writes nothing and never reads the gradient, and no value is read back to the host.
 
-The scalar algebra in between is the variants' vectorised coefficient functions over the stacked sums. A
+In between, KOALA++ and KOALA-V run their whole scalar step in one more launch (koala_hf.optim.triton_scalar_kernels);
+KOALA-M's scalar algebra is its vectorised torch function over the stacked sums. A
 layer's tensors are read through a table of addresses (``data_ptr``), its lists in the variant's order, and
 the sums and coefficients are read and written in the variant's columns: every position is a ``tl.constexpr``
 argument taken from koala_hf.optim.layouts. Arithmetic runs in float32 (float64 for
@@ -29,6 +30,8 @@ look at it.
 
 import triton
 import triton.language as tl
+
+from koala_hf.optim.triton_scalar_kernels import koala_plus_plus_coefficients, koala_v_coefficients
 
 @triton.jit
 def _chunk(table, chunks, WIDTH: tl.constexpr):
@@ -171,146 +174,6 @@ def combine(partials, spans, rows, sums, K: tl.constexpr, KP: tl.constexpr):
 
 
 @triton.jit
-def _finite(x):
-    """Elementwise: ``x`` is neither infinite nor NaN (``x - x`` is then exactly 0)."""
-    return (x - x) == 0.0
-
-
-# The scalar step after the reduction, in one program for every layer of the step: ``sums`` [n_layers, N_SUM] in
-# the arithmetic dtype, ``filters`` int64 [n_layers] the address of each layer's ``filter`` state (ACC, written
-# in place, its columns FILTER_*), ``groups`` int64 [n_layers] a layer's parameter group, ``hyper`` float64
-# [n_groups, N_HYPER] a group's hyperparameters (HYPER_* their columns; HYPER_R is NaN where R_k is estimated,
-# HYPER_MODE 0, 1, 2 for E1a, E1b, E1c), ``stats`` the measurement's sums (koala_hf.measurement), and the
-# filter-wide state: ``noise`` [n_groups] R_k (read, then written where the step is taken), the counters
-# ``steps``, ``skipped``, ``negatives`` and the last ``loss``; writes ``ok_out`` (the step was taken) and
-# ``coefficients`` [n_layers, N_COEF].
-
-@triton.jit
-def _noise_estimate(hyper, noise, group, inside, measured_noise, measured_loss, N_HYPER: tl.constexpr,
-                    HYPER_R: tl.constexpr, HYPER_MODE: tl.constexpr, HYPER_ALPHA_R: tl.constexpr,
-                    HYPER_ONE_MINUS_ALPHA_R: tl.constexpr, ACC: tl.constexpr):
-    """R_{k-1} and R_k of ``group`` (E2): its fixed ``r``, or ``alpha_r R_{k-1} + (1 - alpha_r) m_k`` with m_k by
-    its mode (E1a-E1c), as koala_hf.optim.noise computes it."""
-    h = hyper + group * N_HYPER
-    previous = tl.load(noise + group, mask=inside, other=1.0).to(ACC)
-    fixed = tl.load(h + HYPER_R, mask=inside, other=0.0).to(ACC)
-    mode = tl.load(h + HYPER_MODE, mask=inside, other=0.0)
-    alpha = tl.load(h + HYPER_ALPHA_R, mask=inside, other=0.0).to(ACC)
-    one_minus_alpha = tl.load(h + HYPER_ONE_MINUS_ALPHA_R, mask=inside, other=0.0).to(ACC)
-    variance = tl.maximum(measured_noise - measured_loss * measured_loss, 0.0)
-    m = tl.where(mode == 0.0, measured_noise, tl.where(mode == 1.0, variance, 0.0))
-    return previous, tl.where(fixed == fixed, fixed, alpha * previous + one_minus_alpha * m)
-
-
-@triton.jit
-def koala_plus_plus_coefficients(sums, filters, groups, hyper, stats, noise, steps, skipped, negatives, loss,
-                                 ok_out, coefficients, n_layers, n_groups,
-                                 ACC: tl.constexpr, LAYERS: tl.constexpr, N_SUM: tl.constexpr,
-                                 SUM_HH: tl.constexpr, SUM_H_HPREV: tl.constexpr, SUM_H_V: tl.constexpr,
-                                 SUM_THETA_THETA: tl.constexpr, N_COEF: tl.constexpr, COEF_C_V: tl.constexpr,
-                                 COEF_C_H: tl.constexpr, COEF_C_HP: tl.constexpr, COEF_STEP_V: tl.constexpr,
-                                 COEF_STEP_H: tl.constexpr, COEF_KEEP_HP: tl.constexpr, COEF_TAKE_H: tl.constexpr,
-                                 N_HYPER: tl.constexpr, HYPER_LR: tl.constexpr, HYPER_SIGMA: tl.constexpr,
-                                 HYPER_Q: tl.constexpr, HYPER_SIGMA_PLUS_Q: tl.constexpr,
-                                 HYPER_HALF_DECAY: tl.constexpr, HYPER_SYMMETRIC: tl.constexpr,
-                                 HYPER_R: tl.constexpr, HYPER_MODE: tl.constexpr, HYPER_ALPHA_R: tl.constexpr,
-                                 HYPER_ONE_MINUS_ALPHA_R: tl.constexpr,
-                                 FILTER_S_PREV: tl.constexpr, FILTER_HH_PREV: tl.constexpr,
-                                 FILTER_VH_PREV: tl.constexpr, FILTER_READY: tl.constexpr, MIN_HH: tl.constexpr):
-    """A KOALA++ step's scalar part in one program: E1 from the measurement's sums (as
-    koala_hf.measurement.loss_and_noise), E2 per group, whether the step may be taken (the loss and noise
-    finite, the loss not negative, every sum finite: as koala_hf.optim.step_inputs and group_step.complete_sums
-    decide), E10-E17 for every layer in blocks of ``LAYERS`` (as koala_plus_plus.kalman_coefficients), and the
-    filter-wide state's update (as StepInputs.record)."""
-    loss_sum = tl.load(stats + 0)
-    square_sum = tl.load(stats + 1)
-    count = tl.load(stats + 2)
-    mean = loss_sum / count
-    measured_noise = tl.where(tl.load(stats + 3) > 0, mean * mean, square_sum / count).to(ACC)  # E1
-    measured_loss = mean.to(ACC)
-    negative = measured_loss < 0.0
-    offsets = tl.arange(0, LAYERS)
-    bad = tl.zeros((LAYERS,), dtype=tl.int32)
-    for start in range(0, n_layers, LAYERS):
-        rows = start + offsets
-        inside = rows < n_layers
-        for k in tl.static_range(N_SUM):
-            x = tl.load(sums + rows * N_SUM + k, mask=inside, other=0.0)
-            bad += (inside & ~_finite(x)).to(tl.int32)
-    go = _finite(measured_loss) & _finite(measured_noise) & ~negative & (tl.sum(bad, axis=0) == 0)
-    for start in range(0, n_layers, LAYERS):
-        rows = start + offsets
-        inside = rows < n_layers
-        row = sums + rows * N_SUM
-        hh = tl.load(row + SUM_HH, mask=inside, other=1.0).to(ACC)
-        a = tl.load(row + SUM_H_HPREV, mask=inside, other=1.0).to(ACC)
-        b = tl.load(row + SUM_H_V, mask=inside, other=1.0).to(ACC)
-        theta_sq = tl.load(row + SUM_THETA_THETA, mask=inside, other=0.0).to(ACC)
-        state = tl.load(filters + rows, mask=inside, other=0).to(tl.pointer_type(ACC))
-        kept_s_prev = tl.load(state + FILTER_S_PREV, mask=inside, other=1.0)
-        kept_x = tl.load(state + FILTER_HH_PREV, mask=inside, other=1.0)
-        kept_y = tl.load(state + FILTER_VH_PREV, mask=inside, other=0.0)
-        ready_value = tl.load(state + FILTER_READY, mask=inside, other=0.0)
-        ready = ready_value > 0
-        group = tl.load(groups + rows, mask=inside, other=0)
-        h = hyper + group * N_HYPER
-        lr = tl.load(h + HYPER_LR, mask=inside, other=0.0).to(ACC)
-        sigma = tl.load(h + HYPER_SIGMA, mask=inside, other=0.0).to(ACC)
-        q = tl.load(h + HYPER_Q, mask=inside, other=0.0).to(ACC)
-        sigma_plus_q = tl.load(h + HYPER_SIGMA_PLUS_Q, mask=inside, other=1.0).to(ACC)  # no 0/0 past the layers
-        half_decay = tl.load(h + HYPER_HALF_DECAY, mask=inside, other=0.0).to(ACC)
-        symmetric = tl.load(h + HYPER_SYMMETRIC, mask=inside, other=0.0) != 0
-        _, r = _noise_estimate(hyper, noise, group, inside, measured_noise, measured_loss, N_HYPER, HYPER_R, HYPER_MODE,
-                               HYPER_ALPHA_R, HYPER_ONE_MINUS_ALPHA_R, ACC)
-        # E10: a layer without history starts from v_prev = sigma H, H_prev = H.
-        s_prev = tl.where(ready, kept_s_prev, sigma_plus_q * hh + r)
-        x = tl.where(ready, kept_x, hh)
-        y = tl.where(ready, kept_y, sigma * hh)
-        a = tl.where(ready, a, hh)
-        b = tl.where(ready, b, sigma * hh)
-        lam = (b + q * a) / s_prev  # E11
-        alpha = a / x  # E12
-        rho = tl.where(symmetric, b / x - a * y / (x * x), 0.0)  # E13
-        c_v = alpha - lam  # E14
-        c_hp = rho - q * lam
-        c_h = tl.where(ready, q, sigma * c_v + q + c_hp)
-        c_v = tl.where(ready, c_v, 0.0)
-        c_hp = tl.where(ready, c_hp, 0.0)
-        vh = c_v * b + c_h * hh + c_hp * a
-        s = vh + q * hh + r  # E15
-        gain = lr * (measured_loss + half_decay * theta_sq) / s  # E16
-        stable = (s > 0) & _finite(s) & _finite(gain) & _finite(c_v) & _finite(c_h) & _finite(c_hp)
-        usable = tl.where(go, hh >= MIN_HH, False)  # (a scalar flag & a block: Triton's interpreter refuses it)
-        update = usable & stable
-        keep = tl.where(usable & ~stable, 0.0, 1.0)  # an unstable layer restarts from E10
-        out = coefficients + rows * N_COEF
-        tl.store(out + COEF_C_V, tl.where(update, c_v, keep), mask=inside)
-        tl.store(out + COEF_C_H, tl.where(update, c_h, 0.0), mask=inside)
-        tl.store(out + COEF_C_HP, tl.where(update, c_hp, 0.0), mask=inside)
-        tl.store(out + COEF_STEP_V, tl.where(update, -gain, 0.0), mask=inside)
-        tl.store(out + COEF_STEP_H, tl.where(update, -gain * q, 0.0), mask=inside)
-        tl.store(out + COEF_KEEP_HP, tl.where(update, 0.0, keep), mask=inside)
-        tl.store(out + COEF_TAKE_H, tl.where(update, 1.0, 0.0), mask=inside)
-        # E17, or the filter as it was (cleared where the layer restarts).
-        tl.store(state + FILTER_S_PREV, tl.where(update, s, kept_s_prev * keep), mask=inside)
-        tl.store(state + FILTER_HH_PREV, tl.where(update, hh, kept_x * keep), mask=inside)
-        tl.store(state + FILTER_VH_PREV, tl.where(update, vh, kept_y * keep), mask=inside)
-        tl.store(state + FILTER_READY, tl.where(update, 1.0, ready_value * keep), mask=inside)
-    tl.debug_barrier()  # every R_{k-1} above is read before R_k is written below
-    for start in range(0, n_groups, LAYERS):
-        rows = start + offsets
-        inside = rows < n_groups
-        previous, estimate = _noise_estimate(hyper, noise, rows, inside, measured_noise, measured_loss, N_HYPER,
-                                             HYPER_R, HYPER_MODE, HYPER_ALPHA_R, HYPER_ONE_MINUS_ALPHA_R, ACC)
-        tl.store(noise + rows, tl.where(go, estimate, previous), mask=inside)
-    tl.store(ok_out, go)
-    tl.store(skipped, tl.load(skipped) + tl.where(go, 0, 1))
-    tl.store(negatives, tl.load(negatives) + tl.where(negative, 1, 0))
-    tl.store(steps, tl.load(steps) + tl.where(go, 1, 0))  # steps taken; skipped ones are counted apart
-    tl.store(loss, tl.where(go, measured_loss, tl.load(loss)))
-
-
-@triton.jit
 def koala_plus_plus_update(table, chunks, rows, decays, coefficients, ok, WIDTH: tl.constexpr,
                            N_COEF: tl.constexpr, COEF_C_V: tl.constexpr, COEF_C_H: tl.constexpr,
                            COEF_C_HP: tl.constexpr, COEF_STEP_V: tl.constexpr, COEF_STEP_H: tl.constexpr,
@@ -405,4 +268,4 @@ INTERPRETED = type(probe).__name__ == "InterpretedFunction"
 # The launched kernels, by name (koala_hf.optim.triton_step launches them through triton_runtime.launch).
 LAUNCHED = {kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__: kernel for kernel in (
     koala_plus_plus_partials, koala_v_partials, koala_m_partials, combine, koala_plus_plus_coefficients,
-    koala_plus_plus_update, koala_v_update, koala_m_update)}
+    koala_v_coefficients, koala_plus_plus_update, koala_v_update, koala_m_update)}

@@ -12,12 +12,16 @@ koala_hf.optim.profiling counts them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from koala_hf.optim import triton_runtime
+from koala_hf.optim.dispatch import Backend
 from koala_hf.optim.layouts import PassLayout
+from koala_hf.optim.sharding import sharding_group
 from koala_hf.optim.triton_runtime import BLOCK, CHUNK, triton_dtype
 
 SCALAR_BLOCK = 256  # layers per vector operation of the scalar step's one program
@@ -89,10 +93,9 @@ def upload(rows: list[list], device: torch.device, dtype: torch.dtype = torch.in
 
 @dataclass
 class ScalarTables:
-    """What the fused scalar step (a variant's ``*_coefficients`` kernel) reads and writes besides the sums, built
-    once per batch: each layer's ``filter`` state address and parameter group, and its two outputs."""
+    """What the fused scalar step (a variant's ``*_coefficients`` kernel) reads and writes besides the sums and the
+    state, built once per batch: each layer's parameter group, and its two outputs."""
 
-    filters: torch.Tensor  # int64 [n_layers]: the address of each layer's filter state
     groups: torch.Tensor  # int64 [n_layers]: the index of each layer's parameter group
     ok: torch.Tensor  # bool []: the step's flag, the sums' finiteness included
     coefficients: torch.Tensor  # [n_layers, N_COEF]
@@ -167,6 +170,7 @@ class StepBatch:
         self.n_layers = len(flat)
         self._scalar_tables: ScalarTables | None = None
         self._sums: torch.Tensor | None = None  # every layer's sums, rewritten at each step
+        self._address_tables: dict[str, torch.Tensor] = {}
 
     @property
     def reusable(self) -> bool:
@@ -180,27 +184,35 @@ class StepBatch:
             self._sums = torch.empty(self.n_layers, len(self.layout.sums), dtype=dtype, device=device)
         return list(layer_sums(self.buckets, self._sums, self.layout, kernel).split(self.sizes))
 
-    def scalar_step(self, kernel: str, filters, groups: list[int], hyperparameters: list[list[float]],
-                    stats: torch.Tensor, state: dict, **constants) -> tuple[torch.Tensor, torch.Tensor]:
-        """A step's scalar part for every layer in one launch of ``kernel`` (one program), from this step's sums
-        (:meth:`sums` first) and the measurement's ``stats``: returns the ``[n_layers, N_COEF]`` coefficients and
-        the flag "step taken"; each layer's filter state (``filters``, in the state's dtype) and the filter-wide
-        ``state`` (``R``, the counters, the loss) are written in place. ``groups``: each layer's parameter group;
-        ``hyperparameters``: a row per group, uploaded at every step (a scheduler moves the lr)."""
+    def scalar_step(self, kernel: str, groups: list[int], hyperparameters: list[list[float]], stats: torch.Tensor,
+                    state: dict, extra: tuple, **constants) -> tuple[torch.Tensor, torch.Tensor]:
+        """A step's scalar part for every layer in one launch of ``kernel`` (one program,
+        koala_hf.optim.triton_scalar_kernels), from this step's sums (:meth:`sums` first) and the measurement's
+        ``stats``: returns the ``[n_layers, N_COEF]`` coefficients and the flag "step taken"; the filter-wide
+        ``state`` (``R``, the counters, the loss) and the variant's ``extra`` state are written in place.
+        ``groups``: each layer's parameter group; ``hyperparameters``: a row per group, uploaded at every step
+        (a scheduler moves the lr)."""
         noise = state["R"]
         device = noise.device
         if self._scalar_tables is None:
             self._scalar_tables = ScalarTables(
-                upload([f.data_ptr() for f in filters], device), upload(groups, device),
-                torch.empty((), dtype=torch.bool, device=device),
+                upload(groups, device), torch.empty((), dtype=torch.bool, device=device),
                 torch.empty(self.n_layers, len(self.layout.coefficients), dtype=noise.dtype, device=device))
         tables = self._scalar_tables
-        triton_runtime.launch(triton_runtime.kernels().LAUNCHED[kernel], (1,), self._sums, tables.filters, tables.groups,
+        triton_runtime.launch(triton_runtime.kernels().LAUNCHED[kernel], (1,), self._sums, tables.groups,
                               upload(hyperparameters, device, torch.float64), stats, noise, state["step"],
                               state["skipped_steps"], state["negative_loss_steps"], state["loss"], tables.ok,
-                              tables.coefficients, self.n_layers, len(hyperparameters), ACC=triton_dtype(noise.dtype),
-                              LAYERS=SCALAR_BLOCK, **self.layout.triton_constants("sums", "coefficients"), **constants)
+                              tables.coefficients, self.n_layers, len(hyperparameters), *extra,
+                              ACC=triton_dtype(noise.dtype), LAYERS=SCALAR_BLOCK,
+                              **self.layout.triton_constants("sums", "coefficients"), **constants)
         return tables.coefficients, tables.ok
+
+    def address_table(self, name: str, tensors: list[torch.Tensor], device) -> torch.Tensor:
+        """An int64 table of ``tensors``' addresses (a variant's per-layer state for its scalar kernel), built
+        once per batch: the state tensors do not move while the batch is kept."""
+        if name not in self._address_tables:
+            self._address_tables[name] = upload([t.data_ptr() for t in tensors], device)
+        return self._address_tables[name]
 
     def update(self, kernel: str, coefficients: list[torch.Tensor], ok: torch.Tensor, *scalars) -> None:
         table = coefficients[0] if len(coefficients) == 1 else torch.cat(coefficients)
@@ -231,3 +243,39 @@ class BatchCache:
         else:
             self._batches.pop(layout.prefix, None)
         return batch
+
+
+# The hyperparameters every scalar kernel reads (a row per group; HYPER_* their columns), with the sums computed
+# as the torch paths compute them (in Python floats): E4's lr, E3's wd/2, and E2's noise estimate.
+NOISE_MODES = {"second_moment": 0.0, "variance": 1.0, "none": 2.0}  # E1a, E1b, E1c
+COMMON_HYPERPARAMETERS = {"lr": lambda g: g["lr"], "half_decay": lambda g: 0.5 * g["weight_decay"],
+                          "r": lambda g: math.nan if g["r"] is None else g["r"], "mode": lambda g: NOISE_MODES[g["noise"]],
+                          "alpha_r": lambda g: g["alpha_r"], "one_minus_alpha_r": lambda g: 1.0 - g["alpha_r"]}
+
+
+def fused_scalar_step(optimizer, group_steps, reduction, inputs, kernel: str, hyperparameters: dict,
+                      extra: Callable[[StepBatch], tuple], constants: dict, per_layer_state: list | None = None):
+    """A step's scalar part in one launch of ``kernel`` (koala_hf.optim.triton_scalar_kernels): the coefficient
+    table and the flag "step taken", the state written in place (``inputs.recorded_by_kernel``).
+
+    ``hyperparameters``: the variant's columns after :data:`COMMON_HYPERPARAMETERS`; ``extra(batch)``: the
+    variant's own kernel arguments; ``per_layer_state``: its per-layer scalar state, which must be in the step's
+    arithmetic dtype. ``None`` where the step is not all on the Triton kernels, is sharded (its sums need the
+    collective first), keeps per-layer state in another dtype (float32 and float64 parameters mixed), measured
+    its loss on another device, or has a tensor lr: then torch computes it."""
+    batch = reduction.plans.get(Backend.TRITON)
+    if batch is None or any(step.backend is not Backend.TRITON for step in group_steps):
+        return None
+    noise = inputs.state["R"]
+    if any(isinstance(g["lr"], torch.Tensor) for g in optimizer.param_groups) or inputs.stats.device != noise.device or \
+            sharding_group([p for step in group_steps for p in step.params], type(optimizer).__name__) is not None:
+        return None
+    if any(t.dtype != noise.dtype or t.device != noise.device for t in per_layer_state or ()):
+        return None
+    columns = {**COMMON_HYPERPARAMETERS, **hyperparameters}
+    rows = [[float(read(group)) for read in columns.values()] for group in optimizer.param_groups]
+    positions = {"N_HYPER": len(columns), **{f"HYPER_{name.upper()}": i for i, name in enumerate(columns)}}
+    groups = [step.index for step in group_steps for _ in step.states]
+    result = batch.scalar_step(kernel, groups, rows, inputs.stats, inputs.state, extra(batch), **positions, **constants)
+    inputs.recorded_by_kernel()
+    return result
