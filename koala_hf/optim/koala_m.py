@@ -6,7 +6,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from koala_hf.optim import layouts
+from koala_hf.optim import layouts, triton_step
 from koala_hf.optim.base import MIN_JACOBIAN_NORM, KoalaOptimizer
 from koala_hf.optim.checkpoint import FILTER_STATE
 from koala_hf.optim.cpu_kernels import cpu_kernels
@@ -30,6 +30,12 @@ from koala_hf.optim.validation import check_range
 # E34: w_avg <- AVERAGE_KEEP w_avg + AVERAGE_TAKE theta. E30: qw_avg <- NOISE_KEEP qw_avg + NOISE_TAKE d.
 AVERAGE_KEEP, AVERAGE_TAKE = 0.9, 0.1
 NOISE_KEEP, NOISE_TAKE = 0.9, 0.1
+# KOALA-M's own columns and constants of its scalar kernel (triton_step.fused_scalar_step).
+# (The averaging constants go in the float64 table too: a Triton constexpr float is a float32.)
+SCALAR_HYPERPARAMETERS = {"a": lambda g: g["a"], "qv": lambda g: g["qv"], "average_keep": lambda g: AVERAGE_KEEP,
+                          "average_take": lambda g: AVERAGE_TAKE, "average_keep_squared": lambda g: AVERAGE_KEEP * AVERAGE_KEEP,
+                          "noise_keep": lambda g: NOISE_KEEP, "noise_take": lambda g: NOISE_TAKE,
+                          "min_hh": lambda g: MIN_JACOBIAN_NORM**2}
 
 
 class KOALAM(KoalaOptimizer):
@@ -185,14 +191,21 @@ class KOALAM(KoalaOptimizer):
         return {"koala/P_weights": state["P"][0, 0], "koala/P_velocity": state["P"][1, 1], "koala/qw_avg": state["qw_avg"]}
 
     def _update(self, inputs):
-        loss, noise_estimates, ok = inputs.measured.loss, inputs.measured.estimates, inputs.measured.ok
-        state = self._filter_state()
+        state = inputs.state
         if not state["training"]:
             raise RuntimeError("KOALAM.step() was called in eval mode; call optimizer.train() first")
-        device, dtype = loss.device, loss.dtype
+        device, dtype = state["R"].device, state["R"].dtype
         covariance = state["P"]
         group_steps = gather(self)
         reduction = reduce_by_backend(self, group_steps, REDUCTIONS, device, dtype)
+        fused = triton_step.fused_scalar_step(
+            self, group_steps, reduction, inputs, "koala_m_coefficients", SCALAR_HYPERPARAMETERS,
+            lambda batch: (covariance, state["qw_avg"], float(max(batch.n_elements, 1))), {})
+        if fused is not None:  # every group on the Triton kernels: E1, E2 and E30-E36 ran in one launch
+            coefficients, ok = fused
+            reduction.plans[Backend.TRITON].update("koala_m_update", [coefficients], ok, self.shared("a"))
+            return ok
+        loss, noise_estimates, ok = inputs.measured.loss, inputs.measured.estimates, inputs.measured.ok
         whole, ok = complete_sums(group_steps, reduction.sums, ok, type(self).__name__)
 
         information = [torch.zeros(1, dtype=dtype, device=device)]  # ||H||^2 / S of updated layers (E35)

@@ -282,9 +282,8 @@ def _triton_products(optimizer, group_steps: list[GroupStep], device, dtype) -> 
 # KOALA++'s own columns of the scalar kernel's hyperparameters (triton_step.fused_scalar_step), computed as
 # kalman_coefficients computes them, and where its per-layer filter keeps what.
 HYPERPARAMETERS = {"sigma": lambda g: g["sigma"], "q": lambda g: g["q"], "sigma_plus_q": lambda g: g["sigma"] + g["q"],
-                   "symmetric": lambda g: float(g["symmetric"])}
-FILTER_COLUMNS = {"FILTER_S_PREV": S_PREV, "FILTER_HH_PREV": HH_PREV, "FILTER_VH_PREV": VH_PREV, "FILTER_READY": READY,
-                  "MIN_HH": MIN_JACOBIAN_NORM**2}
+                   "symmetric": lambda g: float(g["symmetric"]), "min_hh": lambda g: MIN_JACOBIAN_NORM**2}
+FILTER_COLUMNS = {"FILTER_S_PREV": S_PREV, "FILTER_HH_PREV": HH_PREV, "FILTER_VH_PREV": VH_PREV, "FILTER_READY": READY}
 
 
 def _triton_scalar_step(optimizer, group_steps: list[GroupStep], reduction, inputs):

@@ -93,8 +93,8 @@ class KOALAV(KoalaOptimizer):
         group_steps = gather(self)
         reduction = reduce_by_backend(self, group_steps, REDUCTIONS, state["R"].device, state["R"].dtype)
         fused = triton_step.fused_scalar_step(self, group_steps, reduction, inputs, "koala_v_coefficients",
-                                              {"q": lambda g: g["q"]}, lambda batch: (state["P"],),
-                                              {"MIN_HH": MIN_JACOBIAN_NORM**2})
+                                              {"q": lambda g: g["q"], "min_hh": lambda g: MIN_JACOBIAN_NORM**2},
+                                              lambda batch: (state["P"],), {})
         if fused is not None:  # every group on the Triton kernels: E1, E2 and E20-E22 ran in one launch
             coefficients, ok = fused
             reduction.plans[Backend.TRITON].update("koala_v_update", [coefficients], ok)

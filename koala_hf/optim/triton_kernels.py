@@ -18,8 +18,7 @@ a step launches three kernels:
    KOALA-V: E21; KOALA-M: E33, E34 and E31's predict), masked by the step's ``ok`` flag read on the device: a
    skipped step writes nothing and never reads the gradient, and no value is read back to the host.
 
-In between, KOALA++ and KOALA-V run their whole scalar step in one more launch (koala_hf.optim.triton_scalar_kernels);
-KOALA-M's scalar algebra is its vectorised torch function over the stacked sums. A
+In between, each variant runs its whole scalar step in one more launch (koala_hf.optim.triton_scalar_kernels). A
 layer's tensors are read through a table of addresses (``data_ptr``), its lists in the variant's order, and
 the sums and coefficients are read and written in the variant's columns: every position is a ``tl.constexpr``
 argument taken from koala_hf.optim.layouts. Arithmetic runs in float32 (float64 for
@@ -31,7 +30,7 @@ look at it.
 import triton
 import triton.language as tl
 
-from koala_hf.optim.triton_scalar_kernels import koala_plus_plus_coefficients, koala_v_coefficients
+from koala_hf.optim.triton_scalar_kernels import koala_m_coefficients, koala_plus_plus_coefficients, koala_v_coefficients
 
 @triton.jit
 def _chunk(table, chunks, WIDTH: tl.constexpr):
@@ -268,4 +267,4 @@ INTERPRETED = type(probe).__name__ == "InterpretedFunction"
 # The launched kernels, by name (koala_hf.optim.triton_step launches them through triton_runtime.launch).
 LAUNCHED = {kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__: kernel for kernel in (
     koala_plus_plus_partials, koala_v_partials, koala_m_partials, combine, koala_plus_plus_coefficients,
-    koala_v_coefficients, koala_plus_plus_update, koala_v_update, koala_m_update)}
+    koala_v_coefficients, koala_m_coefficients, koala_plus_plus_update, koala_v_update, koala_m_update)}

@@ -14,7 +14,8 @@ layers, so that its cost does not grow with the layers in launches or host time:
 
 Common arguments, in order: ``sums`` [n_layers, N_SUM] in the arithmetic dtype ``ACC``, ``groups`` int64
 [n_layers] a layer's parameter group, ``hyper`` float64 [n_groups, N_HYPER] a group's hyperparameters (HYPER_*
-their columns; HYPER_R is NaN where R_k is estimated, HYPER_MODE 0, 1, 2 for E1a, E1b, E1c), ``stats`` the
+their columns; HYPER_R is NaN where R_k is estimated, HYPER_MODE 0, 1, 2 for E1a, E1b, E1c; a constant goes
+there too, not in a constexpr, which Triton makes a float32), ``stats`` the
 measurement's sums, the filter-wide state (``noise`` [n_groups] R_k, the counters ``steps``, ``skipped``,
 ``negatives``, the last ``loss``), the outputs ``ok_out`` (the step was taken) and ``coefficients``
 [n_layers, N_COEF], then ``n_layers`` and ``n_groups``; then the variant's own.
@@ -101,7 +102,7 @@ def koala_plus_plus_coefficients(sums, groups, hyper, stats, noise, steps, skipp
                                  HYPER_Q: tl.constexpr, HYPER_SIGMA_PLUS_Q: tl.constexpr,
                                  HYPER_SYMMETRIC: tl.constexpr, FILTER_S_PREV: tl.constexpr,
                                  FILTER_HH_PREV: tl.constexpr, FILTER_VH_PREV: tl.constexpr,
-                                 FILTER_READY: tl.constexpr, MIN_HH: tl.constexpr):
+                                 FILTER_READY: tl.constexpr, HYPER_MIN_HH: tl.constexpr):
     """KOALA++'s scalar step; ``filters``: int64 [n_layers], the address of each layer's ``filter`` state (ACC,
     its columns FILTER_*), read and written in place (E17)."""
     measured_loss, measured_noise, negative, go = _measured(stats, sums, n_layers, ACC, LAYERS, N_SUM)
@@ -148,7 +149,7 @@ def koala_plus_plus_coefficients(sums, groups, hyper, stats, noise, steps, skipp
         s = vh + q * hh + r  # E15
         gain = lr * (measured_loss + half_decay * theta_sq) / s  # E16
         stable = (s > 0) & _finite(s) & _finite(gain) & _finite(c_v) & _finite(c_h) & _finite(c_hp)
-        usable = tl.where(go, hh >= MIN_HH, False)  # (a scalar flag & a block: Triton's interpreter refuses it)
+        usable = tl.where(go, hh >= tl.load(hyper + HYPER_MIN_HH).to(ACC), False)  # (a scalar flag & a block: Triton's interpreter refuses it)
         update = usable & stable
         keep = tl.where(usable & ~stable, 0.0, 1.0)  # an unstable layer restarts from E10
         out = coefficients + rows * N_COEF
@@ -175,7 +176,7 @@ def koala_v_coefficients(sums, groups, hyper, stats, noise, steps, skipped, nega
                          SUM_THETA_THETA: tl.constexpr, N_COEF: tl.constexpr, COEF_STEP: tl.constexpr,
                          N_HYPER: tl.constexpr, HYPER_LR: tl.constexpr, HYPER_HALF_DECAY: tl.constexpr,
                          HYPER_R: tl.constexpr, HYPER_MODE: tl.constexpr, HYPER_ALPHA_R: tl.constexpr,
-                         HYPER_ONE_MINUS_ALPHA_R: tl.constexpr, HYPER_Q: tl.constexpr, MIN_HH: tl.constexpr):
+                         HYPER_ONE_MINUS_ALPHA_R: tl.constexpr, HYPER_Q: tl.constexpr, HYPER_MIN_HH: tl.constexpr):
     """KOALA-V's scalar step; ``covariance``: the filter-wide ``P`` (ACC), read and written in place (E22)."""
     measured_loss, measured_noise, negative, go = _measured(stats, sums, n_layers, ACC, LAYERS, N_SUM)
     p = tl.load(covariance).to(ACC)
@@ -194,7 +195,7 @@ def koala_v_coefficients(sums, groups, hyper, stats, noise, steps, skipped, nega
                                HYPER_ALPHA_R, HYPER_ONE_MINUS_ALPHA_R, ACC)
         s = p_hat * hh + r  # E21
         gain = lr * (measured_loss + half_decay * theta_sq) * p_hat / s
-        update = tl.where(go, (hh >= MIN_HH) & (s > 0) & _finite(gain), False) & inside
+        update = tl.where(go, (hh >= tl.load(hyper + HYPER_MIN_HH).to(ACC)) & (s > 0) & _finite(gain), False) & inside
         tl.store(coefficients + rows * N_COEF + COEF_STEP, tl.where(update, -gain, 0.0), mask=inside)
         most = tl.maximum(most, tl.where(update, hh / s, 0.0))
     p_new = p_hat - p_hat * p_hat * tl.max(most, axis=0)  # E22
@@ -212,13 +213,17 @@ def koala_m_coefficients(sums, groups, hyper, stats, noise, steps, skipped, nega
                          COEF_KEEP_AVG: tl.constexpr, COEF_TAKE_THETA: tl.constexpr, N_HYPER: tl.constexpr,
                          HYPER_LR: tl.constexpr, HYPER_HALF_DECAY: tl.constexpr, HYPER_R: tl.constexpr,
                          HYPER_MODE: tl.constexpr, HYPER_ALPHA_R: tl.constexpr, HYPER_ONE_MINUS_ALPHA_R: tl.constexpr,
-                         HYPER_A: tl.constexpr, HYPER_QV: tl.constexpr, AVERAGE_KEEP: tl.constexpr,
-                         AVERAGE_TAKE: tl.constexpr, AVERAGE_KEEP_SQUARED: tl.constexpr, NOISE_KEEP: tl.constexpr,
-                         NOISE_TAKE: tl.constexpr, MIN_HH: tl.constexpr):
+                         HYPER_A: tl.constexpr, HYPER_QV: tl.constexpr, HYPER_AVERAGE_KEEP: tl.constexpr,
+                         HYPER_AVERAGE_TAKE: tl.constexpr, HYPER_AVERAGE_KEEP_SQUARED: tl.constexpr,
+                         HYPER_NOISE_KEEP: tl.constexpr, HYPER_NOISE_TAKE: tl.constexpr, HYPER_MIN_HH: tl.constexpr):
     """KOALA-M's scalar step (E30-E36, as koala_m.koala_m_coefficients and KOALAM._update): ``covariance`` the
     filter-wide 2x2 ``P`` (ACC, row-major) and ``qw_avg``, read and written in place; ``n_params`` the number of
-    parameters stepped (E30's distance is per parameter)."""
+    parameters stepped (E30's distance is per parameter). Its averaging constants come in ``hyper`` (float64;
+    a constexpr float would be a float32)."""
     measured_loss, measured_noise, negative, go = _measured(stats, sums, n_layers, ACC, LAYERS, N_SUM)
+    average_keep = tl.load(hyper + HYPER_AVERAGE_KEEP).to(ACC)
+    average_take = tl.load(hyper + HYPER_AVERAGE_TAKE).to(ACC)
+    average_keep_squared = tl.load(hyper + HYPER_AVERAGE_KEEP_SQUARED).to(ACC)
     p00 = tl.load(covariance + 0).to(ACC)
     p01 = tl.load(covariance + 1).to(ACC)
     p10 = tl.load(covariance + 2).to(ACC)
@@ -243,13 +248,13 @@ def koala_m_coefficients(sums, groups, hyper, stats, noise, steps, skipped, nega
         scale = lr * (measured_loss + half_decay * theta_sq) / s
         k1 = scale * p00
         k2 = scale * p10
-        update = tl.where(go, (hh >= MIN_HH) & (s > 0) & _finite(k1) & _finite(k2), False) & inside
-        moved = AVERAGE_KEEP_SQUARED * (dd + 2.0 * k1 * dh + k1 * k1 * hh)  # E30's d after E33-E34
+        update = tl.where(go, (hh >= tl.load(hyper + HYPER_MIN_HH).to(ACC)) & (s > 0) & _finite(k1) & _finite(k2), False) & inside
+        moved = average_keep_squared * (dd + 2.0 * k1 * dh + k1 * k1 * hh)  # E30's d after E33-E34
         out = coefficients + rows * N_COEF
         tl.store(out + COEF_STEP_THETA, tl.where(update, -k1, 0.0), mask=inside)
         tl.store(out + COEF_STEP_U, tl.where(update, -k2, 0.0), mask=inside)
-        tl.store(out + COEF_KEEP_AVG, tl.where(update, AVERAGE_KEEP, 1.0), mask=inside)  # E34
-        tl.store(out + COEF_TAKE_THETA, tl.where(update, AVERAGE_TAKE, 0.0), mask=inside)
+        tl.store(out + COEF_KEEP_AVG, tl.where(update, average_keep, 1.0), mask=inside)  # E34
+        tl.store(out + COEF_TAKE_THETA, tl.where(update, average_take, 0.0), mask=inside)
         most = tl.maximum(most, tl.where(update, hh / s, 0.0))
         distance_sq += tl.where(update, moved, tl.where(inside, dd, 0.0))
     h = tl.max(most, axis=0)  # E35
@@ -260,7 +265,7 @@ def koala_m_coefficients(sums, groups, hyper, stats, noise, steps, skipped, nega
     q11 = p11 - h * (p10 * p10)
     distance = tl.sqrt(tl.where(go, tl.sum(distance_sq, axis=0), 0.0)) / n_params
     previous_qw = tl.load(qw_avg).to(ACC)
-    qw = NOISE_KEEP * previous_qw + NOISE_TAKE * distance
+    qw = tl.load(hyper + HYPER_NOISE_KEEP).to(ACC) * previous_qw + tl.load(hyper + HYPER_NOISE_TAKE).to(ACC) * distance
     a = tl.load(hyper + HYPER_A).to(ACC)
     qv = tl.load(hyper + HYPER_QV).to(ACC)
     _record(hyper, noise, steps, skipped, negatives, loss, ok_out, n_groups, go, negative, measured_noise,

@@ -168,6 +168,7 @@ class StepBatch:
         flat_decays = [decay for group, decay in zip(layers, decays) for _ in group]
         self.buckets = buckets(flat, flat_decays, chunk_plans)
         self.n_layers = len(flat)
+        self.n_elements = sum(tensors[0].numel() for tensors in flat)  # the parameters' elements (KOALA-M's E30)
         self._scalar_tables: ScalarTables | None = None
         self._sums: torch.Tensor | None = None  # every layer's sums, rewritten at each step
         self._address_tables: dict[str, torch.Tensor] = {}
@@ -246,7 +247,8 @@ class BatchCache:
 
 
 # The hyperparameters every scalar kernel reads (a row per group; HYPER_* their columns), with the sums computed
-# as the torch paths compute them (in Python floats): E4's lr, E3's wd/2, and E2's noise estimate.
+# as the torch paths compute them (in Python floats): E4's lr, E3's wd/2, and E2's noise estimate. (Constants
+# go in this float64 table too: a Triton constexpr float is a float32.)
 NOISE_MODES = {"second_moment": 0.0, "variance": 1.0, "none": 2.0}  # E1a, E1b, E1c
 COMMON_HYPERPARAMETERS = {"lr": lambda g: g["lr"], "half_decay": lambda g: 0.5 * g["weight_decay"],
                           "r": lambda g: math.nan if g["r"] is None else g["r"], "mode": lambda g: NOISE_MODES[g["noise"]],

@@ -29,7 +29,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 ARCHS = (80, 90)
 pytestmark = pytest.mark.compiles_triton
 KERNELS = ("koala_plus_plus_partials", "koala_v_partials", "koala_m_partials", "combine", "koala_plus_plus_coefficients",
-           "koala_v_coefficients", "koala_plus_plus_update", "koala_v_update", "koala_m_update")
+           "koala_v_coefficients", "koala_m_coefficients", "koala_plus_plus_update", "koala_v_update", "koala_m_update")
 
 
 def argument_type(value) -> str:
