@@ -1,13 +1,14 @@
 """A step's layers as the Triton kernels read them (koala_hf.optim.triton_kernels), and the passes over them.
 
 The layers of a step are bucketed by dtype, across parameter groups (:class:`StepBatch`). A bucket reads its
-layers' tensors through a table of addresses (``data_ptr``) uploaded once per step (:class:`Bucket`); its chunk
-plan depends only on the layers' sizes and is built once and kept (:class:`ChunkPlan`). A layer whose tensors
-do not share one dense memory layout (``channels_last`` and other permutations do) runs on contiguous copies
-that the update writes back. A step's batch is kept (:class:`BatchCache`) and reused for as long as its
-parameters' and gradients' addresses are unchanged, so that a step builds nothing per layer. :func:`layer_sums` launches a reduction and a combination per bucket,
-:func:`update` one update per bucket; every launch goes through ``triton_runtime.launch``, where
-koala_hf.optim.profiling counts them.
+layers' tensors through a table of addresses (``data_ptr``) (:class:`Bucket`); its chunk plan depends only on
+the layers' sizes and is built once and kept (:class:`ChunkPlan`). A layer whose tensors do not share one
+dense memory layout (``channels_last`` and other permutations do) runs on contiguous copies that the update
+writes back. A step's batch is kept (:class:`BatchCache`) and reused for as long as its parameters' and
+gradients' addresses are unchanged, so that a step builds nothing per layer. :func:`layer_sums` launches a
+reduction and a combination per bucket, :func:`fused_scalar_step` the variant's scalar step once
+(koala_hf.optim.triton_scalar_kernels), :func:`update` one update per bucket; every launch goes through
+``triton_runtime.launch``, where koala_hf.optim.profiling counts them.
 """
 
 from __future__ import annotations

@@ -1,0 +1,31 @@
+"""benchmarks/step_overhead.py at a tiny size: its rows, its result files, and the counts it publishes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_benchmark_writes_every_row_with_the_dispatch_counts_and_host_times(tmp_path):
+    environment = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "benchmarks/step_overhead.py", "--tensors", "4", "12", "--steps", "2",
+                           "--output", str(tmp_path)], cwd=ROOT, env=environment, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "host_step_overhead_cpu.json").read_text())
+    assert report["command"].startswith("python benchmarks/step_overhead.py") and report["device"] and report["date"]
+    rows = {(r["tensors"], r["implementation"]): r for r in report["rows"]}
+    assert len(rows) == 2 * 8
+    for n in (4, 12):
+        for variant in ("KOALA++", "KOALA-V", "KOALA-M"):
+            triton = rows[(n, f"{variant} triton")]
+            assert triton["cuda_triton_launches"] == 4 and triton["cuda_aten_ops"] <= 20, triton
+            assert triton["host_ms"] > 0
+        assert rows[(n, "AdamW fused")]["host_vs_adamw_fused"] == 1.0
+    # The Triton step's dispatches do not grow with the tensors; AdamW foreach's do.
+    assert rows[(4, "KOALA++ triton")]["cuda_aten_ops"] == rows[(12, "KOALA++ triton")]["cuda_aten_ops"]
+    assert rows[(12, "AdamW foreach")]["cuda_aten_ops"] > rows[(4, "AdamW foreach")]["cuda_aten_ops"]
+    assert (tmp_path / "host_step_overhead_cpu.md").read_text().count("| 12 tensors |") == 8
