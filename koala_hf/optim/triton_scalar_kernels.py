@@ -68,6 +68,26 @@ def _noise_estimate(hyper, noise, group, inside, measured_noise, measured_loss, 
 
 
 @triton.jit
+def _layers(sums, groups, hyper, noise, start, n_layers, measured_noise, measured_loss, ACC: tl.constexpr,
+            LAYERS: tl.constexpr, N_SUM: tl.constexpr, SUM_HH: tl.constexpr, SUM_THETA_THETA: tl.constexpr,
+            N_HYPER: tl.constexpr, HYPER_LR: tl.constexpr, HYPER_HALF_DECAY: tl.constexpr, HYPER_R: tl.constexpr,
+            HYPER_MODE: tl.constexpr, HYPER_ALPHA_R: tl.constexpr, HYPER_ONE_MINUS_ALPHA_R: tl.constexpr):
+    """A block of layers from ``start``: their rows, which of them exist, their rows of sums, ``H.H`` and
+    ``theta.theta``, their groups, the groups' lr and wd/2, and R_k (E2)."""
+    rows = start + tl.arange(0, LAYERS)
+    inside = rows < n_layers
+    row = sums + rows * N_SUM
+    hh = tl.load(row + SUM_HH, mask=inside, other=1.0).to(ACC)
+    theta_sq = tl.load(row + SUM_THETA_THETA, mask=inside, other=0.0).to(ACC)
+    group = tl.load(groups + rows, mask=inside, other=0)
+    lr = tl.load(hyper + group * N_HYPER + HYPER_LR, mask=inside, other=0.0).to(ACC)
+    half_decay = tl.load(hyper + group * N_HYPER + HYPER_HALF_DECAY, mask=inside, other=0.0).to(ACC)
+    _, r = _noise_estimate(hyper, noise, group, inside, measured_noise, measured_loss, N_HYPER, HYPER_R, HYPER_MODE,
+                           HYPER_ALPHA_R, HYPER_ONE_MINUS_ALPHA_R, ACC)
+    return rows, inside, row, hh, theta_sq, group, lr, half_decay, r
+
+
+@triton.jit
 def _record(hyper, noise, steps, skipped, negatives, loss, ok_out, n_groups, go, negative, measured_noise,
             measured_loss, LAYERS: tl.constexpr, N_HYPER: tl.constexpr, HYPER_R: tl.constexpr,
             HYPER_MODE: tl.constexpr, HYPER_ALPHA_R: tl.constexpr, HYPER_ONE_MINUS_ALPHA_R: tl.constexpr,
@@ -106,31 +126,24 @@ def koala_plus_plus_coefficients(sums, groups, hyper, stats, noise, steps, skipp
     """KOALA++'s scalar step; ``filters``: int64 [n_layers], the address of each layer's ``filter`` state (ACC,
     its columns FILTER_*), read and written in place (E17)."""
     measured_loss, measured_noise, negative, go = _measured(stats, sums, n_layers, ACC, LAYERS, N_SUM)
-    offsets = tl.arange(0, LAYERS)
     for start in range(0, n_layers, LAYERS):
-        rows = start + offsets
-        inside = rows < n_layers
-        row = sums + rows * N_SUM
-        hh = tl.load(row + SUM_HH, mask=inside, other=1.0).to(ACC)
+        rows, inside, row, hh, theta_sq, group, lr, half_decay, r = _layers(
+            sums, groups, hyper, noise, start, n_layers, measured_noise, measured_loss, ACC, LAYERS, N_SUM, SUM_HH,
+            SUM_THETA_THETA, N_HYPER, HYPER_LR, HYPER_HALF_DECAY, HYPER_R, HYPER_MODE, HYPER_ALPHA_R,
+            HYPER_ONE_MINUS_ALPHA_R)
         a = tl.load(row + SUM_H_HPREV, mask=inside, other=1.0).to(ACC)
         b = tl.load(row + SUM_H_V, mask=inside, other=1.0).to(ACC)
-        theta_sq = tl.load(row + SUM_THETA_THETA, mask=inside, other=0.0).to(ACC)
         state = tl.load(filters + rows, mask=inside, other=0).to(tl.pointer_type(ACC))
         kept_s_prev = tl.load(state + FILTER_S_PREV, mask=inside, other=1.0)
         kept_x = tl.load(state + FILTER_HH_PREV, mask=inside, other=1.0)
         kept_y = tl.load(state + FILTER_VH_PREV, mask=inside, other=0.0)
         ready_value = tl.load(state + FILTER_READY, mask=inside, other=0.0)
         ready = ready_value > 0
-        group = tl.load(groups + rows, mask=inside, other=0)
         h = hyper + group * N_HYPER
-        lr = tl.load(h + HYPER_LR, mask=inside, other=0.0).to(ACC)
         sigma = tl.load(h + HYPER_SIGMA, mask=inside, other=0.0).to(ACC)
         q = tl.load(h + HYPER_Q, mask=inside, other=0.0).to(ACC)
         sigma_plus_q = tl.load(h + HYPER_SIGMA_PLUS_Q, mask=inside, other=1.0).to(ACC)  # no 0/0 past the layers
-        half_decay = tl.load(h + HYPER_HALF_DECAY, mask=inside, other=0.0).to(ACC)
         symmetric = tl.load(h + HYPER_SYMMETRIC, mask=inside, other=0.0) != 0
-        _, r = _noise_estimate(hyper, noise, group, inside, measured_noise, measured_loss, N_HYPER, HYPER_R, HYPER_MODE,
-                               HYPER_ALPHA_R, HYPER_ONE_MINUS_ALPHA_R, ACC)
         # E10: a layer without history starts from v_prev = sigma H, H_prev = H.
         s_prev = tl.where(ready, kept_s_prev, sigma_plus_q * hh + r)
         x = tl.where(ready, kept_x, hh)
@@ -182,17 +195,11 @@ def koala_v_coefficients(sums, groups, hyper, stats, noise, steps, skipped, nega
     p = tl.load(covariance).to(ACC)
     p_hat = p + tl.load(hyper + HYPER_Q).to(ACC)  # E20 (q is the filter's: every group's is the same)
     most = tl.zeros((LAYERS,), dtype=ACC)  # the largest ||H||^2 / s of an updated layer (E22)
-    offsets = tl.arange(0, LAYERS)
     for start in range(0, n_layers, LAYERS):
-        rows = start + offsets
-        inside = rows < n_layers
-        hh = tl.load(sums + rows * N_SUM + SUM_HH, mask=inside, other=0.0).to(ACC)
-        theta_sq = tl.load(sums + rows * N_SUM + SUM_THETA_THETA, mask=inside, other=0.0).to(ACC)
-        group = tl.load(groups + rows, mask=inside, other=0)
-        lr = tl.load(hyper + group * N_HYPER + HYPER_LR, mask=inside, other=0.0).to(ACC)
-        half_decay = tl.load(hyper + group * N_HYPER + HYPER_HALF_DECAY, mask=inside, other=0.0).to(ACC)
-        _, r = _noise_estimate(hyper, noise, group, inside, measured_noise, measured_loss, N_HYPER, HYPER_R, HYPER_MODE,
-                               HYPER_ALPHA_R, HYPER_ONE_MINUS_ALPHA_R, ACC)
+        rows, inside, row, hh, theta_sq, group, lr, half_decay, r = _layers(
+            sums, groups, hyper, noise, start, n_layers, measured_noise, measured_loss, ACC, LAYERS, N_SUM, SUM_HH,
+            SUM_THETA_THETA, N_HYPER, HYPER_LR, HYPER_HALF_DECAY, HYPER_R, HYPER_MODE, HYPER_ALPHA_R,
+            HYPER_ONE_MINUS_ALPHA_R)
         s = p_hat * hh + r  # E21
         gain = lr * (measured_loss + half_decay * theta_sq) * p_hat / s
         update = tl.where(go, (hh >= tl.load(hyper + HYPER_MIN_HH).to(ACC)) & (s > 0) & _finite(gain), False) & inside
@@ -230,20 +237,13 @@ def koala_m_coefficients(sums, groups, hyper, stats, noise, steps, skipped, nega
     p11 = tl.load(covariance + 3).to(ACC)
     most = tl.zeros((LAYERS,), dtype=ACC)  # the largest ||H||^2 / S of an updated layer (E35)
     distance_sq = tl.zeros((LAYERS,), dtype=ACC)  # ||w_avg - theta||^2 after the update (E30)
-    offsets = tl.arange(0, LAYERS)
     for start in range(0, n_layers, LAYERS):
-        rows = start + offsets
-        inside = rows < n_layers
-        row = sums + rows * N_SUM
-        hh = tl.load(row + SUM_HH, mask=inside, other=0.0).to(ACC)
-        theta_sq = tl.load(row + SUM_THETA_THETA, mask=inside, other=0.0).to(ACC)
+        rows, inside, row, hh, theta_sq, group, lr, half_decay, r = _layers(
+            sums, groups, hyper, noise, start, n_layers, measured_noise, measured_loss, ACC, LAYERS, N_SUM, SUM_HH,
+            SUM_THETA_THETA, N_HYPER, HYPER_LR, HYPER_HALF_DECAY, HYPER_R, HYPER_MODE, HYPER_ALPHA_R,
+            HYPER_ONE_MINUS_ALPHA_R)
         dd = tl.load(row + SUM_DD, mask=inside, other=0.0).to(ACC)
         dh = tl.load(row + SUM_DH, mask=inside, other=0.0).to(ACC)
-        group = tl.load(groups + rows, mask=inside, other=0)
-        lr = tl.load(hyper + group * N_HYPER + HYPER_LR, mask=inside, other=0.0).to(ACC)
-        half_decay = tl.load(hyper + group * N_HYPER + HYPER_HALF_DECAY, mask=inside, other=0.0).to(ACC)
-        _, r = _noise_estimate(hyper, noise, group, inside, measured_noise, measured_loss, N_HYPER, HYPER_R, HYPER_MODE,
-                               HYPER_ALPHA_R, HYPER_ONE_MINUS_ALPHA_R, ACC)
         s = hh * p00 + r  # E33
         scale = lr * (measured_loss + half_decay * theta_sq) / s
         k1 = scale * p00
