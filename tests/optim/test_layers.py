@@ -121,7 +121,12 @@ def test_on_a_device_the_foreach_step_dispatches_one_op_per_layer_at_most_and_wi
     from koala_hf.optim.profiling import step_dispatches
 
     make = lambda ps: create_optimizer(variant, ps, lr=0.1, weight_decay=1e-3, foreach=True)  # noqa: E731
-    counted = {n: step_dispatches(make, [(3, 4)] * n) for n in (8, 16, 148)}
+    try:
+        counted = {n: step_dispatches(make, [(3, 4)] * n) for n in (8, 16, 148)}
+    except RuntimeError as error:  # torch 2.4's fake tensors initialise CUDA when a step runs on them
+        if "CUDA" not in str(error):
+            raise
+        pytest.skip(f"this torch cannot step on fake CUDA tensors ({str(error).splitlines()[0]})")
     assert counted[16].ops - counted[8].ops <= 8, counted[16].by_op
     assert "dot" not in counted[148].by_op and "_local_scalar_dense" not in counted[148].by_op
     adamw = step_dispatches(lambda ps: torch.optim.AdamW(ps, foreach=True), [(3, 4)] * 148)
