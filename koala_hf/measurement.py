@@ -15,6 +15,20 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+# The measurement's sums, in this order: every path reads them by these names (the fused scalar kernels get
+# their positions as STAT_* constants, stat_constants).
+STATS = ("loss_sum", "square_sum", "count", "fallbacks")
+
+
+def stack_stats(**columns: torch.Tensor) -> torch.Tensor:
+    """The sums as one tensor, in :data:`STATS` order."""
+    return torch.stack([columns[name] for name in STATS])
+
+
+def stat_constants() -> dict[str, int]:
+    """The sums' positions as a kernel's constants (``STAT_LOSS_SUM`` ...)."""
+    return {f"STAT_{name.upper()}": index for index, name in enumerate(STATS)}
+
 # Layout of the accumulated statistics: one small tensor, reduced in one collective.
 _LOSS_SUM, _SQUARE_SUM, _COUNT, _FALLBACKS = range(4)
 
@@ -76,18 +90,16 @@ class LossMeasurement:
             if samples.numel() == 0:
                 raise ValueError("per_sample_losses is empty: a batch with no samples carries no measurement")
             count = samples.numel()
-            stats = torch.stack(
-                [
-                    loss.to(dtype) * count,
-                    torch.dot(samples, samples),
-                    torch.full((), float(count), dtype=dtype, device=loss.device),  # a fill, not a host copy
-                    torch.zeros((), dtype=dtype, device=loss.device),
-                ]
+            stats = stack_stats(
+                loss_sum=loss.to(dtype) * count,
+                square_sum=torch.dot(samples, samples),
+                count=torch.full((), float(count), dtype=dtype, device=loss.device),  # a fill, not a host copy
+                fallbacks=torch.zeros((), dtype=dtype, device=loss.device),
             )
         else:
             value = loss.to(dtype)
             one = torch.ones((), dtype=dtype, device=loss.device)
-            stats = torch.stack([value, value * value, one, one])
+            stats = stack_stats(loss_sum=value, square_sum=value * value, count=one, fallbacks=one)
         if self._stats is None:
             self._stats = stats
         else:
@@ -122,7 +134,7 @@ class LossMeasurement:
 def loss_and_noise(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """E1's ``(L_k, m_k)`` from a measurement's sums (:meth:`LossMeasurement.consume_stats`): the mean loss, and the
     mean squared per-sample loss, or ``L_k^2`` where a micro-batch gave no per-sample losses."""
-    loss_sum, square_sum, count, fallbacks = stats.unbind()
+    loss_sum, square_sum, count, fallbacks = (dict(zip(STATS, stats.unbind()))[name] for name in STATS)
     mean_loss = loss_sum / count
     noise = torch.where(fallbacks > 0, mean_loss * mean_loss, square_sum / count)
     return mean_loss, noise

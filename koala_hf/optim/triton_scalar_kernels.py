@@ -32,11 +32,15 @@ def _finite(x):
 
 
 @triton.jit
-def _measured(stats, sums, n_layers, ACC: tl.constexpr, LAYERS: tl.constexpr, N_SUM: tl.constexpr):
-    """E1's loss and noise measurement in ``ACC``, whether the loss is negative, and whether the step may be taken."""
-    count = tl.load(stats + 2)
-    mean = tl.load(stats + 0) / count
-    measured_noise = tl.where(tl.load(stats + 3) > 0, mean * mean, tl.load(stats + 1) / count).to(ACC)
+def _measured(stats, sums, n_layers, ACC: tl.constexpr, LAYERS: tl.constexpr, N_SUM: tl.constexpr,
+              STAT_LOSS_SUM: tl.constexpr, STAT_SQUARE_SUM: tl.constexpr, STAT_COUNT: tl.constexpr,
+              STAT_FALLBACKS: tl.constexpr):
+    """E1's loss and noise measurement in ``ACC``, whether the loss is negative, and whether the step may be taken
+    (``stats``: the measurement's sums, STAT_* their positions, koala_hf.measurement.STATS)."""
+    count = tl.load(stats + STAT_COUNT)
+    mean = tl.load(stats + STAT_LOSS_SUM) / count
+    noise = tl.where(tl.load(stats + STAT_FALLBACKS) > 0, mean * mean, tl.load(stats + STAT_SQUARE_SUM) / count)
+    measured_noise = noise.to(ACC)
     measured_loss = mean.to(ACC)
     offsets = tl.arange(0, LAYERS)
     bad = tl.zeros((LAYERS,), dtype=tl.int32)
@@ -111,7 +115,9 @@ def _record(hyper, noise, steps, skipped, negatives, loss, ok_out, n_groups, go,
 @triton.jit
 def koala_plus_plus_coefficients(sums, groups, hyper, stats, noise, steps, skipped, negatives, loss, ok_out,
                                  coefficients, n_layers, n_groups, filters,
-                                 ACC: tl.constexpr, LAYERS: tl.constexpr, N_SUM: tl.constexpr,
+                                 ACC: tl.constexpr, LAYERS: tl.constexpr, STAT_LOSS_SUM: tl.constexpr,
+                         STAT_SQUARE_SUM: tl.constexpr, STAT_COUNT: tl.constexpr, STAT_FALLBACKS: tl.constexpr,
+                         N_SUM: tl.constexpr,
                                  SUM_HH: tl.constexpr, SUM_H_HPREV: tl.constexpr, SUM_H_V: tl.constexpr,
                                  SUM_THETA_THETA: tl.constexpr, N_COEF: tl.constexpr, COEF_C_V: tl.constexpr,
                                  COEF_C_H: tl.constexpr, COEF_C_HP: tl.constexpr, COEF_STEP_V: tl.constexpr,
@@ -125,7 +131,8 @@ def koala_plus_plus_coefficients(sums, groups, hyper, stats, noise, steps, skipp
                                  FILTER_READY: tl.constexpr, HYPER_MIN_HH: tl.constexpr):
     """KOALA++'s scalar step; ``filters``: int64 [n_layers], the address of each layer's ``filter`` state (ACC,
     its columns FILTER_*), read and written in place (E17)."""
-    measured_loss, measured_noise, negative, go = _measured(stats, sums, n_layers, ACC, LAYERS, N_SUM)
+    measured_loss, measured_noise, negative, go = _measured(stats, sums, n_layers, ACC, LAYERS, N_SUM, STAT_LOSS_SUM,
+                                                          STAT_SQUARE_SUM, STAT_COUNT, STAT_FALLBACKS)
     for start in range(0, n_layers, LAYERS):
         rows, inside, row, hh, theta_sq, group, lr, half_decay, r = _layers(
             sums, groups, hyper, noise, start, n_layers, measured_noise, measured_loss, ACC, LAYERS, N_SUM, SUM_HH,
@@ -185,13 +192,16 @@ def koala_plus_plus_coefficients(sums, groups, hyper, stats, noise, steps, skipp
 @triton.jit
 def koala_v_coefficients(sums, groups, hyper, stats, noise, steps, skipped, negatives, loss, ok_out, coefficients,
                          n_layers, n_groups, covariance,
-                         ACC: tl.constexpr, LAYERS: tl.constexpr, N_SUM: tl.constexpr, SUM_HH: tl.constexpr,
+                         ACC: tl.constexpr, LAYERS: tl.constexpr, STAT_LOSS_SUM: tl.constexpr,
+                         STAT_SQUARE_SUM: tl.constexpr, STAT_COUNT: tl.constexpr, STAT_FALLBACKS: tl.constexpr,
+                         N_SUM: tl.constexpr, SUM_HH: tl.constexpr,
                          SUM_THETA_THETA: tl.constexpr, N_COEF: tl.constexpr, COEF_STEP: tl.constexpr,
                          N_HYPER: tl.constexpr, HYPER_LR: tl.constexpr, HYPER_HALF_DECAY: tl.constexpr,
                          HYPER_R: tl.constexpr, HYPER_MODE: tl.constexpr, HYPER_ALPHA_R: tl.constexpr,
                          HYPER_ONE_MINUS_ALPHA_R: tl.constexpr, HYPER_Q: tl.constexpr, HYPER_MIN_HH: tl.constexpr):
     """KOALA-V's scalar step; ``covariance``: the filter-wide ``P`` (ACC), read and written in place (E22)."""
-    measured_loss, measured_noise, negative, go = _measured(stats, sums, n_layers, ACC, LAYERS, N_SUM)
+    measured_loss, measured_noise, negative, go = _measured(stats, sums, n_layers, ACC, LAYERS, N_SUM, STAT_LOSS_SUM,
+                                                          STAT_SQUARE_SUM, STAT_COUNT, STAT_FALLBACKS)
     p = tl.load(covariance).to(ACC)
     p_hat = p + tl.load(hyper + HYPER_Q).to(ACC)  # E20 (q is the filter's: every group's is the same)
     most = tl.zeros((LAYERS,), dtype=ACC)  # the largest ||H||^2 / s of an updated layer (E22)
@@ -214,7 +224,9 @@ def koala_v_coefficients(sums, groups, hyper, stats, noise, steps, skipped, nega
 @triton.jit
 def koala_m_coefficients(sums, groups, hyper, stats, noise, steps, skipped, negatives, loss, ok_out, coefficients,
                          n_layers, n_groups, covariance, qw_avg, n_params,
-                         ACC: tl.constexpr, LAYERS: tl.constexpr, N_SUM: tl.constexpr, SUM_HH: tl.constexpr,
+                         ACC: tl.constexpr, LAYERS: tl.constexpr, STAT_LOSS_SUM: tl.constexpr,
+                         STAT_SQUARE_SUM: tl.constexpr, STAT_COUNT: tl.constexpr, STAT_FALLBACKS: tl.constexpr,
+                         N_SUM: tl.constexpr, SUM_HH: tl.constexpr,
                          SUM_THETA_THETA: tl.constexpr, SUM_DD: tl.constexpr, SUM_DH: tl.constexpr,
                          N_COEF: tl.constexpr, COEF_STEP_THETA: tl.constexpr, COEF_STEP_U: tl.constexpr,
                          COEF_KEEP_AVG: tl.constexpr, COEF_TAKE_THETA: tl.constexpr, N_HYPER: tl.constexpr,
@@ -227,7 +239,8 @@ def koala_m_coefficients(sums, groups, hyper, stats, noise, steps, skipped, nega
     filter-wide 2x2 ``P`` (ACC, row-major) and ``qw_avg``, read and written in place; ``n_params`` the number of
     parameters stepped (E30's distance is per parameter). Its averaging constants come in ``hyper`` (float64;
     a constexpr float would be a float32)."""
-    measured_loss, measured_noise, negative, go = _measured(stats, sums, n_layers, ACC, LAYERS, N_SUM)
+    measured_loss, measured_noise, negative, go = _measured(stats, sums, n_layers, ACC, LAYERS, N_SUM, STAT_LOSS_SUM,
+                                                          STAT_SQUARE_SUM, STAT_COUNT, STAT_FALLBACKS)
     average_keep = tl.load(hyper + HYPER_AVERAGE_KEEP).to(ACC)
     average_take = tl.load(hyper + HYPER_AVERAGE_TAKE).to(ACC)
     average_keep_squared = tl.load(hyper + HYPER_AVERAGE_KEEP_SQUARED).to(ACC)

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from koala_hf.measurement import stat_constants
 from koala_hf.optim import triton_runtime
 from koala_hf.optim.dispatch import Backend
 from koala_hf.optim.layouts import PassLayout
@@ -205,7 +206,7 @@ class StepBatch:
                               upload(hyperparameters, device, torch.float64), stats, noise, state["step"],
                               state["skipped_steps"], state["negative_loss_steps"], state["loss"], tables.ok,
                               tables.coefficients, self.n_layers, len(hyperparameters), *extra,
-                              ACC=triton_dtype(noise.dtype), LAYERS=SCALAR_BLOCK,
+                              ACC=triton_dtype(noise.dtype), LAYERS=SCALAR_BLOCK, **stat_constants(),
                               **self.layout.triton_constants("sums", "coefficients"), **constants)
         return tables.coefficients, tables.ok
 
