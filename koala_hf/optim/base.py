@@ -5,9 +5,10 @@ KOALA measures the loss, not only the gradient, so a step needs the loss of the 
 then ``step()``; or ``step(closure)`` with a closure returning the loss, as in torch. ``zero_grad()`` discards
 a measurement no step consumed.
 
-A step consumes the measurement (E1), updates each group's noise estimate ``R_k`` (E2,
-koala_hf.optim.noise), and hands both to the variant's ``_update`` (as koala_hf.optim.step_inputs.StepInputs), which runs over the per-group records of
-koala_hf.optim.group_step on the backend koala_hf.optim.dispatch chooses. A non-finite or negative loss
+A step consumes the measurement (E1) and hands it, with the filter-wide state, to the variant's ``_update``
+(koala_hf.optim.step_inputs.StepInputs: each group's noise estimate ``R_k``, E2, computed there on first use,
+or by a fused scalar kernel), which runs over the per-group records of koala_hf.optim.group_step on the
+backend koala_hf.optim.dispatch chooses. A non-finite or negative loss
 (KOALA measures against a target of 0, E1) skips the step: nothing moves, and the skip is counted.
 
 Hyperparameters are always read from the parameter groups, so ``load_state_dict`` (whose groups win, as in
