@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-# The measurement's sums, in this order: every path reads them by these names (the fused scalar kernels get
-# their positions as STAT_* constants, stat_constants).
+# The measurement's sums, in this order (one small tensor, reduced in one collective): every path reads them by
+# these names (the fused scalar kernels get their positions as STAT_* constants, stat_constants).
 STATS = ("loss_sum", "square_sum", "count", "fallbacks")
 
 
@@ -28,9 +28,6 @@ def stack_stats(**columns: torch.Tensor) -> torch.Tensor:
 def stat_constants() -> dict[str, int]:
     """The sums' positions as a kernel's constants (``STAT_LOSS_SUM`` ...)."""
     return {f"STAT_{name.upper()}": index for index, name in enumerate(STATS)}
-
-# Layout of the accumulated statistics: one small tensor, reduced in one collective.
-_LOSS_SUM, _SQUARE_SUM, _COUNT, _FALLBACKS = range(4)
 
 
 class LossMeasurement:
@@ -134,7 +131,7 @@ class LossMeasurement:
 def loss_and_noise(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """E1's ``(L_k, m_k)`` from a measurement's sums (:meth:`LossMeasurement.consume_stats`): the mean loss, and the
     mean squared per-sample loss, or ``L_k^2`` where a micro-batch gave no per-sample losses."""
-    loss_sum, square_sum, count, fallbacks = (dict(zip(STATS, stats.unbind()))[name] for name in STATS)
-    mean_loss = loss_sum / count
-    noise = torch.where(fallbacks > 0, mean_loss * mean_loss, square_sum / count)
+    sums = dict(zip(STATS, stats.unbind()))
+    mean_loss = sums["loss_sum"] / sums["count"]
+    noise = torch.where(sums["fallbacks"] > 0, mean_loss * mean_loss, sums["square_sum"] / sums["count"])
     return mean_loss, noise
