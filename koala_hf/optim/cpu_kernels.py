@@ -28,8 +28,8 @@ from koala_hf.optim import layouts
 SOURCE = Path(__file__).parent / "csrc" / "koala_cpu.cpp"
 # torch's CPU capability -> the compiler flags that let ATen's vector types use it.
 ISA_FLAGS = {
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512"],
-    "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
 }
 
 _KERNELS: object = None  # not tried yet; then the ops namespace, or False when the build failed
