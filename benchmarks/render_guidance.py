@@ -45,6 +45,11 @@ def number(value: float) -> str:
     return "diverged" if not math.isfinite(value) else f"{value:.1f}"
 
 
+def gap_to(value: float, base: float, task: str) -> str:
+    """A KOALA figure against its baseline's: relative for perplexity, in points for an error rate."""
+    return f"{100 * (value / base - 1):+.1f}%" if task == "lm" else f"{value - base:+.1f} points"
+
+
 def grid_table(runs: list[dict], task: str, schedule: str) -> list[str]:
     """One row per variant: every lr tried with its score, the lrs that worked, the best and what it reports."""
     rows = [r for r in runs if r["phase"] == "grid" and r["schedule"] == schedule]
@@ -59,8 +64,7 @@ def grid_table(runs: list[dict], task: str, schedule: str) -> list[str]:
         best = min(tried, key=lambda r: r["score"])
         worked = [r["learning_rate"] for r in tried if r["score"] <= (1 + RANGE) * best["score"]]
         value = reported(best, task)
-        gap = "" if base is None or best is baseline else (
-            f"{100 * (value / base - 1):+.1f}%" if task == "lm" else f"{value - base:+.1f} points")
+        gap = "" if base is None or best is baseline else gap_to(value, base, task)
         scores = ", ".join(f"{r['learning_rate']:.3g}: {number(r['score'])}" for r in tried)
         lines.append(f"| {name} | {scores} | "
                      f"{', '.join(f'{lr:.3g}' for lr in worked)} | {best['learning_rate']:.3g} | {number(value)} | {gap} |")
@@ -77,8 +81,7 @@ def start_here(runs: list[dict], task: str) -> list[str]:
         baselines = [r for r in grid if r["schedule"] == best["schedule"] and r["optimizer"] in ("adamw", "sgd")]
         base = min(baselines, key=lambda r: r["score"]) if baselines else None
         value, base_value = reported(best, task), reported(base, task) if base else math.nan
-        gap = "" if base is None or best is base else (
-            f"{100 * (value / base_value - 1):+.1f}%" if task == "lm" else f"{value - base_value:+.1f} points")
+        gap = "" if base is None or best is base else gap_to(value, base_value, task)
         lines.append(f"| {name} | {best['schedule']} | {best['learning_rate']:.3g} | {number(value)} | "
                      f"{'' if base is None else f'{variant(base)} {number(base_value)}'} | {gap} |")
     return lines

@@ -40,9 +40,6 @@ from koala_hf.optim.step_inputs import StepInputs
 from koala_hf.optim.sharding import check_parameter
 from koala_hf.optim.validation import check_noise, check_range
 
-# A layer whose measurement Jacobian has a norm below this is not updated (official code).
-MIN_JACOBIAN_NORM = 1e-9
-
 
 @functools.cache
 def constructor_defaults(cls: type) -> dict:

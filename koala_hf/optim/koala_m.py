@@ -7,7 +7,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from koala_hf.optim import layouts, triton_step
-from koala_hf.optim.base import MIN_JACOBIAN_NORM, KoalaOptimizer
+from koala_hf.optim.base import KoalaOptimizer
 from koala_hf.optim.checkpoint import FILTER_STATE
 from koala_hf.optim.cpu_kernels import cpu_kernels
 from koala_hf.optim.dispatch import Backend
@@ -23,7 +23,7 @@ from koala_hf.optim.group_step import (
     update_by_backend,
 )
 from koala_hf.optim.jacobian_norms import cpu_norms, eager_norms, triton_norms
-from koala_hf.optim.layers import dot, dots, finite_mask, group_by_device_and_dtype, widen, write_back
+from koala_hf.optim.layers import MIN_JACOBIAN_NORM, dot, dots, finite_mask, group_by_device_and_dtype, widen, write_back
 from koala_hf.optim.sharding import local, reduce_sums, sharding_group
 from koala_hf.optim.validation import check_range
 
@@ -34,8 +34,7 @@ NOISE_KEEP, NOISE_TAKE = 0.9, 0.1
 # (The averaging constants go in the float64 table too: a Triton constexpr float is a float32.)
 SCALAR_HYPERPARAMETERS = {"a": lambda g: g["a"], "qv": lambda g: g["qv"], "average_keep": lambda g: AVERAGE_KEEP,
                           "average_take": lambda g: AVERAGE_TAKE, "average_keep_squared": lambda g: AVERAGE_KEEP * AVERAGE_KEEP,
-                          "noise_keep": lambda g: NOISE_KEEP, "noise_take": lambda g: NOISE_TAKE,
-                          "min_hh": lambda g: MIN_JACOBIAN_NORM**2}
+                          "noise_keep": lambda g: NOISE_KEEP, "noise_take": lambda g: NOISE_TAKE}
 
 
 class KOALAM(KoalaOptimizer):

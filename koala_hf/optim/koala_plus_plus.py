@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from koala_hf.optim import layouts, triton_step
-from koala_hf.optim.base import MIN_JACOBIAN_NORM, KoalaOptimizer
+from koala_hf.optim.base import KoalaOptimizer
 from koala_hf.optim.cpu_kernels import cpu_kernels
 from koala_hf.optim.dispatch import Backend
 from koala_hf.optim.group_step import (
@@ -38,6 +38,7 @@ from koala_hf.optim.group_step import (
     update_by_backend,
 )
 from koala_hf.optim.layers import (
+    MIN_JACOBIAN_NORM,
     bucketed_rows,
     dots,
     finite_mask,
@@ -282,7 +283,7 @@ def _triton_products(optimizer, group_steps: list[GroupStep], device, dtype) -> 
 # KOALA++'s own columns of the scalar kernel's hyperparameters (triton_step.fused_scalar_step), computed as
 # kalman_coefficients computes them, and where its per-layer filter keeps what.
 HYPERPARAMETERS = {"sigma": lambda g: g["sigma"], "q": lambda g: g["q"], "sigma_plus_q": lambda g: g["sigma"] + g["q"],
-                   "symmetric": lambda g: float(g["symmetric"]), "min_hh": lambda g: MIN_JACOBIAN_NORM**2}
+                   "symmetric": lambda g: float(g["symmetric"])}
 FILTER_COLUMNS = {"FILTER_S_PREV": S_PREV, "FILTER_HH_PREV": HH_PREV, "FILTER_VH_PREV": VH_PREV, "FILTER_READY": READY}
 
 

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 
 from koala_hf.optim import layouts, triton_step
-from koala_hf.optim.base import MIN_JACOBIAN_NORM, KoalaOptimizer
+from koala_hf.optim.base import KoalaOptimizer
 from koala_hf.optim.cpu_kernels import cpu_kernels
 from koala_hf.optim.dispatch import Backend
 from koala_hf.optim.group_step import (
@@ -22,7 +22,7 @@ from koala_hf.optim.group_step import (
     update_by_backend,
 )
 from koala_hf.optim.jacobian_norms import cpu_norms, eager_norms, triton_norms
-from koala_hf.optim.layers import finite_mask, group_by_device_and_dtype, widen, write_back
+from koala_hf.optim.layers import MIN_JACOBIAN_NORM, finite_mask, group_by_device_and_dtype, widen, write_back
 from koala_hf.optim.validation import check_prior
 
 
@@ -93,7 +93,7 @@ class KOALAV(KoalaOptimizer):
         group_steps = gather(self)
         reduction = reduce_by_backend(self, group_steps, REDUCTIONS, state["R"].device, state["R"].dtype)
         fused = triton_step.fused_scalar_step(self, group_steps, reduction, inputs, "koala_v_coefficients",
-                                              {"q": lambda g: g["q"], "min_hh": lambda g: MIN_JACOBIAN_NORM**2},
+                                              {"q": lambda g: g["q"]},
                                               lambda batch: (state["P"],), {})
         if fused is not None:  # every group on the Triton kernels: E1, E2 and E20-E22 ran in one launch
             coefficients, ok = fused

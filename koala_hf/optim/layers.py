@@ -15,6 +15,8 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+# A layer whose measurement Jacobian has a norm below this is not updated (official code).
+MIN_JACOBIAN_NORM = 1e-9
 
 
 @functools.cache  # torch.promote_types dispatches an op: once per dtype, not once per layer and step

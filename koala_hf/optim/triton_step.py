@@ -22,6 +22,7 @@ import torch
 from koala_hf.measurement import stat_constants
 from koala_hf.optim import triton_runtime
 from koala_hf.optim.dispatch import Backend
+from koala_hf.optim.layers import MIN_JACOBIAN_NORM
 from koala_hf.optim.layouts import PassLayout
 from koala_hf.optim.sharding import sharding_group
 from koala_hf.optim.triton_runtime import BLOCK, CHUNK, triton_dtype
@@ -249,12 +250,14 @@ class BatchCache:
 
 
 # The hyperparameters every scalar kernel reads (a row per group; HYPER_* their columns), with the sums computed
-# as the torch paths compute them (in Python floats): E4's lr, E3's wd/2, and E2's noise estimate. (Constants
+# as the torch paths compute them (in Python floats): E4's lr, E3's wd/2, E2's noise estimate, and the squared
+# norm below which a layer is not updated. (Constants
 # go in this float64 table too: a Triton constexpr float is a float32.)
 NOISE_MODES = {"second_moment": 0.0, "variance": 1.0, "none": 2.0}  # E1a, E1b, E1c
 COMMON_HYPERPARAMETERS = {"lr": lambda g: g["lr"], "half_decay": lambda g: 0.5 * g["weight_decay"],
                           "r": lambda g: math.nan if g["r"] is None else g["r"], "mode": lambda g: NOISE_MODES[g["noise"]],
-                          "alpha_r": lambda g: g["alpha_r"], "one_minus_alpha_r": lambda g: 1.0 - g["alpha_r"]}
+                          "alpha_r": lambda g: g["alpha_r"], "one_minus_alpha_r": lambda g: 1.0 - g["alpha_r"],
+                          "min_hh": lambda g: MIN_JACOBIAN_NORM**2}
 
 
 def fused_scalar_step(optimizer, group_steps, reduction, inputs, kernel: str, hyperparameters: dict,
