@@ -36,7 +36,7 @@ if [ "$device" = cuda ]; then
 fi
 if [ "$tiny" = 1 ]; then
     shapes=(--workloads tiny); bf16_shapes=(--workloads tiny); steps=(--steps 1 --warmup 0)
-    batches=(--lm_batch 1 --vision_batch 2); main_job=(--max_train_blocks 16 --max_eval_blocks 8 --num_train_epochs 1)
+    batches=(--lm_batch 1 --vision_batch 2 --tiny); main_job=(--max_train_blocks 16 --max_eval_blocks 8 --num_train_epochs 1)
 else
     shapes=(--workloads gpt2-124m gpt2-355m resnet50 swin-t); bf16_shapes=(--workloads gpt2-124m); steps=(--steps 20 --warmup 5)
     batches=(); main_job=()

@@ -9,7 +9,7 @@ KOALA-only parts). Models: the WikiText-2 recipe's ``paper`` GPT (54M, context
 256) and the vision recipe's ResNet-50 (CIFAR stem, 100 classes), random data.
 Optimizers: AdamW foreach and fused, and KOALA++ on its default path (the Triton kernels on CUDA;
 ``--koala_fused``: its fused backend on any device, C++ on the CPU). ``--bf16``: the forward under bfloat16
-autocast.
+autocast. ``--tiny``: both models at a tiny size (a check of the script, as benchmarks/gpu_check.sh --tiny runs it).
 Writes ``benchmarks/results/train_step_<device>.json`` and ``.md`` (``train_step_<device>_bf16`` with
 ``--bf16``).
 """
@@ -30,18 +30,26 @@ from koala_hf.recipe_support.results import provenance, write_report
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def lm_workload(batch: int, device: str):
+# The recipe's ``paper`` GPT, and (``--tiny``) the same architecture at a size whose bf16 step takes well under a
+# second on a CPU without bf16 matrix units, where the full one takes about 40 s: a check of the script, not a timing.
+LM_SIZES = {"paper": dict(vocab_size=33278, n_positions=256, n_embd=768, n_layer=4, n_head=12),
+            "tiny": dict(vocab_size=1024, n_positions=32, n_embd=64, n_layer=1, n_head=2)}
+VISION_MODELS = {"paper": "resnet50_cifar", "tiny": "resnet18_cifar"}
+
+
+def lm_workload(batch: int, device: str, size: str = "paper"):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=33278, n_positions=256, n_embd=768, n_layer=4, n_head=12)).to(device)
-    ids = torch.randint(0, 33278, (batch, 256), device=device)
+    config = GPT2Config(**LM_SIZES[size], bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config).to(device)
+    ids = torch.randint(0, config.vocab_size, (batch, config.n_positions), device=device)
     return model, {"input_ids": ids, "labels": ids}, True
 
 
-def vision_workload(batch: int, device: str):
+def vision_workload(batch: int, device: str, size: str = "paper"):
     from koala_hf.vision import ImageClassifier, create_model
 
-    model = ImageClassifier(create_model("resnet50_cifar", num_classes=100)).to(device)
+    model = ImageClassifier(create_model(VISION_MODELS[size], num_classes=100)).to(device)
     inputs = {"pixel_values": torch.randn(batch, 3, 32, 32, device=device), "labels": torch.randint(0, 100, (batch,), device=device)}
     return model, inputs, False
 
@@ -79,14 +87,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--koala_fused", action="store_true", help="KOALA++ with fused=True (C++ on the CPU, Triton on CUDA)")
+    parser.add_argument("--tiny", action="store_true", help="the same models at a tiny size: a check of the script (CI), not a timing")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
 
+    size = "tiny" if args.tiny else "paper"
     rows = []
-    for name, build, batch in (("LM paper GPT", lm_workload, args.lm_batch), ("ResNet-50 CIFAR", vision_workload, args.vision_batch)):
+    workloads = (("LM tiny GPT" if args.tiny else "LM paper GPT", lm_workload, args.lm_batch),
+                 ("ResNet-18 CIFAR" if args.tiny else "ResNet-50 CIFAR", vision_workload, args.vision_batch))
+    for name, build, batch in workloads:
         for optimizer_name in ("AdamW", "AdamW fused", "KOALA++"):
             torch.manual_seed(0)
-            model, inputs, shift = build(batch, args.device)
+            model, inputs, shift = build(batch, args.device, size)
             if optimizer_name.startswith("AdamW"):
                 kind = {"fused": True} if optimizer_name == "AdamW fused" else {"foreach": True}
                 optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=5e-4, **kind)
