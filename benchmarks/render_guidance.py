@@ -87,14 +87,18 @@ def start_here(runs: list[dict], task: str) -> list[str]:
     return lines
 
 
+def changed(run: dict) -> str:
+    """The prior's settings a run changed from the default (sigma, q), e.g. ``sigma 0.3``; empty if none."""
+    return ", ".join(f"{k} {run[k]:g}" for k in ("sigma", "q") if k in run)
+
+
 def sigma_q_table(runs: list[dict], task: str) -> list[str]:
     rows = [r for r in runs if r["phase"] == "sigma_q"]
     if not rows:
         return ["*sigma and q: not run yet.*"]
     lines = [f"| setting | {TASKS[task]['unit']} | score |", "|---|---|---|"]
     for r in rows:
-        change = ", ".join(f"{k} {r[k]:g}" for k in ("sigma", "q") if k in r)
-        lines.append(f"| {variant(r)}, lr {r['learning_rate']:.3g}, {r['schedule']}, {change} | "
+        lines.append(f"| {variant(r)}, lr {r['learning_rate']:.3g}, {r['schedule']}, {changed(r)} | "
                      f"{number(reported(r, task))} | {number(r['score'])} |")
     return lines
 
@@ -105,15 +109,16 @@ def seeds_table(runs: list[dict], task: str) -> list[str]:
         return ["*Seeds: not run yet (the verdict below needs them).*"]
     groups: dict = {}
     for r in rows:
-        groups.setdefault((variant(r), r["learning_rate"], r["schedule"], r["epochs"]), []).append(r)
+        groups.setdefault((variant(r), r["learning_rate"], r["schedule"], r["epochs"], changed(r)), []).append(r)
     lines = [f"| setting | seeds | {TASKS[task]['unit']}: mean +- sd |", "|---|---|---|"]
     means = {}
-    for (name, lr, schedule, epochs), members in groups.items():
+    for (name, lr, schedule, epochs, prior), members in groups.items():
         values = [reported(r, task) for r in members]
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        means[name] = (statistics.fmean(values), sd, len(values))
-        lines.append(f"| {name}, lr {lr:.3g}, {schedule}, {epochs} epochs | {', '.join(str(r['seed']) for r in members)} | "
-                     f"{number(means[name][0])} +- {sd:.1f} |")
+        setting = f"lr {lr:.3g}, {schedule}" + (f", {prior}" if prior else "")
+        means[f"{name} ({setting})"] = (statistics.fmean(values), sd, len(values))
+        lines.append(f"| {name}, {setting}, {epochs} epochs | {', '.join(str(r['seed']) for r in members)} | "
+                     f"{number(statistics.fmean(values))} +- {sd:.1f} |")
     return lines + ["", verdict(means, task)]
 
 
@@ -126,8 +131,8 @@ def verdict(means: dict, task: str) -> str:
     b_name, (b_mean, b_sd, _) = min(base.items(), key=lambda item: item[1][0])
     reached = TASKS[task]["within"](k_mean, b_mean)
     return (f"**Verdict.** Target: {TASKS[task]['target']}. The best KOALA setting, {k_name}, "
-            f"{'reaches' if reached else 'does not reach'} it: {k_mean:.1f} +- {k_sd:.1f} against {b_name}'s "
-            f"{b_mean:.1f} +- {b_sd:.1f}.")
+            f"{'reaches' if reached else 'does not reach'} it: {k_mean:.1f} +- {k_sd:.1f} against "
+            f"{b_mean:.1f} +- {b_sd:.1f} for {b_name} ({gap_to(k_mean, b_mean, task)}; means and sample sd over the seeds).")
 
 
 def provenance(runs: list[dict], task: str) -> str:

@@ -40,9 +40,10 @@ def test_the_verdict_compares_the_best_seeded_koala_with_the_baseline(tmp_path):
     text = render_guidance.render("lm", sweep(runs))
     assert "| KOALA++ E1c, lr 1, constant, 12 epochs | 42, 43, 44 | 302.0 +- 2.0 |" in text
     # 302 <= 1.05 * 290 = 304.5: the best KOALA (KOALA++, not KOALA-M) reaches the target
-    assert "KOALA++ E1c, reaches it: 302.0 +- 2.0 against AdamW's 290.0 +- 2.0." in text
+    assert ("KOALA++ E1c (lr 1, constant), reaches it: 302.0 +- 2.0 against 290.0 +- 2.0 for AdamW (lr 0.001, constant) "
+            "(+4.1%; means and sample sd over the seeds).") in text
     runs = [r for r in runs if r["optimizer"] != "koala++"]
-    assert "KOALA-M, does not reach it: 325.0 +- 5.0" in render_guidance.render("lm", sweep(runs))
+    assert "KOALA-M (lr 0.3, constant), does not reach it: 325.0 +- 5.0 against 290.0 +- 2.0" in render_guidance.render("lm", sweep(runs))
 
 
 def test_the_committed_tables_are_rendered_from_the_committed_sweep():
