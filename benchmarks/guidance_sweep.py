@@ -1,13 +1,15 @@
 """How to set KOALA: every variant under the schedules Trainer users run, against the tuned baselines.
 
     nice python benchmarks/guidance_sweep.py --task lm          # the LM part, about 4 h on 2 CPU cores
-    nice python benchmarks/guidance_sweep.py --task digits      # the digits part, 10 to 14 h on 2 CPU cores
+    nice python benchmarks/guidance_sweep.py --task digits      # the digits part, about 15 to 20 h on 2 CPU cores
     python benchmarks/guidance_sweep.py --task lm --epochs 1 --max_train_blocks 32 --output /tmp/sweep  # a check
 
 Times measured on a 2-core x86_64 CPU, each run alone: a 4-epoch LM run about 2.6 min and a 12-epoch one 8 to
-10 min (60 grid runs, 9 seeded); MobileNetV3-Large on the digits about 9 s per epoch (30 epochs: 5 min, 48 to
-72 grid runs), ResNet-18 about 37 s per epoch (40 epochs: 25 min, 12 to 18 runs). Run one task at a time: two
-runs sharing two cores each take many times longer (a MobileNetV3 run beside an LM run took 57 min).
+10 min (60 grid and sigma/q runs, 9 seeded). On the digits (benchmarks/results/digits_cpu), MobileNetV3-Large
+takes 9 to 11 s per epoch with AdamW and KOALA++ (SGD's run 26 s): 5 min for 30 epochs, over 48 to 72 grid, 4
+sigma/q and 9 seeded runs; ResNet-18 about 37 s per epoch, 25 min for 40 epochs, over 12 to 18 grid, 4 sigma/q
+and 6 seeded runs, most of the total. Run one task at a time: two runs sharing two cores each take many
+times longer (a MobileNetV3 run beside an LM run took 57 min).
 
 Every run is a recipe run, trained the same way within a task; only the optimizer, its lr and the schedule
 change. Schedules (``SCHEDULES``): constant (the papers'), linear decay to 0 (``transformers.Trainer``'s default)
