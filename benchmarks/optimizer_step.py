@@ -22,7 +22,9 @@ operations one step dispatches: on CPU the ops launched directly by ``step()``
 (a multi-tensor op counts as one call, the loops inside it do not), on CUDA the
 device kernels. Whatever the device, it also counts what one step would
 dispatch on CUDA, without a GPU: the ATen compute ops and the Triton launches on
-fake CUDA tensors (koala_hf.optim.profiling). On the CPU it also times the
+fake CUDA tensors (koala_hf.optim.profiling; a multi-tensor op counts as the
+kernels it launches: one on torch's fast route, one per tensor on its slow
+route). On the CPU it also times the
 first-use build of the fused path's C++ kernels in a fresh extension folder
 (koala_hf.optim.cpu_kernels).
 
@@ -349,7 +351,8 @@ def markdown(report: dict) -> str:
                      + (f"{r['vs_per_tensor']:.0e} |" if "vs_per_tensor" in r else "- |"))
     lines += ["", "ops per step: on the CPU the ops `step()` calls directly (profiler), on CUDA the device kernels. "
               "CUDA: ATen ops + Triton launches: what one step dispatches on CUDA, counted on fake CUDA tensors "
-              "(koala_hf.optim.profiling; views and device queries left out); `fused` on CUDA is the Triton backend. "
+              "(koala_hf.optim.profiling; views and device queries left out, a multi-tensor op counted as the kernels it "
+              "launches: one on torch's fast route, one per tensor on its slow route); `fused` on CUDA is the Triton backend. "
               "vs per-tensor: the largest parameter difference from the variant's per-tensor path after the same "
               "steps, relative to the parameters' largest magnitude."]
     return "\n".join(lines) + "\n"

@@ -7,7 +7,8 @@ On a GPU a KOALA step is host-bound when Python and the op dispatcher take longe
 launch. Both parts are measured here on a CPU, per number of tensors:
 
 - **dispatches**: the ATen compute ops and Triton launches one step would dispatch on CUDA, counted on fake
-  CUDA tensors (koala_hf.optim.profiling), at GPT-2's real shapes.
+  CUDA tensors (koala_hf.optim.profiling), at GPT-2's real shapes; a multi-tensor op counts as the kernels it
+  launches (one on torch's fast route, one per tensor on its slow route).
 - **host ms**: the median wall time of ``observe`` + ``step()`` over ``--steps`` steps on CPU tensors of 4
   elements each (as many as the model's tensors), so that the arithmetic is negligible and what is timed is
   the step's Python and dispatch: the part a GPU cannot speed up. KOALA runs its device paths: the Triton
@@ -126,7 +127,8 @@ def main(argv=None) -> dict:
 def markdown(report: dict) -> str:
     lines = [f"Step overhead without a GPU, {report['device']} (torch {report['torch']}), {report['date']}: "
              f"`{report['command']}`",
-             f"(CUDA dispatches counted on fake CUDA tensors at the real shapes; host time: median of {report['steps']} "
+             f"(CUDA dispatches counted on fake CUDA tensors at the real shapes, a multi-tensor op as the kernels it "
+             f"launches: one on torch's fast route, one per tensor on its slow route; host time: median of {report['steps']} "
              f"steps on CPU tensors of {report['elements_per_tensor']} elements, Triton launches recorded, not run)", "",
              "| shapes | tensors | implementation | CUDA: ATen ops + Triton launches | x AdamW foreach ops | host ms | x AdamW fused host |",
              "|---|---|---|---|---|---|---|"]

@@ -3,7 +3,9 @@
 The count needs no GPU: :func:`step_dispatches` builds parameters of the given shapes under
 ``torch._subclasses.fake_tensor.FakeTensorMode`` on ``device`` (``"cuda"`` by default), takes warm-up steps and
 then counts one step's ops in a ``TorchDispatchMode``. Ops that only describe or reshape a tensor (views,
-``detach``, device queries) are left out. On fake tensors the Triton kernels cannot run, so their launches
+``detach``, device queries) are left out. A multi-tensor (``_foreach_*``) op on CUDA counts as the kernels it
+launches (:func:`multi_tensor_launches`): one on torch's fast route, one per tensor where torch falls back to a
+loop over the tensors. On fake tensors the Triton kernels cannot run, so their launches
 (koala_hf.optim.triton_runtime.launch) are counted instead of run.
 """
 
@@ -26,8 +28,49 @@ def counts_as_compute(func) -> bool:
     return not (func.is_view or func.namespace == "prim" or func.__name__.split(".")[0] in ("detach", "alias", "lift_fresh"))
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Strided, non-overlapping and dense: its elements fill one block of memory, in some order of the dims."""
+    if t.layout != torch.strided:
+        return False
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and all(size == 1 or sa == sb for size, sa, sb in zip(a.shape, a.stride(), b.stride()))
+
+
+def multi_tensor_launches(func, args: tuple) -> int:
+    """The CUDA kernels a ``_foreach_*`` op launches: 1 when torch can take its fast route, else one per tensor.
+
+    The fast route (ATen's ``check_fast_path_restrictions``) needs every tensor of every list on one device,
+    strided and dense, each list of one dtype (and of the first list's, except for ``_foreach_copy_``), and
+    corresponding tensors of equal sizes and strides. Otherwise torch loops over the tensors, one kernel each:
+    for instance for a list of per-layer 0-d coefficients beside parameter-shaped tensors. Ops off CUDA count 1.
+    """
+    lists = [a for a in args if isinstance(a, (list, tuple)) and a and all(isinstance(t, torch.Tensor) for t in a)]
+    if not lists or lists[0][0].device.type != "cuda":
+        return 1
+    first = lists[0]
+    device, dtype = first[0].device, first[0].dtype
+    cross_dtype = func.overloadpacket.__name__.startswith("_foreach_copy")
+    for tensors in lists:
+        list_dtype = tensors[0].dtype
+        if not all(t.device == device and t.dtype == list_dtype and _dense(t) for t in tensors):
+            return len(first)
+        if list_dtype != dtype and not cross_dtype:
+            return len(first)
+        if tensors is not first and not all(_same_layout(a, b) for a, b in zip(first, tensors)):
+            return len(first)
+    return 1
+
+
 class CountOps(TorchDispatchMode):
-    """Counts the compute ops dispatched inside it, by name."""
+    """Counts the compute ops dispatched inside it, by name (a multi-tensor op as the kernels it launches)."""
 
     def __init__(self):
         super().__init__()
@@ -35,7 +78,8 @@ class CountOps(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if counts_as_compute(func):
-            self.ops[str(func.overloadpacket.__name__)] += 1
+            name = str(func.overloadpacket.__name__)
+            self.ops[name] += multi_tensor_launches(func, args) if name.startswith("_foreach") else 1
         return func(*args, **(kwargs or {}))
 
 
