@@ -114,11 +114,11 @@ def seeds_table(runs: list[dict], task: str) -> list[str]:
     means = {}
     for (name, lr, schedule, epochs, prior), members in groups.items():
         values = [reported(r, task) for r in members]
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        mean, sd = statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
         setting = f"lr {lr:.3g}, {schedule}" + (f", {prior}" if prior else "")
-        means[f"{name} ({setting})"] = (statistics.fmean(values), sd, len(values))
+        means[f"{name} ({setting})"] = (mean, sd, len(values))
         lines.append(f"| {name}, {setting}, {epochs} epochs | {', '.join(str(r['seed']) for r in members)} | "
-                     f"{number(statistics.fmean(values))} +- {sd:.1f} |")
+                     f"{number(mean)} +- {sd:.1f} |")
     return lines + ["", verdict(means, task)]
 
 
