@@ -13,8 +13,9 @@ launch. Both parts are measured here on a CPU, per number of tensors:
   elements each (as many as the model's tensors), so that the arithmetic is negligible and what is timed is
   the step's Python and dispatch: the part a GPU cannot speed up. KOALA runs its device paths: the Triton
   step with its launches recorded and not run (koala_hf.optim.profiling.recording_launches; no interpreter),
-  and the foreach step masked and with multi-tensor sums as off the CPU (``HOST_READABLE`` and
-  ``PER_LAYER_SUMS`` emptied). A CPU dispatches a small op in a few microseconds, about what CUDA's launch
+  and the foreach step as off the CPU: multi-tensor sums, its coefficients copied to the host once and applied
+  as scalar lists (``PER_LAYER_SUMS``, ``HOST_READABLE`` and ``host_coefficients.DEVICE_COEFFICIENTS``
+  emptied). A CPU dispatches a small op in a few microseconds, about what CUDA's launch
   path costs the host, so the times approximate a GPU step's host time, not its device time.
 
 Writes ``benchmarks/results/host_step_overhead_cpu.json`` and ``.md``.
@@ -35,7 +36,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton step may run on CPU
 import torch  # noqa: E402
 
 from koala_hf import KOALAM, KOALAV, KOALAPlusPlus  # noqa: E402
-from koala_hf.optim import layers  # noqa: E402
+from koala_hf.optim import host_coefficients, layers  # noqa: E402
 from koala_hf.optim.profiling import recording_launches, step_dispatches  # noqa: E402
 from koala_hf.recipe_support.results import provenance, write_report  # noqa: E402
 
@@ -66,13 +67,14 @@ WORKLOADS = {"GPT-2 124M": lambda: gpt2_shapes(768, 12), "GPT-2 355M": lambda: g
 
 @contextlib.contextmanager
 def as_on_a_device():
-    """The KOALA paths a GPU takes, on CPU tensors: nothing read back to the host, multi-tensor sums."""
-    saved = layers.HOST_READABLE, layers.PER_LAYER_SUMS
-    layers.HOST_READABLE, layers.PER_LAYER_SUMS = (), ()
+    """The KOALA paths a GPU takes, on CPU tensors: multi-tensor sums, nothing read for free, the foreach
+    update's coefficients copied to the host."""
+    saved = layers.HOST_READABLE, layers.PER_LAYER_SUMS, host_coefficients.DEVICE_COEFFICIENTS
+    layers.HOST_READABLE, layers.PER_LAYER_SUMS, host_coefficients.DEVICE_COEFFICIENTS = (), (), ()
     try:
         yield
     finally:
-        layers.HOST_READABLE, layers.PER_LAYER_SUMS = saved
+        layers.HOST_READABLE, layers.PER_LAYER_SUMS, host_coefficients.DEVICE_COEFFICIENTS = saved
 
 
 def host_ms(make, n_tensors: int, steps: int, warmup: int = 3) -> float:
@@ -110,8 +112,10 @@ def main(argv=None) -> dict:
                 counted = step_dispatches(make, shapes)
                 rows.append({"workload": workload, "tensors": len(shapes), "implementation": name,
                              "cuda_aten_ops": counted.ops, "cuda_triton_launches": counted.launches,
+                             "cuda_host_copies": counted.host_copies,
                              "host_ms": host_ms(make, len(shapes), args.steps)})
-                print(f"{workload:12s} {name:16s} {counted.ops:5d} + {counted.launches} {rows[-1]['host_ms']:8.3f} ms")
+                print(f"{workload:12s} {name:16s} {counted.ops:5d} + {counted.launches} ({counted.host_copies} to the host) "
+                      f"{rows[-1]['host_ms']:8.3f} ms")
     for row in rows:
         fused = next(r for r in rows if r["workload"] == row["workload"] and r["implementation"] == "AdamW fused")
         foreach = next(r for r in rows if r["workload"] == row["workload"] and r["implementation"] == "AdamW foreach")
@@ -129,13 +133,15 @@ def markdown(report: dict) -> str:
              f"`{report['command']}`",
              f"(CUDA dispatches counted on fake CUDA tensors at the real shapes, a multi-tensor op as the kernels it "
              f"launches: one on torch's fast route, one per tensor on its slow route; host time: median of {report['steps']} "
-             f"steps on CPU tensors of {report['elements_per_tensor']} elements, Triton launches recorded, not run)", "",
-             "| shapes | tensors | implementation | CUDA: ATen ops + Triton launches | x AdamW foreach ops | host ms | x AdamW fused host |",
-             "|---|---|---|---|---|---|---|"]
+             f"steps on CPU tensors of {report['elements_per_tensor']} elements, Triton launches recorded, not run; "
+             f"copies to the host: each one a synchronisation on a GPU)", "",
+             "| shapes | tensors | implementation | CUDA: ATen ops + Triton launches | x AdamW foreach ops | "
+             "copies to the host | host ms | x AdamW fused host |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         lines.append(f"| {r['workload']} | {r['tensors']} | {r['implementation']} | {r['cuda_aten_ops']} + "
-                     f"{r['cuda_triton_launches']} | {r['ops_vs_adamw_foreach']:.2f} | {r['host_ms']:.3f} | "
-                     f"{r['host_vs_adamw_fused']:.1f} |")
+                     f"{r['cuda_triton_launches']} | {r['ops_vs_adamw_foreach']:.2f} | {r['cuda_host_copies']} | "
+                     f"{r['host_ms']:.3f} | {r['host_vs_adamw_fused']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

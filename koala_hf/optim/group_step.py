@@ -18,7 +18,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from koala_hf.optim import dispatch
+from koala_hf.optim import dispatch, host_coefficients
 from koala_hf.optim.dispatch import Backend
 from koala_hf.optim.layers import measurement_jacobians
 from koala_hf.optim.layouts import PassLayout
@@ -186,5 +186,22 @@ def eager_update(one_group: Callable) -> Callable:
     def every_group(optimizer, steps, coefficients, ok, jacobians, *extra):
         for step, h, group_coefficients in zip(steps, jacobians, coefficients):
             one_group(optimizer, step, h, group_coefficients, ok, *extra)
+
+    return every_group
+
+
+def foreach_update(layout: PassLayout, on_device: Callable, on_host: Callable) -> Callable:
+    """The foreach backend's update. On the CPU, ``on_device`` (an :func:`eager_update`) runs it, the
+    coefficients as tensors. Off it, every group's coefficients and ``ok`` are read to the host in one copy
+    (koala_hf.optim.host_coefficients), a step that is not ok is skipped, and
+    ``on_host(optimizer, step, jacobians, columns, *extra)`` applies each group's numbers as scalar lists."""
+
+    def every_group(optimizer, steps, coefficients, ok, jacobians, *extra):
+        if not host_coefficients.wanted(steps[0].shards if steps else []):
+            return on_device(optimizer, steps, coefficients, ok, jacobians, *extra)
+        host = host_coefficients.read(layout, coefficients, ok)
+        if host.ok:
+            for step, h, columns in zip(steps, jacobians, host.columns):
+                on_host(optimizer, step, h, columns, *extra)
 
     return every_group

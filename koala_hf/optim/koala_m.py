@@ -6,7 +6,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from koala_hf.optim import layouts, triton_step
+from koala_hf.optim import host_coefficients, layouts, triton_step
 from koala_hf.optim.base import KoalaOptimizer
 from koala_hf.optim.checkpoint import FILTER_STATE
 from koala_hf.optim.cpu_kernels import cpu_kernels
@@ -16,6 +16,7 @@ from koala_hf.optim.group_step import (
     complete_sums,
     eager_reduction,
     eager_update,
+    foreach_update,
     gather,
     group_by_group_sums,
     group_by_group_update,
@@ -381,6 +382,28 @@ def _foreach_layers(params, jacobians, us, averages, coefficients) -> None:
             write_back(originals, copies)
 
 
+def _scalar_list_update(optimizer: KOALAM, step: GroupStep, jacobians, columns: dict[str, list[float]], a: float,
+                        dtype) -> None:
+    """E33, E34 and E31's predict on torch's fast route, the coefficients as numbers read to the host (off the
+    CPU, koala_hf.optim.host_coefficients; the step is ok, so the predict ``theta += u, u *= a`` applies): a
+    scaled term is a product into a temporary, then added."""
+    lists = [step.shards, jacobians, step.state_shards("u"), step.state_shards("w_avg")]
+    for (p, h, u, w), indices in group_by_device_and_dtype(lists).values():
+        c = host_coefficients.select(columns, indices, len(jacobians))
+        p_w, h_w, u_w, w_w = (widen(t) for t in (p, h, u, w))
+        torch._foreach_add_(p_w, torch._foreach_mul(h_w, c["step_theta"]))
+        torch._foreach_add_(u_w, torch._foreach_mul(h_w, c["step_u"]))
+        torch._foreach_mul_(w_w, c["keep_avg"])
+        torch._foreach_add_(w_w, torch._foreach_mul(p_w, c["take_theta"]))
+        for originals, copies in ((p, p_w), (u, u_w), (w, w_w)):
+            write_back(originals, copies)
+        p_w, u_w = widen(p), widen(u)  # E31 from theta and u as stored (rounded where 16-bit, as on every path)
+        torch._foreach_add_(p_w, u_w)
+        torch._foreach_mul_(u_w, a)
+        write_back(p, p_w)
+        write_back(u, u_w)
+
+
 def _triton_update(optimizer: KOALAM, group_steps: list[GroupStep], coefficients, ok, batch, a: float, dtype) -> None:
     """E33, E34 and E31's predict: one launch per dtype for the layers of every group, masked by ``ok``."""
     batch.update("koala_m_update", coefficients, ok, a)
@@ -391,5 +414,6 @@ REDUCTIONS = {Backend.PER_TENSOR: eager_reduction(_eager_sums(_per_tensor_distan
               Backend.FOREACH: eager_reduction(_eager_sums(_foreach_distances), foreach=True),
               Backend.FUSED_CPU: _cpu_sums, Backend.TRITON: _triton_sums}
 UPDATES = {Backend.PER_TENSOR: _eager_update(_per_tensor_layers, _per_tensor_predict),
-           Backend.FOREACH: _eager_update(_foreach_layers, _foreach_predict),
+           Backend.FOREACH: foreach_update(layouts.KOALA_M, _eager_update(_foreach_layers, _foreach_predict),
+                                           _scalar_list_update),
            Backend.FUSED_CPU: _cpu_update, Backend.TRITON: _triton_update}

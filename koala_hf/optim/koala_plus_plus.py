@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from koala_hf.optim import layouts, triton_step
+from koala_hf.optim import host_coefficients, layouts, triton_step
 from koala_hf.optim.base import KoalaOptimizer
 from koala_hf.optim.cpu_kernels import cpu_kernels
 from koala_hf.optim.dispatch import Backend
@@ -30,6 +30,7 @@ from koala_hf.optim.group_step import (
     complete_sums,
     eager_reduction,
     eager_update,
+    foreach_update,
     gather,
     group_by_group_sums,
     group_by_group_update,
@@ -73,7 +74,10 @@ class KOALAPlusPlus(KoalaOptimizer):
         weight_decay: L2 regularisation folded into the measured loss (E3).
         symmetric: the symmetric least-squares covariance estimate (KOALA++);
             ``False`` gives the vanilla estimate, KOALA++ (NS) (E13).
-        foreach: use the multi-tensor path (default: on CUDA).
+        foreach: use the multi-tensor path (default: on CUDA). Off the CPU it
+            copies the layers' coefficients to the host once per step (one
+            synchronisation) so that torch runs each op as one launch for all
+            layers (koala_hf.optim.host_coefficients).
         fused: run the step as two fused passes over the tensors, the reduction
             (E11-E13) and the update (E14-E17), without the temporary ``H``: the
             fewest tensor passes a step can make (11). ``True``: the device's
@@ -353,9 +357,28 @@ def _foreach_update(params, jacobians, vs, h_prevs, coefficients):
             write_back(originals, copies)
 
 
+def _scalar_list_update(optimizer, step: GroupStep, jacobians, columns: dict[str, list[float]]) -> None:
+    """E14, E16, E17 with multi-tensor ops on torch's fast route, the coefficients as numbers read to the host
+    (off the CPU, koala_hf.optim.host_coefficients): a scaled term is a product into a temporary, then added."""
+    lists = [step.shards, jacobians, step.state_shards("v"), step.state_shards("H_prev")]
+    for (p, h, v, h_prev), indices in group_by_device_and_dtype(lists).values():
+        c = host_coefficients.select(columns, indices, len(jacobians))
+        p_w, h_w, v_w, hp_w = (widen(t) for t in (p, h, v, h_prev))
+        torch._foreach_mul_(v_w, c["c_v"])
+        torch._foreach_add_(v_w, torch._foreach_mul(h_w, c["c_h"]))
+        torch._foreach_add_(v_w, torch._foreach_mul(hp_w, c["c_hp"]))
+        torch._foreach_add_(p_w, torch._foreach_mul(v_w, c["step_v"]))
+        torch._foreach_add_(p_w, torch._foreach_mul(h_w, c["step_h"]))
+        torch._foreach_mul_(hp_w, c["keep_hp"])
+        torch._foreach_add_(hp_w, torch._foreach_mul(h_w, c["take_h"]))
+        for originals, copies in ((p, p_w), (v, v_w), (h_prev, hp_w)):
+            write_back(originals, copies)
+
+
 # The passes of each backend (koala_hf.optim.dispatch chooses the backend).
 REDUCTIONS = {Backend.PER_TENSOR: eager_reduction(_eager_products, foreach=False),
               Backend.FOREACH: eager_reduction(_eager_products, foreach=True),
               Backend.FUSED_CPU: _cpu_products, Backend.TRITON: _triton_products}
-UPDATES = {Backend.PER_TENSOR: _eager_update(_single_tensor_update), Backend.FOREACH: _eager_update(_foreach_update),
+UPDATES = {Backend.PER_TENSOR: _eager_update(_single_tensor_update),
+           Backend.FOREACH: foreach_update(layouts.KOALA_PLUS_PLUS, _eager_update(_foreach_update), _scalar_list_update),
            Backend.FUSED_CPU: _cpu_update, Backend.TRITON: _triton_update}

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from koala_hf.optim import layouts, triton_step
+from koala_hf.optim import host_coefficients, layouts, triton_step
 from koala_hf.optim.base import KoalaOptimizer
 from koala_hf.optim.cpu_kernels import cpu_kernels
 from koala_hf.optim.dispatch import Backend
@@ -15,6 +15,7 @@ from koala_hf.optim.group_step import (
     complete_sums,
     eager_reduction,
     eager_update,
+    foreach_update,
     gather,
     group_by_group_sums,
     group_by_group_update,
@@ -169,6 +170,16 @@ def _foreach_update(optimizer, step: GroupStep, jacobians, coefficients: torch.T
         write_back(p, p_w)
 
 
+def _scalar_list_update(optimizer, step: GroupStep, jacobians, columns: dict[str, list[float]]) -> None:
+    """``theta += step * H`` (E21) on torch's fast route, the step sizes as numbers read to the host (off the CPU,
+    koala_hf.optim.host_coefficients): ``H * step`` into a temporary, then added."""
+    for (p, h), indices in group_by_device_and_dtype([step.shards, jacobians]).values():
+        c = host_coefficients.select(columns, indices, len(jacobians))
+        p_w, h_w = widen(p), widen(h)
+        torch._foreach_add_(p_w, torch._foreach_mul(h_w, c["step"]))
+        write_back(p, p_w)
+
+
 @group_by_group_update
 def _cpu_update(optimizer, step: GroupStep, coefficients: torch.Tensor, ok: torch.Tensor) -> None:
     """One multi-tensor C++ call per dtype; ``H`` recomputed inside, a skipped step writes nothing."""
@@ -186,5 +197,6 @@ def _triton_update(optimizer, group_steps: list[GroupStep], coefficients: list[t
 REDUCTIONS = {Backend.PER_TENSOR: eager_reduction(_eager_norms, foreach=False),
               Backend.FOREACH: eager_reduction(_eager_norms, foreach=True),
               Backend.FUSED_CPU: _cpu_norms, Backend.TRITON: _triton_norms}
-UPDATES = {Backend.PER_TENSOR: _per_tensor_update, Backend.FOREACH: _foreach_update, Backend.FUSED_CPU: _cpu_update,
-           Backend.TRITON: _triton_update}
+UPDATES = {Backend.PER_TENSOR: _per_tensor_update,
+           Backend.FOREACH: foreach_update(layouts.KOALA_V, _foreach_update, _scalar_list_update),
+           Backend.FUSED_CPU: _cpu_update, Backend.TRITON: _triton_update}

@@ -6,7 +6,9 @@ then counts one step's ops in a ``TorchDispatchMode``. Ops that only describe or
 ``detach``, device queries) are left out. A multi-tensor (``_foreach_*``) op on CUDA counts as the kernels it
 launches (:func:`multi_tensor_launches`): one on torch's fast route, one per tensor where torch falls back to a
 loop over the tensors. On fake tensors the Triton kernels cannot run, so their launches
-(koala_hf.optim.triton_runtime.launch) are counted instead of run.
+(koala_hf.optim.triton_runtime.launch) are counted instead of run. A copy of a fake device tensor to the host
+(one synchronisation on a real device) is counted as ``host_copies`` and arrives as ones
+(:class:`AnswerHostReads`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from koala_hf.optim import triton_runtime
@@ -83,6 +86,28 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class AnswerHostReads(TorchDispatchMode):
+    """A fake tensor copied to the host arrives as a real tensor of ones, where a real step would read what the
+    device computed: the foreach step off the CPU reads its coefficients to the host in one copy
+    (koala_hf.optim.host_coefficients) and, on fake tensors, then takes the path of a step that is ok, every
+    coefficient 1. The copy is counted (it is one op, and ``copies``); reading the host tensor's values dispatches
+    nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        source = args[0] if args else None
+        if (func is torch.ops.aten._to_copy.default and isinstance(source, FakeTensor) and source.device.type != "cpu"
+                and torch.device(kwargs.get("device") or source.device).type == "cpu"):
+            self.copies += 1
+            with unset_fake_temporarily():
+                return torch.ones(source.shape, dtype=kwargs.get("dtype") or source.dtype)
+        return func(*args, **kwargs)
+
+
 @dataclass
 class Launch:
     """One Triton launch of a step: the kernel's name, its arguments and its compile-time constants."""
@@ -126,6 +151,7 @@ class StepDispatches:
     ops: int  # ATen compute ops of one step
     launches: int  # Triton launches of one step
     by_op: Counter
+    host_copies: int = 0  # copies of a device tensor to the host (each a synchronisation on a real device)
 
 
 def step_dispatches(make_optimizer: Callable, shapes: list[tuple[int, ...]], *, device: str = "cuda",
@@ -140,7 +166,7 @@ def step_dispatches(make_optimizer: Callable, shapes: list[tuple[int, ...]], *, 
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fake tensors' data_ptr() reads as 0, with a deprecation warning
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with FakeTensorMode(allow_non_fake_inputs=True), AnswerHostReads() as host_reads:
             params = [torch.nn.Parameter(torch.empty(shape, device=device, dtype=dtype)) for shape in shapes]
             optimizer = make_optimizer(params)
             if koala is None:
@@ -160,5 +186,6 @@ def step_dispatches(make_optimizer: Callable, shapes: list[tuple[int, ...]], *, 
                     step()
             with counting_launches(run=False) as launches:
                 counter = CountOps()
+                copies_before = host_reads.copies
                 step(counter)
-    return StepDispatches(sum(counter.ops.values()), len(launches), counter.ops)
+    return StepDispatches(sum(counter.ops.values()), len(launches), counter.ops, host_reads.copies - copies_before)

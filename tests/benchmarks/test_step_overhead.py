@@ -24,8 +24,13 @@ def test_the_benchmark_writes_every_row_with_the_dispatch_counts_and_host_times(
             triton = rows[(n, f"{variant} triton")]
             assert triton["cuda_triton_launches"] == 4 and triton["cuda_aten_ops"] <= 20, triton
             assert triton["host_ms"] > 0
+            foreach = rows[(n, f"{variant} foreach")]
+            assert foreach["cuda_triton_launches"] == 0 and foreach["cuda_host_copies"] == 1, foreach
+            assert triton["cuda_host_copies"] == 0, triton
         assert rows[(n, "AdamW fused")]["host_vs_adamw_fused"] == 1.0
     # The Triton step's dispatches do not grow with the tensors; AdamW foreach's do.
     assert rows[(4, "KOALA++ triton")]["cuda_aten_ops"] == rows[(12, "KOALA++ triton")]["cuda_aten_ops"]
+    for variant in ("KOALA++", "KOALA-V", "KOALA-M"):  # nor does the foreach step's (coefficients on the host)
+        assert rows[(4, f"{variant} foreach")]["cuda_aten_ops"] == rows[(12, f"{variant} foreach")]["cuda_aten_ops"]
     assert rows[(12, "AdamW foreach")]["cuda_aten_ops"] > rows[(4, "AdamW foreach")]["cuda_aten_ops"]
     assert (tmp_path / "host_step_overhead_cpu.md").read_text().count("| 12 tensors |") == 8

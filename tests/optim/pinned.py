@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from koala_hf import create_optimizer
-from koala_hf.optim import layers
+from koala_hf.optim import host_coefficients, layers
 from tests.helpers import flat_parameters, per_sample_losses, regression_batches, tiny_network, weight_and_bias_groups
 
 PIN = Path(__file__).with_name("pinned_trajectories.pt")
@@ -36,26 +36,31 @@ FILTER = {"koala++": {}, "koala++ns": {}, "koala-v": {"sigma": 0.2, "q": 0.5},
 PATHS = {"per-tensor": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True},
          "foreach-masked": {"foreach": True}}
 TRITON = {"triton": {"fused": "triton"}}  # replayed against the per-tensor pins (under Triton's interpreter)
+# The foreach path that devices other than the CPU take: multi-tensor sums, the coefficients read to the host
+# (koala_hf.optim.host_coefficients). Replayed against the foreach-masked pins, which it must reproduce.
+HOST = {"foreach-host": {"foreach": True}}
 
 
 @contextlib.contextmanager
 def masked_like_a_device(path: str):
-    """``foreach-masked``: the masked, synchronisation-free path that devices other than the CPU take, with their
-    multi-tensor sums."""
-    if path != "foreach-masked":
+    """``foreach-masked``: the masked, synchronisation-free foreach update with coefficients on the device, and
+    the multi-tensor sums of a device; ``foreach-host``: the foreach path of a device, coefficients on the host."""
+    if path not in ("foreach-masked", "foreach-host"):
         yield
         return
-    readable, layers.HOST_READABLE = layers.HOST_READABLE, ()
-    per_layer, layers.PER_LAYER_SUMS = layers.PER_LAYER_SUMS, ()
+    saved = layers.HOST_READABLE, layers.PER_LAYER_SUMS, host_coefficients.DEVICE_COEFFICIENTS
+    layers.HOST_READABLE, layers.PER_LAYER_SUMS = (), ()
+    if path == "foreach-host":
+        host_coefficients.DEVICE_COEFFICIENTS = ()
     try:
         yield
     finally:
-        layers.HOST_READABLE, layers.PER_LAYER_SUMS = readable, per_layer
+        layers.HOST_READABLE, layers.PER_LAYER_SUMS, host_coefficients.DEVICE_COEFFICIENTS = saved
 
 
 def trajectory(name: str, path: str) -> dict[str, torch.Tensor]:
     model = tiny_network()
-    optimizer = create_optimizer(name, weight_and_bias_groups(model, *GROUPS[name]), **FILTER[name], **{**PATHS, **TRITON}[path])
+    optimizer = create_optimizer(name, weight_and_bias_groups(model, *GROUPS[name]), **FILTER[name], **{**PATHS, **TRITON, **HOST}[path])
     steps = []
     with masked_like_a_device(path):
         for index, (x, y) in enumerate(regression_batches(STEPS)):

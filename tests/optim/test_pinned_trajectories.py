@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.optim.pinned import PIN, cases, trajectory
+from tests.optim.pinned import GROUPS, PIN, cases, trajectory
 
 TOLERANCE = 1e-12
 
@@ -15,7 +15,16 @@ def pins():
 
 @pytest.mark.parametrize("name, path", cases(), ids=[f"{n}-{p}" for n, p in cases()])
 def test_the_pinned_trajectory_is_reproduced(pins, name, path):
-    pinned, replayed = pins[f"{name}/{path}"], trajectory(name, path)
+    assert_reproduces(pins[f"{name}/{path}"], trajectory(name, path))
+
+
+@pytest.mark.parametrize("name", list(GROUPS))
+def test_a_devices_foreach_path_with_coefficients_on_the_host_reproduces_the_device_pins(pins, name):
+    """koala_hf.optim.host_coefficients: the scalar-list update, and the NaN step skipped on the host."""
+    assert_reproduces(pins[f"{name}/foreach-masked"], trajectory(name, "foreach-host"))
+
+
+def assert_reproduces(pinned: dict, replayed: dict) -> None:
     assert set(replayed) == set(pinned)
     for key, expected in pinned.items():
         actual = replayed[key]

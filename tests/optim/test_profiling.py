@@ -55,3 +55,22 @@ def test_the_counter_counts_a_slow_route_op_as_its_launches(fake_cuda):
         torch._foreach_mul_(xs, list(fake_cuda(2).unbind()))
         torch._foreach_mul_(xs, 2.0)
     assert counter.ops["_foreach_mul_"] == 3
+
+
+def test_a_copy_to_the_host_is_counted_once_and_arrives_as_ones():
+    from koala_hf.optim.profiling import step_dispatches
+
+    read = []
+
+    class ReadsBack:
+        def __init__(self, params):
+            self.params = params
+
+        def step(self):
+            flat = torch.cat([p.grad.reshape(-1) for p in self.params])
+            read.append(flat.cpu().tolist())
+
+    counted = step_dispatches(ReadsBack, [(2,), (3,)], koala=False)
+    assert counted.host_copies == 1 and counted.by_op["_to_copy"] == 1 and "_local_scalar_dense" not in counted.by_op
+    assert read[-1] == [1.0] * 5
+    assert step_dispatches(lambda ps: torch.optim.SGD(ps, lr=0.1), [(2,)]).host_copies == 0

@@ -1,4 +1,4 @@
-"""What users expect of any torch optimizer: schedulers, dtypes, no host synchronisation."""
+"""What users expect of any torch optimizer: schedulers, dtypes, no host synchronisation where none is needed."""
 
 import pytest
 import torch
@@ -117,9 +117,13 @@ def forbid_host_reads(monkeypatch):
         monkeypatch.setattr(torch.Tensor, method, refuse)
 
 
-@pytest.mark.parametrize("foreach", [False, True], ids=["per-tensor", "foreach"])
+@pytest.mark.parametrize("foreach", [False, True], ids=["per-tensor", "foreach-coefficients-on-device"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_step_never_reads_a_device_value(name, foreach, monkeypatch):
+    """The per-tensor path, and the foreach path with its coefficients kept as tensors (as on the CPU), mask a
+    skipped step instead of reading ``ok``. Off the CPU the foreach path reads its coefficients to the host in
+    one copy per step instead (tests/optim/test_host_coefficients.py); the Triton path reads nothing
+    (tests/optim/test_triton_kernels.py)."""
     model = tiny_network()
     optimizer = create_optimizer(name, model.parameters(), foreach=foreach, weight_decay=1e-3, lr=0.1)
     for x, y in regression_batches(3):
