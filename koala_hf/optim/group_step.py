@@ -22,7 +22,7 @@ from koala_hf.optim import dispatch, host_coefficients
 from koala_hf.optim.dispatch import Backend
 from koala_hf.optim.layers import measurement_jacobians
 from koala_hf.optim.layouts import PassLayout
-from koala_hf.optim.sharding import local, reduce_sums, sharding_group
+from koala_hf.optim.sharding import local_tensors, reduce_sums, sharding_group
 
 
 @dataclass
@@ -43,7 +43,7 @@ class GroupStep:
 
     def state_shards(self, key: str) -> list[torch.Tensor]:
         """The per-parameter state tensors ``key``, as this process's shards (they are sharded like their parameter)."""
-        return [local(state[key]) for state in self.states]
+        return local_tensors([state[key] for state in self.states])
 
     def lists(self, layout: PassLayout) -> list[list[torch.Tensor]]:
         """The layout's tensor lists, in its order: ``param`` the shards, ``grad`` the gradients, a state key its
@@ -71,7 +71,7 @@ def gather(optimizer) -> list[GroupStep]:
             if torch.is_complex(p.grad):
                 raise RuntimeError(f"{name} does not support complex gradients")
         states = [optimizer._layer_state(p) for p in params]  # an entry per parameter, as DCP expects
-        shards, grads = [local(p) for p in params], [local(p.grad) for p in params]
+        shards, grads = local_tensors(params), local_tensors([p.grad for p in params])
         steps.append(GroupStep(index, group, params, shards, grads, states, dispatch.choose_backend(group, shards, name)))
     return steps
 

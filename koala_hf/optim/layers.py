@@ -173,6 +173,9 @@ def write_back(originals: list[torch.Tensor], copies: list[torch.Tensor]) -> Non
 
 def group_by_device_and_dtype(tensor_lists: list[list[torch.Tensor]]):
     """Bucket parallel lists by (device, dtype) for the foreach paths, keeping each bucket's indices."""
+    keys = {(t.device, t.dtype) for t in tensor_lists[0]}
+    if len(keys) == 1:  # the usual case, one bucket: the lists as they are (a step calls this for every pass)
+        return {keys.pop(): ([list(tensors) for tensors in tensor_lists], list(range(len(tensor_lists[0]))))}
     buckets: dict[tuple[torch.device, torch.dtype], tuple[list[list[torch.Tensor]], list[int]]] = {}
     for index, first in enumerate(tensor_lists[0]):
         key = (first.device, first.dtype)

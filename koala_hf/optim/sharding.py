@@ -51,6 +51,16 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
+def local_tensors(tensors) -> list[torch.Tensor]:
+    """:func:`local` of each tensor, the DTensor type looked up once for the list (a step calls this for every
+    layer's parameter, gradient and state: its host time)."""
+    types = _dtensor_types()
+    if types is None:
+        return list(tensors)
+    dtensor = types[0]
+    return [t.to_local() if isinstance(t, dtensor) else t for t in tensors]
+
+
 def check_parameter(p: torch.Tensor, optimizer: str) -> None:
     """Raise ``ValueError`` for a parameter KOALA cannot step exactly: FSDP1's flat, or a DTensor not FSDP2's."""
     if type(p).__name__ == "FlatParameter":
@@ -71,7 +81,8 @@ def check_parameter(p: torch.Tensor, optimizer: str) -> None:
 def sharding_group(params: list[torch.Tensor], optimizer: str):
     """The process group the per-layer sums must be reduced over: ``None`` for plain tensors, the FSDP2 mesh's
     group when the parameters are sharded. Mixed plain and sharded parameters, or several meshes, are refused."""
-    sharded = [p for p in params if is_dtensor(p)]
+    types = _dtensor_types()
+    sharded = [p for p in params if isinstance(p, types[0])] if types is not None else []
     if not sharded:
         return None
     if len(sharded) != len(params):
