@@ -6,7 +6,7 @@
 #
 # 1. The optimizer step on CUDA, fp32, on GPT-2 124M and 355M shapes, ResNet-50 and Swin-T: every path
 #    (per-tensor, foreach, fused = the Triton kernels, the default) against AdamW foreach and fused: median
-#    step time, no host synchronisation in a KOALA step (torch.cuda.set_sync_debug_mode("error")), bandwidth
+#    step time, whether a KOALA step synchronises with the host (set_sync_debug_mode; foreach does once), bandwidth
 #    as a fraction of the device's copy bandwidth, device kernels per step, ATen ops and Triton launches per
 #    step, and each path's distance from its variant's per-tensor path (parity, compiled Triton).
 # 2. The same in bfloat16 on GPT-2 124M shapes (parity and times).

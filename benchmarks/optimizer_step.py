@@ -12,8 +12,9 @@ inputs: 173 tensors, 108 of them LayerNorm and bias vectors), (d) ``gpt2-124m`` 
 loss first, as training does. Reference: torch AdamW foreach (and fused where
 torch has it). ``fused`` is ``fused=True``: the C++ kernels on the CPU, the
 Triton kernels on CUDA (where the ``triton`` rows, ``fused="triton"``, are the
-same backend asked for by name). On a GPU it also checks that a KOALA step
-never synchronises with the host (``torch.cuda.set_sync_debug_mode("error")``)
+same backend asked for by name). On a GPU it also records whether a KOALA step
+synchronises with the host (``torch.cuda.set_sync_debug_mode("error")``; the
+foreach path does, once, to read its coefficients: koala_hf.optim.host_coefficients)
 and reports the achieved memory bandwidth of KOALA++ (11 tensor passes per
 element, the floor) as a fraction of the measured device-to-device copy
 bandwidth. For every implementation it reports the first step's time (on a GPU
