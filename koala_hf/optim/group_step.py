@@ -190,18 +190,18 @@ def eager_update(one_group: Callable) -> Callable:
     return every_group
 
 
-def foreach_update(layout: PassLayout, on_device: Callable, on_host: Callable) -> Callable:
+def foreach_update(on_device: Callable, on_host: Callable) -> Callable:
     """The foreach backend's update. On the CPU, ``on_device`` (an :func:`eager_update`) runs it, the
     coefficients as tensors. Off it, every group's coefficients and ``ok`` are read to the host in one copy
     (koala_hf.optim.host_coefficients), a step that is not ok is skipped, and
-    ``on_host(optimizer, step, jacobians, columns, *extra)`` applies each group's numbers as scalar lists."""
+    ``on_host(optimizer, step, jacobians, numbers, *extra)`` applies each group's numbers as scalar lists."""
 
     def every_group(optimizer, steps, coefficients, ok, jacobians, *extra):
         if not host_coefficients.wanted(steps[0].shards if steps else []):
             return on_device(optimizer, steps, coefficients, ok, jacobians, *extra)
-        host = host_coefficients.read(layout, coefficients, ok)
+        host = host_coefficients.read(coefficients, ok)
         if host.ok:
-            for step, h, columns in zip(steps, jacobians, host.columns):
-                on_host(optimizer, step, h, columns, *extra)
+            for step, h, numbers in zip(steps, jacobians, host.groups):
+                on_host(optimizer, step, h, numbers, *extra)
 
     return every_group

@@ -33,14 +33,14 @@ def wanted(tensors: list[torch.Tensor]) -> bool:
 
 
 class HostCoefficients(NamedTuple):
-    """A step's coefficients as Python floats: per group, per column of the layout, one number per layer."""
+    """A step's coefficients as Python floats: per group, its ``[n_layers, k]`` table row by row; and ``ok``."""
 
-    columns: list[dict[str, list[float]]]
+    groups: list[list[float]]
     ok: bool
 
 
-def read(layout: PassLayout, coefficients: list[torch.Tensor], ok: torch.Tensor) -> HostCoefficients:
-    """Every group's ``[n_layers, k]`` coefficients (in ``layout``'s columns) and ``ok``, in one copy to the host.
+def read(coefficients: list[torch.Tensor], ok: torch.Tensor) -> HostCoefficients:
+    """Every group's ``[n_layers, k]`` coefficients and ``ok``, in one copy to the host.
 
     Read in float64, which holds a float32 coefficient exactly: each op then multiplies by the value the
     per-tensor path multiplies by.
@@ -48,18 +48,18 @@ def read(layout: PassLayout, coefficients: list[torch.Tensor], ok: torch.Tensor)
     flat = torch.cat([c.reshape(-1).to(ok.device, torch.float64) for c in coefficients]
                      + [ok.reshape(1).to(torch.float64)]).cpu()
     values = flat.tolist()
-    columns, start = [], 0
-    names = layout.coefficients
+    groups, start = [], 0
     for c in coefficients:
-        n = c.shape[0]
-        rows = values[start:start + n * len(names)]
-        columns.append({name: rows[k::len(names)] for k, name in enumerate(names)})
-        start += n * len(names)
-    return HostCoefficients(columns, values[-1] != 0)
+        groups.append(values[start:start + c.numel()])
+        start += c.numel()
+    return HostCoefficients(groups, values[-1] != 0)
 
 
-def select(columns: dict[str, list[float]], indices: list[int], n_layers: int) -> dict[str, list[float]]:
-    """The numbers of the layers ``indices`` (one (device, dtype) bucket of ``n_layers``): all of them as they are."""
-    if len(indices) == n_layers:
-        return columns
-    return {name: [values[i] for i in indices] for name, values in columns.items()}
+def columns(layout: PassLayout, numbers: list[float], indices: list[int]) -> dict[str, list[float]]:
+    """A group's numbers (one of :attr:`HostCoefficients.groups`) by the layout's columns of coefficients, for
+    the layers ``indices`` (one (device, dtype) bucket; all of them, the usual case, without a copy)."""
+    width = len(layout.coefficients)
+    by_name = {name: numbers[k::width] for k, name in enumerate(layout.coefficients)}
+    if len(indices) == len(numbers) // width:
+        return by_name
+    return {name: [values[i] for i in indices] for name, values in by_name.items()}

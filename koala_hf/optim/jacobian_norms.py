@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import torch
 
-from koala_hf.optim import triton_step
 from koala_hf.optim.cpu_kernels import cpu_kernels
 from koala_hf.optim.group_step import GroupStep, Prepared
 from koala_hf.optim.layers import bucketed_rows, dots

@@ -357,12 +357,12 @@ def _foreach_update(params, jacobians, vs, h_prevs, coefficients):
             write_back(originals, copies)
 
 
-def _scalar_list_update(optimizer, step: GroupStep, jacobians, columns: dict[str, list[float]]) -> None:
+def _scalar_list_update(optimizer, step: GroupStep, jacobians, numbers: list[float]) -> None:
     """E14, E16, E17 with multi-tensor ops on torch's fast route, the coefficients as numbers read to the host
     (off the CPU, koala_hf.optim.host_coefficients): a scaled term is a product into a temporary, then added."""
     lists = [step.shards, jacobians, step.state_shards("v"), step.state_shards("H_prev")]
     for (p, h, v, h_prev), indices in group_by_device_and_dtype(lists).values():
-        c = host_coefficients.select(columns, indices, len(jacobians))
+        c = host_coefficients.columns(layouts.KOALA_PLUS_PLUS, numbers, indices)
         p_w, h_w, v_w, hp_w = (widen(t) for t in (p, h, v, h_prev))
         torch._foreach_mul_(v_w, c["c_v"])
         torch._foreach_add_(v_w, torch._foreach_mul(h_w, c["c_h"]))
@@ -380,5 +380,5 @@ REDUCTIONS = {Backend.PER_TENSOR: eager_reduction(_eager_products, foreach=False
               Backend.FOREACH: eager_reduction(_eager_products, foreach=True),
               Backend.FUSED_CPU: _cpu_products, Backend.TRITON: _triton_products}
 UPDATES = {Backend.PER_TENSOR: _eager_update(_single_tensor_update),
-           Backend.FOREACH: foreach_update(layouts.KOALA_PLUS_PLUS, _eager_update(_foreach_update), _scalar_list_update),
+           Backend.FOREACH: foreach_update(_eager_update(_foreach_update), _scalar_list_update),
            Backend.FUSED_CPU: _cpu_update, Backend.TRITON: _triton_update}

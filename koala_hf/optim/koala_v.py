@@ -170,11 +170,11 @@ def _foreach_update(optimizer, step: GroupStep, jacobians, coefficients: torch.T
         write_back(p, p_w)
 
 
-def _scalar_list_update(optimizer, step: GroupStep, jacobians, columns: dict[str, list[float]]) -> None:
+def _scalar_list_update(optimizer, step: GroupStep, jacobians, numbers: list[float]) -> None:
     """``theta += step * H`` (E21) on torch's fast route, the step sizes as numbers read to the host (off the CPU,
     koala_hf.optim.host_coefficients): ``H * step`` into a temporary, then added."""
     for (p, h), indices in group_by_device_and_dtype([step.shards, jacobians]).values():
-        c = host_coefficients.select(columns, indices, len(jacobians))
+        c = host_coefficients.columns(layouts.KOALA_V, numbers, indices)
         p_w, h_w = widen(p), widen(h)
         torch._foreach_add_(p_w, torch._foreach_mul(h_w, c["step"]))
         write_back(p, p_w)
@@ -198,5 +198,5 @@ REDUCTIONS = {Backend.PER_TENSOR: eager_reduction(_eager_norms, foreach=False),
               Backend.FOREACH: eager_reduction(_eager_norms, foreach=True),
               Backend.FUSED_CPU: _cpu_norms, Backend.TRITON: _triton_norms}
 UPDATES = {Backend.PER_TENSOR: _per_tensor_update,
-           Backend.FOREACH: foreach_update(layouts.KOALA_V, _foreach_update, _scalar_list_update),
+           Backend.FOREACH: foreach_update(_foreach_update, _scalar_list_update),
            Backend.FUSED_CPU: _cpu_update, Backend.TRITON: _triton_update}

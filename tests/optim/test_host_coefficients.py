@@ -1,6 +1,8 @@
 """koala_hf.optim.host_coefficients: the foreach update off the CPU reads its coefficients to the host once per
 step and applies them as scalar lists (its float64 trajectories: tests/optim/test_pinned_trajectories.py)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -9,27 +11,28 @@ from koala_hf.optim import host_coefficients, layers, layouts
 from tests.helpers import flat_parameters, per_sample_losses, regression_batches, tiny_network, weight_and_bias_groups
 
 
-def test_read_gives_each_groups_numbers_by_column_and_the_steps_ok():
+def test_read_gives_each_groups_table_row_by_row_and_the_steps_ok_in_one_copy():
     first = torch.arange(8, dtype=torch.float32).reshape(2, 4) / 8
     second = torch.arange(4, dtype=torch.float64).reshape(1, 4) + 10
-    host = host_coefficients.read(layouts.KOALA_M, [first, second], torch.tensor(True))
+    host = host_coefficients.read([first, second], torch.tensor(True))
     assert host.ok is True
-    assert host.columns[0] == {"step_theta": [0.0, 0.5], "step_u": [0.125, 0.625], "keep_avg": [0.25, 0.75],
-                               "take_theta": [0.375, 0.875]}
-    assert host.columns[1] == {"step_theta": [10.0], "step_u": [11.0], "keep_avg": [12.0], "take_theta": [13.0]}
-    assert host_coefficients.read(layouts.KOALA_V, [torch.ones(3, 1)], torch.tensor(False)).ok is False
+    assert host.groups == [[0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875], [10.0, 11.0, 12.0, 13.0]]
+    assert host_coefficients.read([torch.ones(3, 1)], torch.tensor(False)).ok is False
+
+
+def test_columns_follow_the_layout_and_pick_a_buckets_layers():
+    numbers = [0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875]  # two layers' rows of KOALA-M's four columns
+    assert host_coefficients.columns(layouts.KOALA_M, numbers, [0, 1]) == {
+        "step_theta": [0.0, 0.5], "step_u": [0.125, 0.625], "keep_avg": [0.25, 0.75], "take_theta": [0.375, 0.875]}
+    assert host_coefficients.columns(layouts.KOALA_M, numbers, [1])["keep_avg"] == [0.75]
+    reordered = dataclasses.replace(layouts.KOALA_M, coefficients=layouts.KOALA_M.coefficients[::-1])
+    assert host_coefficients.columns(reordered, numbers, [0, 1])["take_theta"] == [0.0, 0.5]
 
 
 def test_a_float32_coefficient_reaches_the_host_exactly():
     value = torch.tensor([[1 / 3]], dtype=torch.float32)
-    (number,), = host_coefficients.read(layouts.KOALA_V, [value], torch.tensor(True)).columns[0].values()
+    (number,), = host_coefficients.read([value], torch.tensor(True)).groups
     assert torch.tensor(number, dtype=torch.float32) == value[0, 0] and number == value.double().item()
-
-
-def test_select_keeps_a_whole_group_as_it_is_and_picks_a_buckets_layers():
-    columns = {"step": [1.0, 2.0, 3.0]}
-    assert host_coefficients.select(columns, [0, 1, 2], 3) is columns
-    assert host_coefficients.select(columns, [0, 2], 3) == {"step": [1.0, 3.0]}
 
 
 @pytest.fixture

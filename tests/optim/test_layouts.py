@@ -48,9 +48,9 @@ def test_the_kernels_get_every_position_and_count():
 
 
 def test_every_backend_follows_reversed_orders_and_replays_the_pins():
-    """Every list, sum and coefficient order reversed: the per-tensor, foreach and masked paths, the C++ kernels
-    (built for the reversed orders) and the Triton kernels (interpreted) all replay the pinned float64
-    trajectories. (Building C++ kernels from other orders than their Python callers use diverges at once:
+    """Every list, sum and coefficient order reversed: the per-tensor, foreach and masked paths, the foreach
+    path with its coefficients on the host, the C++ kernels (built for the reversed orders) and the Triton
+    kernels (interpreted) all replay the pinned float64 trajectories. (Building C++ kernels from other orders than their Python callers use diverges at once:
     checked by hand when this test was written.)"""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-m", "tests.scripts.permuted_layouts"], cwd=ROOT, env=env,
@@ -59,7 +59,7 @@ def test_every_backend_follows_reversed_orders_and_replays_the_pins():
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["layouts"]["KPP"]["lists"] == list(layouts.KOALA_PLUS_PLUS.lists[::-1])
     cases = report["worst_relative_difference"]
-    assert {case.split("/")[1] for case in cases} >= {"per-tensor", "foreach", "fused", "foreach-masked"}
+    assert {case.split("/")[1] for case in cases} >= {"per-tensor", "foreach", "fused", "foreach-masked", "foreach-host"}
     if report["triton_skipped"] is None:
         assert sum(case.endswith("/triton") for case in cases) == 4
     assert {case: worst for case, worst in cases.items() if not worst <= TOLERANCE} == {}

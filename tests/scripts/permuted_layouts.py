@@ -28,14 +28,18 @@ def main() -> None:
     for name in ("KOALA_PLUS_PLUS", "KOALA_V", "KOALA_M"):
         setattr(layouts, name, reversed_orders(getattr(layouts, name)))
     from koala_hf.optim import triton_runtime
-    from tests.optim.pinned import GROUPS, PATHS, PIN, cases, trajectory
+    from tests.optim.pinned import GROUPS, HOST, PATHS, PIN, cases, trajectory
 
     triton_skipped = triton_runtime.unavailable({"cpu"})  # e.g. an old Triton's interpreter
     pins = torch.load(PIN, weights_only=True)
     worst = {}
-    for name, path in cases() + ([] if triton_skipped else [(name, "triton") for name in GROUPS]):
+    # The Triton path replays the per-tensor pins, the foreach path of a device (coefficients on the host) the
+    # foreach-masked ones.
+    replays = {"triton": "per-tensor", **{path: "foreach-masked" for path in HOST}}
+    extra = [(name, path) for name in GROUPS for path in HOST] + ([] if triton_skipped else [(name, "triton") for name in GROUPS])
+    for name, path in cases() + extra:
         PATHS["triton"] = {"fused": "triton"}  # after cases(), which lists the pinned paths
-        pinned = pins[f"{name}/{'per-tensor' if path == 'triton' else path}"]
+        pinned = pins[f"{name}/{replays.get(path, path)}"]
         replayed = trajectory(name, path)
         worst[f"{name}/{path}"] = max(
             ((replayed[key] - expected).abs().max() / expected.abs().max().clamp_min(1e-300)).item()
