@@ -109,5 +109,6 @@ def _triton_runs(devices: set[str], optimizer: str, asked: str) -> bool:
     if reason is not None and not _WARNED_TRITON:
         _WARNED_TRITON = True
         warnings.warn(f"{optimizer} runs its Triton kernels {asked}, and they cannot run here ({reason}); it runs "
-                      "the foreach path instead (same results, more launches per step).", RuntimeWarning, stacklevel=4)
+                      "the foreach path instead (same results, more launches and one synchronisation per step).",
+                      RuntimeWarning, stacklevel=4)
     return reason is None
