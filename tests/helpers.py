@@ -30,15 +30,21 @@ def per_sample_losses(model: nn.Module, x, y) -> torch.Tensor:
     return ((model(x) - y) ** 2).squeeze(-1)
 
 
-def train_step(model: nn.Module, optimizer, x, y) -> torch.Tensor:
-    """One KOALA step on (x, y) through the public protocol: backward, observe, step."""
+def observe_batch(model: nn.Module, optimizer, x, y) -> torch.Tensor:
+    """A KOALA step's inputs on (x, y) through the public protocol: backward, observe; the step left to the caller."""
     optimizer.zero_grad()
     losses = per_sample_losses(model, x, y)
     loss = losses.mean()
     loss.backward()
     optimizer.observe(loss, losses)
-    optimizer.step()
     return loss.detach()
+
+
+def train_step(model: nn.Module, optimizer, x, y) -> torch.Tensor:
+    """One KOALA step on (x, y) through the public protocol: backward, observe, step."""
+    loss = observe_batch(model, optimizer, x, y)
+    optimizer.step()
+    return loss
 
 
 def weight_and_bias_groups(model: nn.Module, weights: dict, biases: dict) -> list[dict]:

@@ -24,7 +24,7 @@ from koala_hf.optim.group_step import (
     group_by_group_update,
 )
 from koala_hf.optim.jacobian_norms import cpu_norms, eager_norms, triton_norms
-from koala_hf.optim.layers import dots, finite_mask, group_by_device_and_dtype, widen, write_back
+from koala_hf.optim.layers import add_scaled_, dots, finite_mask, group_by_device_and_dtype, widen, write_back
 
 
 def _eager_sums(distances_of: Callable) -> Callable:
@@ -123,39 +123,36 @@ def _per_tensor_layers(params, jacobians, us, averages, coefficients) -> None:
 
 
 def _foreach_layers(params, jacobians, us, averages, coefficients) -> None:
-    """E33 and E34 with multi-tensor ops, one call per (device, dtype) bucket (masked)."""
-    for (device, _), ((p, h, u, w), indices) in group_by_device_and_dtype([params, jacobians, us, averages]).items():
-        c = {name: list(column.unbind()) for name, column in
-             layouts.KOALA_M.unstack("coefficients", coefficients[indices].to(device)).items()}
-        p_w, h_w, u_w, w_w = (widen(t) for t in (p, h, u, w))
-        torch._foreach_addcmul_(p_w, h_w, c["step_theta"])
-        torch._foreach_addcmul_(u_w, h_w, c["step_u"])
-        torch._foreach_mul_(w_w, c["keep_avg"])
-        torch._foreach_addcmul_(w_w, p_w, c["take_theta"])
-        for originals, copies in ((p, p_w), (u, u_w), (w, w_w)):
-            write_back(originals, copies)
+    """E33 and E34 with multi-tensor ops, one call per (device, dtype) bucket, the coefficients as tensors (masked)."""
+    for (device, _), (lists, indices) in group_by_device_and_dtype([params, jacobians, us, averages]).items():
+        columns = layouts.KOALA_M.unstack("coefficients", coefficients[indices].to(device))
+        _multi_tensor_layers(*lists, {name: list(column.unbind()) for name, column in columns.items()})
 
 
 def _scalar_list_update(optimizer, step: GroupStep, jacobians, numbers: list[float], a: float,
                         dtype) -> None:
     """E33, E34 and E31's predict on torch's fast route, the coefficients as numbers read to the host (off the
-    CPU, koala_hf.optim.host_coefficients; the step is ok, so the predict ``theta += u, u *= a`` applies): a
-    scaled term is a product into a temporary, then added."""
+    CPU, koala_hf.optim.host_coefficients; the step is ok, so the predict ``theta += u, u *= a`` applies)."""
     lists = [step.shards, jacobians, step.state_shards("u"), step.state_shards("w_avg")]
     for (p, h, u, w), indices in group_by_device_and_dtype(lists).values():
-        c = host_coefficients.columns(layouts.KOALA_M, numbers, indices)
-        p_w, h_w, u_w, w_w = (widen(t) for t in (p, h, u, w))
-        torch._foreach_add_(p_w, torch._foreach_mul(h_w, c["step_theta"]))
-        torch._foreach_add_(u_w, torch._foreach_mul(h_w, c["step_u"]))
-        torch._foreach_mul_(w_w, c["keep_avg"])
-        torch._foreach_add_(w_w, torch._foreach_mul(p_w, c["take_theta"]))
-        for originals, copies in ((p, p_w), (u, u_w), (w, w_w)):
-            write_back(originals, copies)
+        _multi_tensor_layers(p, h, u, w, host_coefficients.columns(layouts.KOALA_M, numbers, indices))
         p_w, u_w = widen(p), widen(u)  # E31 from theta and u as stored (rounded where 16-bit, as on every path)
         torch._foreach_add_(p_w, u_w)
         torch._foreach_mul_(u_w, a)
         write_back(p, p_w)
         write_back(u, u_w)
+
+
+def _multi_tensor_layers(p, h, u, w, c: dict[str, list]) -> None:
+    """E33 and E34 on one bucket's lists, ``c`` the columns of coefficients as tensors or numbers
+    (:func:`~koala_hf.optim.layers.add_scaled_`)."""
+    p_w, h_w, u_w, w_w = (widen(t) for t in (p, h, u, w))
+    add_scaled_(p_w, h_w, c["step_theta"])
+    add_scaled_(u_w, h_w, c["step_u"])
+    torch._foreach_mul_(w_w, c["keep_avg"])
+    add_scaled_(w_w, p_w, c["take_theta"])
+    for originals, copies in ((p, p_w), (u, u_w), (w, w_w)):
+        write_back(originals, copies)
 
 
 def _triton_update(optimizer, group_steps: list[GroupStep], coefficients, ok, batch, a: float, dtype) -> None:

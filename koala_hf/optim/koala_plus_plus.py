@@ -40,6 +40,7 @@ from koala_hf.optim.group_step import (
 )
 from koala_hf.optim.layers import (
     MIN_JACOBIAN_NORM,
+    add_scaled_,
     bucketed_rows,
     dots,
     finite_mask,
@@ -340,39 +341,34 @@ def _single_tensor_update(params, jacobians, vs, h_prevs, coefficients):
 
 
 def _foreach_update(params, jacobians, vs, h_prevs, coefficients):
-    """E14, E16, E17 with multi-tensor ops, one call per (device, dtype) bucket."""
+    """E14, E16, E17 with multi-tensor ops, one call per (device, dtype) bucket, the coefficients as tensors."""
     buckets = group_by_device_and_dtype([params, jacobians, vs, h_prevs])
-    for (device, _), ((p, h, v, h_prev), indices) in buckets.items():
-        c = {name: list(column.unbind()) for name, column in
-             layouts.KOALA_PLUS_PLUS.unstack("coefficients", coefficients[indices].to(device)).items()}
-        p_w, h_w, v_w, hp_w = (widen(t) for t in (p, h, v, h_prev))
-        torch._foreach_mul_(v_w, c["c_v"])
-        torch._foreach_addcmul_(v_w, h_w, c["c_h"])
-        torch._foreach_addcmul_(v_w, hp_w, c["c_hp"])
-        torch._foreach_addcmul_(p_w, v_w, c["step_v"])
-        torch._foreach_addcmul_(p_w, h_w, c["step_h"])
-        torch._foreach_mul_(hp_w, c["keep_hp"])
-        torch._foreach_addcmul_(hp_w, h_w, c["take_h"])
-        for originals, copies in ((p, p_w), (v, v_w), (h_prev, hp_w)):
-            write_back(originals, copies)
+    for (device, _), (lists, indices) in buckets.items():
+        columns = layouts.KOALA_PLUS_PLUS.unstack("coefficients", coefficients[indices].to(device))
+        _multi_tensor_layers(*lists, {name: list(column.unbind()) for name, column in columns.items()})
 
 
 def _scalar_list_update(optimizer, step: GroupStep, jacobians, numbers: list[float]) -> None:
     """E14, E16, E17 with multi-tensor ops on torch's fast route, the coefficients as numbers read to the host
-    (off the CPU, koala_hf.optim.host_coefficients): a scaled term is a product into a temporary, then added."""
-    lists = [step.shards, jacobians, step.state_shards("v"), step.state_shards("H_prev")]
-    for (p, h, v, h_prev), indices in group_by_device_and_dtype(lists).values():
-        c = host_coefficients.columns(layouts.KOALA_PLUS_PLUS, numbers, indices)
-        p_w, h_w, v_w, hp_w = (widen(t) for t in (p, h, v, h_prev))
-        torch._foreach_mul_(v_w, c["c_v"])
-        torch._foreach_add_(v_w, torch._foreach_mul(h_w, c["c_h"]))
-        torch._foreach_add_(v_w, torch._foreach_mul(hp_w, c["c_hp"]))
-        torch._foreach_add_(p_w, torch._foreach_mul(v_w, c["step_v"]))
-        torch._foreach_add_(p_w, torch._foreach_mul(h_w, c["step_h"]))
-        torch._foreach_mul_(hp_w, c["keep_hp"])
-        torch._foreach_add_(hp_w, torch._foreach_mul(h_w, c["take_h"]))
-        for originals, copies in ((p, p_w), (v, v_w), (h_prev, hp_w)):
-            write_back(originals, copies)
+    (off the CPU, koala_hf.optim.host_coefficients)."""
+    layers = [step.shards, jacobians, step.state_shards("v"), step.state_shards("H_prev")]
+    for lists, indices in group_by_device_and_dtype(layers).values():
+        _multi_tensor_layers(*lists, host_coefficients.columns(layouts.KOALA_PLUS_PLUS, numbers, indices))
+
+
+def _multi_tensor_layers(p, h, v, h_prev, c: dict[str, list]) -> None:
+    """E14, E16, E17 on one bucket's lists, ``c`` the columns of coefficients as tensors or numbers
+    (:func:`~koala_hf.optim.layers.add_scaled_`)."""
+    p_w, h_w, v_w, hp_w = (widen(t) for t in (p, h, v, h_prev))
+    torch._foreach_mul_(v_w, c["c_v"])
+    add_scaled_(v_w, h_w, c["c_h"])
+    add_scaled_(v_w, hp_w, c["c_hp"])
+    add_scaled_(p_w, v_w, c["step_v"])
+    add_scaled_(p_w, h_w, c["step_h"])
+    torch._foreach_mul_(hp_w, c["keep_hp"])
+    add_scaled_(hp_w, h_w, c["take_h"])
+    for originals, copies in ((p, p_w), (v, v_w), (h_prev, hp_w)):
+        write_back(originals, copies)
 
 
 # The passes of each backend (koala_hf.optim.dispatch chooses the backend).

@@ -23,7 +23,7 @@ from koala_hf.optim.group_step import (
     update_by_backend,
 )
 from koala_hf.optim.jacobian_norms import cpu_norms, eager_norms, triton_norms
-from koala_hf.optim.layers import MIN_JACOBIAN_NORM, finite_mask, group_by_device_and_dtype, widen, write_back
+from koala_hf.optim.layers import MIN_JACOBIAN_NORM, add_scaled_, finite_mask, group_by_device_and_dtype, widen, write_back
 from koala_hf.optim.validation import check_prior
 
 
@@ -165,19 +165,21 @@ def _foreach_update(optimizer, step: GroupStep, jacobians, coefficients: torch.T
     jacobians = finite_mask(jacobians, ok, owned=step.weight_decay != 0)
     step_sizes = layouts.KOALA_V.unstack("coefficients", coefficients)["step"]
     for (device, _), ((p, h), indices) in group_by_device_and_dtype([step.shards, jacobians]).items():
-        p_w, h_w = widen(p), widen(h)
-        torch._foreach_addcmul_(p_w, h_w, list(step_sizes[indices].to(device).unbind()))
-        write_back(p, p_w)
+        _multi_tensor_layers(p, h, list(step_sizes[indices].to(device).unbind()))
 
 
 def _scalar_list_update(optimizer, step: GroupStep, jacobians, numbers: list[float]) -> None:
     """``theta += step * H`` (E21) on torch's fast route, the step sizes as numbers read to the host (off the CPU,
-    koala_hf.optim.host_coefficients): ``H * step`` into a temporary, then added."""
+    koala_hf.optim.host_coefficients)."""
     for (p, h), indices in group_by_device_and_dtype([step.shards, jacobians]).values():
-        c = host_coefficients.columns(layouts.KOALA_V, numbers, indices)
-        p_w, h_w = widen(p), widen(h)
-        torch._foreach_add_(p_w, torch._foreach_mul(h_w, c["step"]))
-        write_back(p, p_w)
+        _multi_tensor_layers(p, h, host_coefficients.columns(layouts.KOALA_V, numbers, indices)["step"])
+
+
+def _multi_tensor_layers(p, h, step_sizes: list) -> None:
+    """E21 on one bucket's lists, the step sizes as tensors or numbers (:func:`~koala_hf.optim.layers.add_scaled_`)."""
+    p_w, h_w = widen(p), widen(h)
+    add_scaled_(p_w, h_w, step_sizes)
+    write_back(p, p_w)
 
 
 @group_by_group_update

@@ -155,6 +155,17 @@ def finite_mask(
         [torch.where(ok.to(h.device), h, zero.to(h.device)) for h in jacobians]
 
 
+def add_scaled_(xs: list[torch.Tensor], ys: list[torch.Tensor], scales: list) -> None:
+    """``x_i += scales_i * y_i`` over lists, the foreach updates' one kind of term. ``scales``: per-layer 0-d
+    tensors (one ``addcmul``; on CUDA torch's slow route, a kernel per layer), or numbers read to the host
+    (koala_hf.optim.host_coefficients: torch has no multi-tensor ``x += c_i y`` with numbers, so a product into
+    a temporary, then an add, both on torch's fast route)."""
+    if isinstance(scales[0], torch.Tensor):
+        torch._foreach_addcmul_(xs, ys, scales)
+    else:
+        torch._foreach_add_(xs, torch._foreach_mul(ys, scales))
+
+
 def widen(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """float16/bfloat16 tensors as float32 copies, wider ones as they are.
 

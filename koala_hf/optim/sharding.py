@@ -48,7 +48,7 @@ def is_dtensor(t: torch.Tensor) -> bool:
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """This process's shard of a DTensor (a view: writing into it updates the DTensor), or ``t`` itself."""
-    return t.to_local() if is_dtensor(t) else t
+    return local_tensors([t])[0]
 
 
 def local_tensors(tensors) -> list[torch.Tensor]:

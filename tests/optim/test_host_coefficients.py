@@ -8,7 +8,8 @@ import torch
 
 from koala_hf import OPTIMIZERS, create_optimizer
 from koala_hf.optim import host_coefficients, layers, layouts
-from tests.helpers import flat_parameters, per_sample_losses, regression_batches, tiny_network, weight_and_bias_groups
+from tests.helpers import (flat_parameters, observe_batch, per_sample_losses, regression_batches, tiny_network,
+                           weight_and_bias_groups)
 
 
 def test_read_gives_each_groups_table_row_by_row_and_the_steps_ok_in_one_copy():
@@ -71,10 +72,7 @@ def test_off_the_cpu_each_step_copies_every_groups_coefficients_to_the_host_once
     width = len({"koala++": layouts.KOALA_PLUS_PLUS, "koala++ns": layouts.KOALA_PLUS_PLUS, "koala-v": layouts.KOALA_V,
                  "koala-m": layouts.KOALA_M}[name].coefficients)
     for x, y in regression_batches(3):
-        optimizer.zero_grad()
-        losses = per_sample_losses(model, x, y)
-        losses.mean().backward()
-        optimizer.observe(losses.mean(), losses)
+        observe_batch(model, optimizer, x, y)
         with monkeypatch.context() as patch:
             copies = counting_host_copies(patch)
             optimizer.step()

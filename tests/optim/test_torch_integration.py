@@ -6,7 +6,7 @@ import transformers
 
 from koala_hf import OPTIMIZERS, create_optimizer
 from koala_hf.optim import layers
-from tests.helpers import flat_parameters, per_sample_losses, regression_batches, tiny_network, train_step
+from tests.helpers import flat_parameters, observe_batch, regression_batches, tiny_network, train_step
 
 
 def displacement_of_one_step(name, scheduler_factory=None, lr=0.4):
@@ -127,10 +127,7 @@ def test_step_never_reads_a_device_value(name, foreach, monkeypatch):
     model = tiny_network()
     optimizer = create_optimizer(name, model.parameters(), foreach=foreach, weight_decay=1e-3, lr=0.1)
     for x, y in regression_batches(3):
-        optimizer.zero_grad()
-        losses = per_sample_losses(model, x, y)
-        losses.mean().backward()
-        optimizer.observe(losses.mean(), losses)
+        observe_batch(model, optimizer, x, y)
         with monkeypatch.context() as patch:
             forbid_host_reads(patch)
             optimizer.step()
