@@ -9,6 +9,8 @@ launch. Both parts are measured here on a CPU, per number of tensors:
 - **dispatches**: the ATen compute ops and Triton launches one step would dispatch on CUDA, counted on fake
   CUDA tensors (koala_hf.optim.profiling), at GPT-2's real shapes; a multi-tensor op counts as the kernels it
   launches (one on torch's fast route, one per tensor on its slow route).
+- **Python calls**: of one step, at the Python level (koala_hf.optim.profiling.python_calls): they grow with
+  the tensors where a step runs Python per tensor, and they do not depend on the machine's load.
 - **host ms**: the median wall time of ``observe`` + ``step()`` over ``--steps`` steps on CPU tensors of 4
   elements each (as many as the model's tensors), so that the arithmetic is negligible and what is timed is
   the step's Python and dispatch: the part a GPU cannot speed up. KOALA runs its device paths: the Triton
@@ -30,6 +32,7 @@ import statistics
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton step may run on CPU tensors (its launches are not run)
 
@@ -37,7 +40,7 @@ import torch  # noqa: E402
 
 from koala_hf import KOALAM, KOALAV, KOALAPlusPlus  # noqa: E402
 from koala_hf.optim import host_coefficients, layers  # noqa: E402
-from koala_hf.optim.profiling import recording_launches, step_dispatches  # noqa: E402
+from koala_hf.optim.profiling import python_calls, recording_launches, step_dispatches  # noqa: E402
 from koala_hf.recipe_support.results import provenance, write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,8 +80,14 @@ def as_on_a_device():
         layers.HOST_READABLE, layers.PER_LAYER_SUMS, host_coefficients.DEVICE_COEFFICIENTS = saved
 
 
-def host_ms(make, n_tensors: int, steps: int, warmup: int = 3) -> float:
-    """Median ms of ``observe`` + ``step()`` over ``n_tensors`` CPU tensors of ELEMENTS elements each."""
+class HostCost(NamedTuple):
+    ms: float  # median wall time of a step
+    python_calls: int  # Python-level calls of one step (koala_hf.optim.profiling.python_calls)
+
+
+def host_cost(make, n_tensors: int, steps: int, warmup: int = 3) -> HostCost:
+    """Median ms of ``observe`` + ``step()`` over ``n_tensors`` CPU tensors of ELEMENTS elements each, and the
+    Python calls of one more step."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(ELEMENTS)) for _ in range(n_tensors)]
     for p in params:
@@ -93,7 +102,8 @@ def host_ms(make, n_tensors: int, steps: int, warmup: int = 3) -> float:
                 optimizer.observe(torch.tensor(1.0))
             optimizer.step()
             times.append(time.perf_counter() - start)
-    return statistics.median(times[warmup:]) * 1e3
+        calls = python_calls(lambda: (optimizer.observe(torch.tensor(1.0)) if koala else None, optimizer.step()))
+    return HostCost(statistics.median(times[warmup:]) * 1e3, calls)
 
 
 def main(argv=None) -> dict:
@@ -110,12 +120,13 @@ def main(argv=None) -> dict:
             shapes = shapes_of()
             for name, make in IMPLEMENTATIONS.items():
                 counted = step_dispatches(make, shapes)
+                host = host_cost(make, len(shapes), args.steps)
                 rows.append({"workload": workload, "tensors": len(shapes), "implementation": name,
                              "cuda_aten_ops": counted.ops, "cuda_triton_launches": counted.launches,
-                             "cuda_host_copies": counted.host_copies,
-                             "host_ms": host_ms(make, len(shapes), args.steps)})
+                             "cuda_host_copies": counted.host_copies, "host_ms": host.ms,
+                             "host_python_calls": host.python_calls})
                 print(f"{workload:12s} {name:16s} {counted.ops:5d} + {counted.launches} ({counted.host_copies} to the host) "
-                      f"{rows[-1]['host_ms']:8.3f} ms")
+                      f"{host.ms:8.3f} ms {host.python_calls:6d} Python calls")
     for row in rows:
         fused = next(r for r in rows if r["workload"] == row["workload"] and r["implementation"] == "AdamW fused")
         foreach = next(r for r in rows if r["workload"] == row["workload"] and r["implementation"] == "AdamW foreach")
@@ -134,14 +145,15 @@ def markdown(report: dict) -> str:
              f"(CUDA dispatches counted on fake CUDA tensors at the real shapes, a multi-tensor op as the kernels it "
              f"launches: one on torch's fast route, one per tensor on its slow route; host time: median of {report['steps']} "
              f"steps on CPU tensors of {report['elements_per_tensor']} elements, Triton launches recorded, not run; "
-             f"copies to the host: each one a synchronisation on a GPU)", "",
+             f"copies to the host: each one a synchronisation on a GPU; Python calls: of one step, the functions and "
+             f"the builtins called from Python code, which grow where a step runs Python per tensor)", "",
              "| shapes | tensors | implementation | CUDA: ATen ops + Triton launches | x AdamW foreach ops | "
-             "copies to the host | host ms | x AdamW fused host |",
-             "|---|---|---|---|---|---|---|---|"]
+             "copies to the host | host ms | x AdamW fused host | Python calls |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         lines.append(f"| {r['workload']} | {r['tensors']} | {r['implementation']} | {r['cuda_aten_ops']} + "
                      f"{r['cuda_triton_launches']} | {r['ops_vs_adamw_foreach']:.2f} | {r['cuda_host_copies']} | "
-                     f"{r['host_ms']:.3f} | {r['host_vs_adamw_fused']:.1f} |")
+                     f"{r['host_ms']:.3f} | {r['host_vs_adamw_fused']:.1f} | {r['host_python_calls']} |")
     return "\n".join(lines) + "\n"
 
 

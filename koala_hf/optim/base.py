@@ -35,6 +35,7 @@ from koala_hf.measurement import LossMeasurement
 from koala_hf.optim import checkpoint, dispatch, triton_step
 from koala_hf.optim.advice import Reading, TrainingAdvisor
 from koala_hf.optim.checkpoint import FILTER_STATE
+from koala_hf.optim.gather_cache import GatherCache
 from koala_hf.optim.layers import StepWorkspace
 from koala_hf.optim.step_inputs import StepInputs
 from koala_hf.optim.sharding import check_parameter
@@ -101,6 +102,7 @@ class KoalaOptimizer(torch.optim.Optimizer):
         self._checked_parameters: dict[int, weakref.ref] = {}  # id -> the parameter check_parameter accepted, held weakly
         self._triton_chunk_plans: dict = {}  # the Triton kernels' chunk plans by the layers' sizes (triton_step.ChunkPlan)
         self._triton_batches = triton_step.BatchCache()  # the last step's batch per layout, reused while addresses hold
+        self._gathered = GatherCache()  # the last step's per-group records, reused while their tensors are unchanged
         self._workspaces: dict = {}  # the CPU foreach paths' reused temporaries by name (StepWorkspace)
         self._advisor = TrainingAdvisor(type(self).__name__)  # what diagnostics() readings say, said once
 
@@ -121,6 +123,7 @@ class KoalaOptimizer(torch.optim.Optimizer):
         if "_triton_chunk_plans" not in self.__dict__:  # unpickled: the caches are not carried
             self._create_caches()
         self._triton_batches.clear()  # a loaded state dict brings new state tensors
+        self._gathered.clear()
         for group in self.param_groups:  # groups saved before a hyperparameter existed get this optimizer's value
             for key in self.hyperparameter_names():
                 group.setdefault(key, self.defaults[key])

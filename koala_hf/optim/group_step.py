@@ -13,13 +13,14 @@ update; a pass reads its tensor lists and columns through the variant's koala_hf
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple
 
 import torch
 
 from koala_hf.optim import dispatch, host_coefficients
 from koala_hf.optim.dispatch import Backend
+from koala_hf.optim.gather_cache import Fingerprint, Taken, take
 from koala_hf.optim.layers import measurement_jacobians
 from koala_hf.optim.layouts import PassLayout
 from koala_hf.optim.sharding import local_tensors, reduce_sums, sharding_group
@@ -36,6 +37,9 @@ class GroupStep:
     grads: list[torch.Tensor]  # the gradients, as shards
     states: list[dict]  # ``optimizer.state[p]`` of every parameter stepped
     backend: Backend
+    sharded: bool  # the parameters are FSDP2's DTensors: the sums are completed over the sharding group
+    fingerprint: Fingerprint | None  # what the record was built from (koala_hf.optim.gather_cache), if readable
+    grad_addresses: list[int] | None  # with it: the group's gradients' addresses (0 where None), for the Triton tables
 
     @property
     def weight_decay(self) -> float:
@@ -57,23 +61,52 @@ class GroupStep:
 
 
 def gather(optimizer) -> list[GroupStep]:
-    """The groups with a parameter to step, their state created on first use (``optimizer._layer_state``)."""
+    """The groups with a parameter to step, their state created on first use (``optimizer._layer_state``): the
+    last step's records with this step's gradients while the groups' fingerprints are unchanged
+    (koala_hf.optim.gather_cache, ``optimizer._gathered``), else built anew."""
+    found = optimizer._gathered.lookup(optimizer.param_groups)
+    if found is not None:
+        return [replace(step, grads=_stepped(now.grads, now.fingerprint), grad_addresses=now.grad_addresses)
+                for step, now in found if step is not None]
     name = type(optimizer).__name__
-    steps = []
+    steps, records, fingerprints = [], [], []
     for index, group in enumerate(optimizer.param_groups):
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            continue
-        optimizer.check_new_parameters(params)  # parameters swapped in after construction (accelerate's FSDP2)
-        for p in params:
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{name} does not support sparse gradients")
-            if torch.is_complex(p.grad):
-                raise RuntimeError(f"{name} does not support complex gradients")
-        states = [optimizer._layer_state(p) for p in params]  # an entry per parameter, as DCP expects
-        shards, grads = local_tensors(params), local_tensors([p.grad for p in params])
-        steps.append(GroupStep(index, group, params, shards, grads, states, dispatch.choose_backend(group, shards, name)))
+        taken = take(group)
+        step = _group_step(optimizer, index, group, taken, name)
+        records.append(step)
+        fingerprints.append(taken.fingerprint if taken else None)
+        if step is not None:
+            steps.append(step)
+    if all(fingerprints) and not any(step.sharded for step in steps):  # kept without the gradients (never held alive)
+        records = [None if step is None else replace(step, grads=[], grad_addresses=None) for step in records]
+        optimizer._gathered.keep(optimizer.param_groups, fingerprints, records)
+    else:
+        optimizer._gathered.clear()
     return steps
+
+
+def _stepped(grads: list, fingerprint: Fingerprint) -> list:
+    """The gradients that are not ``None`` (all of them, in a training loop's usual step)."""
+    return [g for g in grads if g is not None] if fingerprint.missing else grads
+
+
+def _group_step(optimizer, index: int, group: dict, taken: Taken | None, name: str) -> GroupStep | None:
+    """One group's record, checked, or ``None`` where no parameter of it has a gradient."""
+    params = [p for p in group["params"] if p.grad is not None]
+    if not params:
+        return None
+    optimizer.check_new_parameters(params)  # parameters swapped in after construction (accelerate's FSDP2)
+    for p in params:
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{name} does not support sparse gradients")
+        if torch.is_complex(p.grad):
+            raise RuntimeError(f"{name} does not support complex gradients")
+    states = [optimizer._layer_state(p) for p in params]  # an entry per parameter, as DCP expects
+    shards, grads = local_tensors(params), local_tensors([p.grad for p in params])
+    sharded = any(s is not p for s, p in zip(shards, params))
+    kept = taken if taken is not None and not sharded else None  # a DTensor's own address is not its shard's
+    return GroupStep(index, group, params, shards, grads, states, dispatch.choose_backend(group, shards, name), sharded,
+                     kept.fingerprint if kept else None, kept.grad_addresses if kept else None)
 
 
 class CompletedSums(NamedTuple):
@@ -92,7 +125,8 @@ def complete_sums(steps: list[GroupStep], local_sums: list[torch.Tensor], ok: to
     """
     if not steps:
         return CompletedSums([], ok)
-    process_group = sharding_group([p for step in steps for p in step.params], optimizer)
+    sharded = any(step.sharded for step in steps)
+    process_group = sharding_group([p for step in steps for p in step.params], optimizer) if sharded else None
     whole = local_sums
     if process_group is not None:
         whole = list(reduce_sums(torch.cat(local_sums), process_group).split([len(s) for s in local_sums]))

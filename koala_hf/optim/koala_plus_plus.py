@@ -295,10 +295,9 @@ FILTER_COLUMNS = {"FILTER_S_PREV": S_PREV, "FILTER_HH_PREV": HH_PREV, "FILTER_VH
 def _triton_scalar_step(optimizer, group_steps: list[GroupStep], reduction, inputs):
     """E1, E2 and E10-E17 in one launch (triton_scalar_kernels.koala_plus_plus_coefficients), each layer's filter
     state read and written through a table of addresses; ``None`` where torch must compute them."""
-    filters = [state["filter"] for step in group_steps for state in step.states]
     return triton_step.fused_scalar_step(
-        optimizer, group_steps, reduction, inputs, "koala_plus_plus_coefficients", HYPERPARAMETERS,
-        lambda batch: (batch.address_table("filters", filters, inputs.state["R"].device),), FILTER_COLUMNS, filters)
+        optimizer, group_steps, reduction, inputs, "koala_plus_plus_coefficients", HYPERPARAMETERS, lambda batch: (),
+        FILTER_COLUMNS, lambda: [state["filter"] for step in group_steps for state in step.states])
 
 
 # ------------------------------------------------------------------ update pass

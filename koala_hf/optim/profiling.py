@@ -14,6 +14,7 @@ loop over the tensors. On fake tensors the Triton kernels cannot run, so their l
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -189,3 +190,22 @@ def step_dispatches(make_optimizer: Callable, shapes: list[tuple[int, ...]], *, 
                 copies_before = host_reads.copies
                 step(counter)
     return StepDispatches(sum(counter.ops.values()), len(launches), counter.ops, host_reads.copies - copies_before)
+
+
+def python_calls(fn: Callable[[], object]) -> int:
+    """How many calls ``fn()`` makes at the Python level: Python functions, and C functions called from Python code
+    (a call made from C, as ``map`` makes, is not seen). A step whose count grows with its layers runs Python per
+    layer: host time a GPU waits for."""
+    calls = 0
+
+    def count(frame, event, arg):
+        nonlocal calls
+        calls += event in ("call", "c_call")
+
+    previous = sys.getprofile()
+    sys.setprofile(count)
+    try:
+        fn()
+    finally:
+        sys.setprofile(previous)
+    return calls

@@ -24,7 +24,6 @@ from koala_hf.optim import triton_runtime
 from koala_hf.optim.dispatch import Backend
 from koala_hf.optim.layers import MIN_JACOBIAN_NORM
 from koala_hf.optim.layouts import PassLayout
-from koala_hf.optim.sharding import sharding_group
 from koala_hf.optim.triton_runtime import BLOCK, CHUNK, triton_dtype
 
 SCALAR_BLOCK = 256  # layers per vector operation of the scalar step's one program
@@ -164,9 +163,11 @@ class StepBatch:
     ``layers[g][i]`` is group ``g``'s layer ``i`` (its tensors), ``decays[g]`` the group's weight decay. Built in
     the reduction pass and kept for the update, so that both read the same addresses (and the same copies)."""
 
-    def __init__(self, layout: PassLayout, layers: list[list[list[torch.Tensor]]], decays: list[float], chunk_plans: dict):
+    def __init__(self, layout: PassLayout, layers: list[list[list[torch.Tensor]]], decays: list[float],
+                 group_indices: list[int], chunk_plans: dict):
         self.layout = layout
         self.sizes = [len(group) for group in layers]
+        self.group_indices = group_indices  # each group's position in param_groups (its row of hyperparameters)
         flat = [tensors for group in layers for tensors in group]
         flat_decays = [decay for group, decay in zip(layers, decays) for _ in group]
         self.buckets = buckets(flat, flat_decays, chunk_plans)
@@ -174,7 +175,7 @@ class StepBatch:
         self.n_elements = sum(tensors[0].numel() for tensors in flat)  # the parameters' elements (KOALA-M's E30)
         self._scalar_tables: ScalarTables | None = None
         self._sums: torch.Tensor | None = None  # every layer's sums, rewritten at each step
-        self._address_tables: dict[str, torch.Tensor] = {}
+        self._state_tables: dict[str, torch.Tensor | None] = {}
 
     @property
     def reusable(self) -> bool:
@@ -188,17 +189,17 @@ class StepBatch:
             self._sums = torch.empty(self.n_layers, len(self.layout.sums), dtype=dtype, device=device)
         return list(layer_sums(self.buckets, self._sums, self.layout, kernel).split(self.sizes))
 
-    def scalar_step(self, kernel: str, groups: list[int], hyperparameters: list[list[float]], stats: torch.Tensor,
+    def scalar_step(self, kernel: str, hyperparameters: list[list[float]], stats: torch.Tensor,
                     state: dict, extra: tuple, **constants) -> tuple[torch.Tensor, torch.Tensor]:
         """A step's scalar part for every layer in one launch of ``kernel`` (one program,
         koala_hf.optim.triton_scalar_kernels), from this step's sums (:meth:`sums` first) and the measurement's
         ``stats``: returns the ``[n_layers, N_COEF]`` coefficients and the flag "step taken"; the filter-wide
         ``state`` (``R``, the counters, the loss) and the variant's ``extra`` state are written in place.
-        ``groups``: each layer's parameter group; ``hyperparameters``: a row per group, uploaded at every step
-        (a scheduler moves the lr)."""
+        ``hyperparameters``: a row per parameter group, uploaded at every step (a scheduler moves the lr)."""
         noise = state["R"]
         device = noise.device
         if self._scalar_tables is None:
+            groups = [index for index, size in zip(self.group_indices, self.sizes) for _ in range(size)]
             self._scalar_tables = ScalarTables(
                 upload(groups, device), torch.empty((), dtype=torch.bool, device=device),
                 torch.empty(self.n_layers, len(self.layout.coefficients), dtype=noise.dtype, device=device))
@@ -211,16 +212,25 @@ class StepBatch:
                               **self.layout.triton_constants("sums", "coefficients"), **constants)
         return tables.coefficients, tables.ok
 
-    def address_table(self, name: str, tensors: list[torch.Tensor], device) -> torch.Tensor:
-        """An int64 table of ``tensors``' addresses (a variant's per-layer state for its scalar kernel), built
-        once per batch: the state tensors do not move while the batch is kept."""
-        if name not in self._address_tables:
-            self._address_tables[name] = upload([t.data_ptr() for t in tensors], device)
-        return self._address_tables[name]
+    def state_table(self, name: str, tensors: Callable[[], list[torch.Tensor]], like: torch.Tensor) -> torch.Tensor | None:
+        """An int64 table of the addresses of ``tensors()`` (a variant's per-layer state for its scalar kernel),
+        or ``None`` where one is not in ``like``'s dtype and device (the kernel cannot read it); built once per
+        batch: the state tensors do not move while the batch is kept."""
+        if name not in self._state_tables:
+            listed = tensors()
+            readable = all(t.dtype == like.dtype and t.device == like.device for t in listed)
+            self._state_tables[name] = upload([t.data_ptr() for t in listed], like.device) if readable else None
+        return self._state_tables[name]
 
     def update(self, kernel: str, coefficients: list[torch.Tensor], ok: torch.Tensor, *scalars) -> None:
         table = coefficients[0] if len(coefficients) == 1 else torch.cat(coefficients)
         update(self.buckets, self.layout, kernel, table, ok, *scalars)
+
+
+def _addresses(step) -> tuple:
+    """A step's identity for a batch where it has no fingerprint (sharded): its parameters' and gradients'
+    addresses, and its states' (the state tensors a batch's address tables point to)."""
+    return (tuple(p.data_ptr() for p in step.shards), tuple(g.data_ptr() for g in step.grads), tuple(map(id, step.states)))
 
 
 class BatchCache:
@@ -236,12 +246,13 @@ class BatchCache:
         self._batches.clear()
 
     def get(self, layout: PassLayout, group_steps, chunk_plans: dict) -> StepBatch:
-        key = tuple((step.index, step.weight_decay, tuple(p.data_ptr() for p in step.shards),
-                     tuple(g.data_ptr() for g in step.grads)) for step in group_steps)
+        key = tuple((step.index, step.weight_decay, step.fingerprint, step.grad_addresses) if step.fingerprint else
+                    (step.index, step.weight_decay, _addresses(step)) for step in group_steps)
         kept = self._batches.get(layout.prefix)
-        if kept is not None and kept[0] == key:
+        if kept is not None and kept[0] == key:  # the fingerprints kept by the gather: compared without Python per layer
             return kept[1]
-        batch = StepBatch(layout, [s.layers(layout) for s in group_steps], [s.weight_decay for s in group_steps], chunk_plans)
+        batch = StepBatch(layout, [s.layers(layout) for s in group_steps], [s.weight_decay for s in group_steps],
+                          [s.index for s in group_steps], chunk_plans)
         if batch.reusable:
             self._batches[layout.prefix] = (key, batch)
         else:
@@ -261,28 +272,33 @@ COMMON_HYPERPARAMETERS = {"lr": lambda g: g["lr"], "half_decay": lambda g: 0.5 *
 
 
 def fused_scalar_step(optimizer, group_steps, reduction, inputs, kernel: str, hyperparameters: dict,
-                      extra: Callable[[StepBatch], tuple], constants: dict, per_layer_state: list | None = None):
+                      extra: Callable[[StepBatch], tuple], constants: dict,
+                      per_layer_state: Callable[[], list[torch.Tensor]] | None = None):
     """A step's scalar part in one launch of ``kernel`` (koala_hf.optim.triton_scalar_kernels): the coefficient
     table and the flag "step taken", the state written in place (``inputs.recorded_by_kernel``).
 
     ``hyperparameters``: the variant's columns after :data:`COMMON_HYPERPARAMETERS`; ``extra(batch)``: the
-    variant's own kernel arguments; ``per_layer_state``: its per-layer scalar state, which must be in the step's
-    arithmetic dtype. ``None`` where the step is not all on the Triton kernels, is sharded (its sums need the
-    collective first), keeps per-layer state in another dtype (float32 and float64 parameters mixed), measured
-    its loss on another device, or has a tensor lr: then torch computes it."""
+    variant's own kernel arguments; ``per_layer_state()``: its per-layer scalar state, whose table of addresses
+    goes before them, and which must be in the step's arithmetic dtype. ``None`` where the step is not all on
+    the Triton kernels, is sharded (its sums need the collective first), keeps per-layer state in another dtype
+    (float32 and float64 parameters mixed), measured its loss on another device, or has a tensor lr: then
+    torch computes it."""
     batch = reduction.plans.get(Backend.TRITON)
-    if batch is None or any(step.backend is not Backend.TRITON for step in group_steps):
+    if batch is None or any(step.backend is not Backend.TRITON or step.sharded for step in group_steps):
         return None
     noise = inputs.state["R"]
-    if any(isinstance(g["lr"], torch.Tensor) for g in optimizer.param_groups) or inputs.stats.device != noise.device or \
-            sharding_group([p for step in group_steps for p in step.params], type(optimizer).__name__) is not None:
+    if any(isinstance(g["lr"], torch.Tensor) for g in optimizer.param_groups) or inputs.stats.device != noise.device:
         return None
-    if any(t.dtype != noise.dtype or t.device != noise.device for t in per_layer_state or ()):
-        return None
+    state_table = ()
+    if per_layer_state is not None:
+        table = batch.state_table("per_layer_state", per_layer_state, noise)
+        if table is None:
+            return None
+        state_table = (table,)
     columns = {**COMMON_HYPERPARAMETERS, **hyperparameters}
     rows = [[float(read(group)) for read in columns.values()] for group in optimizer.param_groups]
     positions = {"N_HYPER": len(columns), **{f"HYPER_{name.upper()}": i for i, name in enumerate(columns)}}
-    groups = [step.index for step in group_steps for _ in step.states]
-    result = batch.scalar_step(kernel, groups, rows, inputs.stats, inputs.state, extra(batch), **positions, **constants)
+    result = batch.scalar_step(kernel, rows, inputs.stats, inputs.state, state_table + extra(batch), **positions,
+                               **constants)
     inputs.recorded_by_kernel()
     return result

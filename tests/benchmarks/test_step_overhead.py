@@ -33,4 +33,8 @@ def test_the_benchmark_writes_every_row_with_the_dispatch_counts_and_host_times(
     for variant in ("KOALA++", "KOALA-V", "KOALA-M"):  # nor does the foreach step's (coefficients on the host)
         assert rows[(4, f"{variant} foreach")]["cuda_aten_ops"] == rows[(12, f"{variant} foreach")]["cuda_aten_ops"]
     assert rows[(12, "AdamW foreach")]["cuda_aten_ops"] > rows[(4, "AdamW foreach")]["cuda_aten_ops"]
+    # Nor do the Triton step's Python calls (its records and tables kept); fused AdamW's do.
+    for variant in ("KOALA++", "KOALA-V", "KOALA-M"):
+        assert rows[(4, f"{variant} triton")]["host_python_calls"] == rows[(12, f"{variant} triton")]["host_python_calls"]
+    assert rows[(12, "AdamW fused")]["host_python_calls"] > rows[(4, "AdamW fused")]["host_python_calls"]
     assert (tmp_path / "host_step_overhead_cpu.md").read_text().count("| 12 tensors |") == 8

@@ -1,5 +1,5 @@
 """koala_hf.optim.triton_step: a step's batch is built once and reused while the addresses hold, rebuilt when
-they change, and a reused batch steps exactly as a fresh one (under Triton's interpreter, tests/optim/conftest.py).
+they change, and a reused batch steps exactly as a fresh one (under Triton's interpreter, tests/conftest.py).
 """
 
 import pytest
@@ -70,6 +70,7 @@ def test_gradients_at_new_addresses_rebuild_it_and_every_step_equals_a_fresh_bat
         if k == 3:
             optimizer.load_state_dict(optimizer.state_dict())  # new state tensors: the batch is dropped
         reference._triton_batches.clear()
+        reference._gathered.clear()
         step(reference, fresh, [g.clone() for g in grads], loss=1.0 + k)
         for a, b in zip(kept, fresh):
             assert torch.equal(a, b), k
