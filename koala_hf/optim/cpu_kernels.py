@@ -1,6 +1,6 @@
 """The fused steps' multi-tensor CPU kernels (``csrc/koala_cpu.cpp``: KOALA++, KOALA-V, KOALA-M), built on first use.
 
-``torch.utils.cpp_extension`` compiles them once per machine (10-15 s; the
+``torch.utils.cpp_extension`` compiles them once per machine (10-16 s; the
 build is cached under ``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``), for the vector instructions torch itself uses
 on this CPU. Each pass of a step is then one call for every layer of a dtype,

@@ -84,7 +84,7 @@ class KOALAPlusPlus(KoalaOptimizer):
             fewest tensor passes a step can make (11). ``True``: the device's
             fused backend. On the CPU each pass is one call of a multi-tensor C++
             kernel for every layer of a dtype (koala_hf.optim.cpu_kernels: built
-            on first use, 10-15 s, then cached); on CUDA three Triton launches
+            on first use, 10-16 s, then cached); on CUDA three Triton launches
             per dtype for every layer (koala_hf.optim.triton_kernels and
             triton_step).
             ``"triton"``: the Triton kernels, also on the CPU under
