@@ -41,6 +41,7 @@ from koala_hf.optim.group_step import (
 from koala_hf.optim.layers import (
     MIN_JACOBIAN_NORM,
     add_scaled_,
+    blend_,
     bucketed_rows,
     dots,
     finite_mask,
@@ -364,8 +365,7 @@ def _multi_tensor_layers(p, h, v, h_prev, c: dict[str, list]) -> None:
     add_scaled_(v_w, hp_w, c["c_hp"])
     add_scaled_(p_w, v_w, c["step_v"])
     add_scaled_(p_w, h_w, c["step_h"])
-    torch._foreach_mul_(hp_w, c["keep_hp"])
-    add_scaled_(hp_w, h_w, c["take_h"])
+    blend_(hp_w, h_w, c["keep_hp"], c["take_h"])
     for originals, copies in ((p, p_w), (v, v_w), (h_prev, hp_w)):
         write_back(originals, copies)
 

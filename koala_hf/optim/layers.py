@@ -159,11 +159,23 @@ def add_scaled_(xs: list[torch.Tensor], ys: list[torch.Tensor], scales: list) ->
     """``x_i += scales_i * y_i`` over lists, the foreach updates' one kind of term. ``scales``: per-layer 0-d
     tensors (one ``addcmul``; on CUDA torch's slow route, a kernel per layer), or numbers read to the host
     (koala_hf.optim.host_coefficients: torch has no multi-tensor ``x += c_i y`` with numbers, so a product into
-    a temporary, then an add, both on torch's fast route)."""
+    a temporary, then an add, both on torch's fast route; one number for all layers is one add, without it)."""
     if isinstance(scales[0], torch.Tensor):
         torch._foreach_addcmul_(xs, ys, scales)
+    elif scales.count(scales[0]) == len(scales):  # one number for every layer (KOALA++'s c_h = q): no temporary
+        torch._foreach_add_(xs, ys, alpha=scales[0])
     else:
         torch._foreach_add_(xs, torch._foreach_mul(ys, scales))
+
+
+def blend_(xs: list[torch.Tensor], ys: list[torch.Tensor], keep: list, take: list) -> None:
+    """``x_i <- keep_i x_i + take_i y_i``; as numbers, keep 0 and take 1 for every layer (a step that updates
+    every layer: KOALA++'s ``H_prev <- H``, E17) is a copy of ``ys``."""
+    if not isinstance(keep[0], torch.Tensor) and keep.count(0) == len(keep) and take.count(1) == len(take):
+        torch._foreach_copy_(xs, ys)
+        return
+    torch._foreach_mul_(xs, keep)
+    add_scaled_(xs, ys, take)
 
 
 def widen(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -88,11 +88,11 @@ class CountOps(TorchDispatchMode):
 
 
 class AnswerHostReads(TorchDispatchMode):
-    """A fake tensor copied to the host arrives as a real tensor of ones, where a real step would read what the
-    device computed: the foreach step off the CPU reads its coefficients to the host in one copy
+    """A fake tensor copied to the host arrives as a real tensor of 1, 2, 3, ..., where a real step would read
+    what the device computed: the foreach step off the CPU reads its coefficients to the host in one copy
     (koala_hf.optim.host_coefficients) and, on fake tensors, then takes the path of a step that is ok, every
-    coefficient 1. The copy is counted (it is one op, and ``copies``); reading the host tensor's values dispatches
-    nothing."""
+    coefficient a different number (the most ops: no shortcut for numbers shared by every layer). The copy is
+    counted (it is one op, and ``copies``); reading the host tensor's values dispatches nothing."""
 
     def __init__(self):
         super().__init__()
@@ -105,7 +105,8 @@ class AnswerHostReads(TorchDispatchMode):
                 and torch.device(kwargs.get("device") or source.device).type == "cpu"):
             self.copies += 1
             with unset_fake_temporarily():
-                return torch.ones(source.shape, dtype=kwargs.get("dtype") or source.dtype)
+                values = torch.arange(1, source.numel() + 1, dtype=torch.float64).reshape(source.shape)
+                return values.to(kwargs.get("dtype") or source.dtype)
         return func(*args, **kwargs)
 
 

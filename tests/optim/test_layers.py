@@ -8,6 +8,8 @@ import torch
 from koala_hf.optim import layers
 from koala_hf.optim.layers import (
     StepWorkspace,
+    add_scaled_,
+    blend_,
     bucketed_rows,
     dot,
     dots,
@@ -146,3 +148,33 @@ def test_at_gpt2_size_the_foreach_step_launches_within_twice_adamw_foreachs_ops(
     counted = foreach_dispatches(variant, 148)
     adamw = step_dispatches(lambda ps: torch.optim.AdamW(ps, foreach=True), [(3, 4)] * 148)
     assert counted.ops <= 2 * adamw.ops, (counted.ops, adamw.ops)
+
+
+def ops_of(fn) -> dict:
+    from koala_hf.optim.profiling import CountOps
+
+    with CountOps() as counter:
+        fn()
+    return dict(counter.ops)
+
+
+@pytest.mark.parametrize("scales", [[0.5, 0.5, 0.5], [0.5, -2.0, 3.0]], ids=["one number", "a number each"])
+def test_a_scaled_add_with_numbers_equals_the_tensor_path_and_needs_no_temporary_for_one_number(scales):
+    torch.manual_seed(0)
+    xs, ys = [torch.randn(5, dtype=torch.float64) for _ in scales], [torch.randn(5, dtype=torch.float64) for _ in scales]
+    expected = [x.clone() for x in xs]
+    add_scaled_(expected, ys, [torch.tensor(s, dtype=torch.float64) for s in scales])
+    ops = ops_of(lambda: add_scaled_(xs, ys, scales))
+    torch.testing.assert_close(xs, expected, rtol=1e-15, atol=1e-15)
+    assert ops == ({"_foreach_add_": 1} if len(set(scales)) == 1 else {"_foreach_mul": 1, "_foreach_add_": 1})
+
+
+@pytest.mark.parametrize("keep, take", [([0.0, 0.0], [1.0, 1.0]), ([0.0, 1.0], [1.0, 0.0]), ([0.5, 0.0], [2.0, 1.0])])
+def test_a_blend_keeps_and_takes_as_told_and_is_a_copy_where_every_layer_takes_the_new_values(keep, take):
+    """E17's ``H_prev <- keep_hp H_prev + take_h H``: a step that updates every layer copies ``H``."""
+    torch.manual_seed(1)
+    xs, ys = [torch.randn(4, dtype=torch.float64) for _ in keep], [torch.randn(4, dtype=torch.float64) for _ in keep]
+    expected = [k * x + t * y for x, y, k, t in zip(xs, ys, keep, take)]
+    ops = ops_of(lambda: blend_(xs, ys, keep, take))
+    torch.testing.assert_close(xs, expected, rtol=1e-15, atol=1e-15)
+    assert ("_foreach_copy_" in ops) == (keep == [0.0, 0.0] and take == [1.0, 1.0]), ops

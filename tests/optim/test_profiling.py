@@ -57,7 +57,7 @@ def test_the_counter_counts_a_slow_route_op_as_its_launches(fake_cuda):
     assert counter.ops["_foreach_mul_"] == 3
 
 
-def test_a_copy_to_the_host_is_counted_once_and_arrives_as_ones():
+def test_a_copy_to_the_host_is_counted_once_and_arrives_as_distinct_numbers():
     from koala_hf.optim.profiling import step_dispatches
 
     read = []
@@ -72,5 +72,5 @@ def test_a_copy_to_the_host_is_counted_once_and_arrives_as_ones():
 
     counted = step_dispatches(ReadsBack, [(2,), (3,)], koala=False)
     assert counted.host_copies == 1 and counted.by_op["_to_copy"] == 1 and "_local_scalar_dense" not in counted.by_op
-    assert read[-1] == [1.0] * 5
+    assert read[-1] == [1.0, 2.0, 3.0, 4.0, 5.0]  # every coefficient its own number: the general path's ops
     assert step_dispatches(lambda ps: torch.optim.SGD(ps, lr=0.1), [(2,)]).host_copies == 0
