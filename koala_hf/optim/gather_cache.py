@@ -7,8 +7,9 @@ them, backward allocates them again), but of the same parameters. So a step take
 :class:`Fingerprint` (the parameters' identities and addresses, which gradients are ``None``, read in C
 loops: a few tenths of a microsecond per parameter) and reuses the records with the new gradients when it
 matches the last one; anything else (a parameter added or swapped, ``p.data`` replaced, a gradient set to
-``None`` or appearing, another ``fused``/``foreach`` option, a group added, a state dict loaded:
-:meth:`GatherCache.clear`) rebuilds them. The gradients' addresses are read with the fingerprint, for the
+``None`` or appearing, another ``fused``/``foreach`` option, a group added, an entry of the optimizer's
+state removed, a state dict loaded: :meth:`GatherCache.clear`) rebuilds them. A state entry replaced in
+place by hand (``optimizer.state[p] = {...}``) is not seen: load a state dict instead. The gradients' addresses are read with the fingerprint, for the
 Triton kernels' address tables (koala_hf.optim.triton_step.BatchCache), which change with them.
 """
 
@@ -69,17 +70,21 @@ class GatherCache:
 
     def __init__(self) -> None:
         self._kept: list[tuple[dict, Fingerprint, object]] | None = None
+        self._state: tuple[object, int] | None = None  # the optimizer's state mapping, and its size, when kept
 
     def clear(self) -> None:
-        self._kept = None
+        self._kept = self._state = None
 
-    def keep(self, groups: list[dict], fingerprints: list[Fingerprint], records: list) -> None:
+    def keep(self, groups: list[dict], fingerprints: list[Fingerprint], records: list, state: dict) -> None:
         self._kept = list(zip(groups, fingerprints, records))
+        self._state = (state, len(state))
 
-    def lookup(self, groups: list[dict]) -> list[tuple[object, Taken]] | None:
-        """Each group's kept record and what was taken of it now, if every group's fingerprint matches the kept one."""
+    def lookup(self, groups: list[dict], state: dict) -> list[tuple[object, Taken]] | None:
+        """Each group's kept record and what was taken of it now, if every group's fingerprint matches the kept one
+        and the optimizer's state is the same mapping with as many entries (an entry removed, or the state
+        emptied, rebuilds the records: they hold the state of each parameter)."""
         kept = self._kept
-        if kept is None or len(kept) != len(groups):
+        if kept is None or len(kept) != len(groups) or self._state[0] is not state or self._state[1] != len(state):
             return None
         found = []
         for group, (kept_group, fingerprint, record) in zip(groups, kept):

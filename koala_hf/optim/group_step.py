@@ -64,7 +64,7 @@ def gather(optimizer) -> list[GroupStep]:
     """The groups with a parameter to step, their state created on first use (``optimizer._layer_state``): the
     last step's records with this step's gradients while the groups' fingerprints are unchanged
     (koala_hf.optim.gather_cache, ``optimizer._gathered``), else built anew."""
-    found = optimizer._gathered.lookup(optimizer.param_groups)
+    found = optimizer._gathered.lookup(optimizer.param_groups, optimizer.state)
     if found is not None:
         return [replace(step, grads=_stepped(now.grads, now.fingerprint), grad_addresses=now.grad_addresses)
                 for step, now in found if step is not None]
@@ -79,7 +79,7 @@ def gather(optimizer) -> list[GroupStep]:
             steps.append(step)
     if all(fingerprints) and not any(step.sharded for step in steps):  # kept without the gradients (never held alive)
         records = [None if step is None else replace(step, grads=[], grad_addresses=None) for step in records]
-        optimizer._gathered.keep(optimizer.param_groups, fingerprints, records)
+        optimizer._gathered.keep(optimizer.param_groups, fingerprints, records, optimizer.state)
     else:
         optimizer._gathered.clear()
     return steps

@@ -71,7 +71,8 @@ def test_the_kept_records_hold_no_gradient_alive():
 
 
 @pytest.mark.parametrize("change", ["grad set to None", "data replaced", "param swapped",
-                                    "param appended", "group added", "option changed", "state loaded"])
+                                    "param appended", "group added", "option changed", "state loaded",
+                                    "state emptied"])
 def test_any_other_change_rebuilds_them(builds, change):
     net = model()
     params = list(net.parameters())
@@ -96,6 +97,9 @@ def test_any_other_change_rebuilds_them(builds, change):
         optimizer.add_param_group({"params": [extra]})
     elif change == "option changed":
         group["foreach"] = not group["foreach"]
+    elif change == "state emptied":
+        kept = {p: optimizer.state[p] for p in params}
+        optimizer.state.clear()
     else:
         optimizer.load_state_dict(optimizer.state_dict())
     builds.clear()
@@ -104,6 +108,9 @@ def test_any_other_change_rebuilds_them(builds, change):
     stepped = [p for s in steps for p in s.params]
     assert stepped == [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     assert all(g is p.grad for s in steps for g, p in zip(s.grads, s.params))
+    assert all(state is optimizer.state[p] for s in steps for state, p in zip(s.states, s.params))
+    if change == "state emptied":  # a fresh state for every parameter, not the dropped one
+        assert all(optimizer.state[p] is not kept[p] for p in params)
 
 
 def test_a_sparse_gradient_after_kept_steps_is_still_refused():
