@@ -49,7 +49,7 @@ class Taken(NamedTuple):
 
 def take(group: dict) -> Taken | None:
     """``group``'s fingerprint and its gradients, or ``None`` where a tensor has no address to read (sparse
-    gradients, DTensors): such a group is gathered anew at every step."""
+    gradients, DTensors, other tensor subclasses): such a group is gathered anew at every step."""
     params = group["params"]
     grads = list(map(_GRAD, params))
     try:
@@ -59,7 +59,7 @@ def take(group: dict) -> Taken | None:
         except TypeError:  # a gradient is None
             grad_addresses = [0 if g is None else g.data_ptr() for g in grads]
             missing = tuple(i for i, g in enumerate(grads) if g is None)
-    except RuntimeError:  # "Cannot access data pointer of Tensor that doesn't have storage"
+    except Exception:  # noqa: BLE001 - no storage ("Cannot access data pointer"), or a tensor subclass's refusal
         return None
     options = (group["fused"], group["foreach"])
     return Taken(Fingerprint(options, list(map(id, params)), addresses, missing, tuple(params)), grads, grad_addresses)
