@@ -156,3 +156,20 @@ def test_a_kept_triton_step_runs_no_python_per_parameter(variant):
                 optimizer.step()
             counts.append(python_calls(lambda: (optimizer.observe(torch.tensor(1.0)), optimizer.step())))
     assert counts[0] == counts[1], counts
+
+
+def test_a_group_whose_addresses_cannot_be_read_is_gathered_anew_at_every_step(builds, monkeypatch):
+    """A tensor subclass may refuse ``data_ptr`` in its own way: its group is never kept, and it still steps."""
+    from koala_hf.optim import gather_cache
+
+    def refuse(tensor):
+        raise NotImplementedError("no data_ptr for this subclass")
+
+    monkeypatch.setattr(gather_cache, "_ADDRESS", refuse)
+    net = model()
+    optimizer = KOALAPlusPlus(net.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in net.parameters()]
+    for k in range(3):
+        train_step(optimizer, net, k)
+    assert builds == [0, 0, 0]
+    assert not any(torch.equal(a, b) for a, b in zip(before, net.parameters()))
