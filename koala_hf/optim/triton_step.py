@@ -14,6 +14,7 @@ reduction and a combination per bucket, :func:`fused_scalar_step` the variant's 
 from __future__ import annotations
 
 import math
+from itertools import chain
 from dataclasses import dataclass
 from typing import Callable
 
@@ -68,7 +69,10 @@ class Bucket:
         if key not in chunk_plans:
             chunk_plans[key] = ChunkPlan.build(numels, rows, decays, self.device)
         self.chunks = chunk_plans[key]
-        self.table = upload([[t.data_ptr() for t in ts] + [ts[0].numel()] for ts in tensors], self.device)
+        self.rows = rows
+        # The table on the host, kept so that gradients that moved can be rebound (:meth:`rebind`).
+        self.addresses = torch.tensor([[t.data_ptr() for t in ts] + [ts[0].numel()] for ts in tensors], dtype=torch.int64)
+        self.table = upload(self.addresses, self.device)
         self.partials: torch.Tensor | None = None  # the reduction's per-chunk sums, allocated at the first step
 
     @property
@@ -80,6 +84,11 @@ class Bucket:
     def n_chunks(self) -> int:
         return len(self.chunks.chunks)
 
+    def rebind(self, column: int, tensors: list[torch.Tensor]) -> None:
+        """Point list ``column`` of the table at ``tensors`` (one per layer, each laid out as the one it replaces)."""
+        self.addresses[:, column] = torch.tensor(list(map(torch.Tensor.data_ptr, tensors)), dtype=torch.int64)
+        self.table = upload(self.addresses, self.device)
+
     def write_back(self, written: tuple[int, ...]) -> None:
         """Store the results of the lists at positions ``written`` into the originals of layers that ran on copies."""
         for originals, copied in self.copies:
@@ -87,9 +96,13 @@ class Bucket:
                 originals[k].detach().copy_(copied[k])
 
 
-def upload(rows: list[list], device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """A table on ``device`` without a synchronisation: from pinned memory, asynchronously, on CUDA."""
+def upload(rows: list[list] | torch.Tensor, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """A table (nested lists, or a CPU tensor, copied) on ``device`` without a synchronisation: from pinned
+    memory, asynchronously, on CUDA."""
     pinned = device.type == "cuda" and torch.cuda.is_available()
+    if isinstance(rows, torch.Tensor):
+        host = rows.pin_memory() if pinned else rows.clone()
+        return host.to(device, non_blocking=True)
     return torch.tensor(rows, dtype=dtype, pin_memory=pinned).to(device, non_blocking=True)
 
 
@@ -171,6 +184,8 @@ class StepBatch:
         flat = [tensors for group in layers for tensors in group]
         flat_decays = [decay for group, decay in zip(layers, decays) for _ in group]
         self.buckets = buckets(flat, flat_decays, chunk_plans)
+        grad = layout.lists.index("grad")
+        self.grad_strides = [tensors[grad].stride() for tensors in flat]  # what a rebound gradient must match
         self.n_layers = len(flat)
         self.n_elements = sum(tensors[0].numel() for tensors in flat)  # the parameters' elements (KOALA-M's E30)
         self._scalar_tables: ScalarTables | None = None
@@ -222,6 +237,17 @@ class StepBatch:
             self._state_tables[name] = upload([t.data_ptr() for t in listed], like.device) if readable else None
         return self._state_tables[name]
 
+    def rebind_grads(self, grads: list[torch.Tensor]) -> bool:
+        """Point the tables at this step's gradients (``grads``, in the batch's order of layers) where they moved
+        since the batch was built, without Python per layer; ``False`` (the batch must be rebuilt) where one is laid
+        out otherwise than the one it replaces."""
+        if list(map(torch.Tensor.stride, grads)) != self.grad_strides:
+            return False
+        column = self.layout.lists.index("grad")
+        for bucket in self.buckets:
+            bucket.rebind(column, grads if len(self.buckets) == 1 else [grads[r] for r in bucket.rows])
+        return True
+
     def update(self, kernel: str, coefficients: list[torch.Tensor], ok: torch.Tensor, *scalars) -> None:
         table = coefficients[0] if len(coefficients) == 1 else torch.cat(coefficients)
         update(self.buckets, self.layout, kernel, table, ok, *scalars)
@@ -234,10 +260,12 @@ def _addresses(step) -> tuple:
 
 
 class BatchCache:
-    """Each layout's last :class:`StepBatch`, reused while the step's groups, weight decays and the addresses of
-    their parameters and gradients are those it was built for (gradients set to ``None`` between steps come back
-    at new addresses: then it is rebuilt). The state tensors are the optimizer's own, replaced only when a state
-    dict is loaded: :meth:`clear` then (``KoalaOptimizer.__setstate__``)."""
+    """Each layout's last :class:`StepBatch`, reused while the step's groups, weight decays, parameters (their
+    fingerprints, koala_hf.optim.gather_cache) and the addresses of their gradients are those it was built for.
+    Gradients set to ``None`` between steps may come back elsewhere: then the batch's tables are pointed at them
+    (:meth:`StepBatch.rebind_grads`), and it is rebuilt only where anything else changed. The state tensors are
+    the optimizer's own, replaced only when a state dict is loaded: :meth:`clear` then
+    (``KoalaOptimizer.__setstate__``)."""
 
     def __init__(self) -> None:
         self._batches: dict[str, tuple[tuple, StepBatch]] = {}
@@ -246,11 +274,18 @@ class BatchCache:
         self._batches.clear()
 
     def get(self, layout: PassLayout, group_steps, chunk_plans: dict) -> StepBatch:
-        key = tuple((step.index, step.weight_decay, step.fingerprint, step.grad_addresses) if step.fingerprint else
-                    (step.index, step.weight_decay, _addresses(step)) for step in group_steps)
+        # (the steps, their gradients' addresses): compared without Python per layer, the fingerprints kept by the gather
+        fingerprinted = all(step.fingerprint for step in group_steps)
+        key = (tuple((step.index, step.weight_decay, step.fingerprint if step.fingerprint else _addresses(step))
+                     for step in group_steps),
+               tuple(step.grad_addresses for step in group_steps) if fingerprinted else None)
         kept = self._batches.get(layout.prefix)
-        if kept is not None and kept[0] == key:  # the fingerprints kept by the gather: compared without Python per layer
-            return kept[1]
+        if kept is not None and kept[0][0] == key[0]:
+            if kept[0][1] == key[1]:
+                return kept[1]
+            if fingerprinted and kept[1].rebind_grads(list(chain.from_iterable(step.grads for step in group_steps))):
+                self._batches[layout.prefix] = (key, kept[1])
+                return kept[1]
         batch = StepBatch(layout, [s.layers(layout) for s in group_steps], [s.weight_decay for s in group_steps],
                           [s.index for s in group_steps], chunk_plans)
         if batch.reusable:

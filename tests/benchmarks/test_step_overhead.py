@@ -18,7 +18,7 @@ def test_the_benchmark_writes_every_row_with_the_dispatch_counts_and_host_times(
     report = json.loads((tmp_path / "host_step_overhead_cpu.json").read_text())
     assert report["command"].startswith("python benchmarks/step_overhead.py") and report["device"] and report["date"]
     rows = {(r["tensors"], r["implementation"]): r for r in report["rows"]}
-    assert len(rows) == 2 * 8
+    assert len(rows) == 2 * 9
     for n in (4, 12):
         for variant in ("KOALA++", "KOALA-V", "KOALA-M"):
             triton = rows[(n, f"{variant} triton")]
@@ -37,4 +37,6 @@ def test_the_benchmark_writes_every_row_with_the_dispatch_counts_and_host_times(
     for variant in ("KOALA++", "KOALA-V", "KOALA-M"):
         assert rows[(4, f"{variant} triton")]["host_python_calls"] == rows[(12, f"{variant} triton")]["host_python_calls"]
     assert rows[(12, "AdamW fused")]["host_python_calls"] > rows[(4, "AdamW fused")]["host_python_calls"]
-    assert (tmp_path / "host_step_overhead_cpu.md").read_text().count("| 12 tensors |") == 8
+    assert (tmp_path / "host_step_overhead_cpu.md").read_text().count("| 12 tensors |") == 9
+    moved = rows[(12, "KOALA++ triton, gradients moved every step")]  # the kept tables pointed at new gradients
+    assert moved["host_python_calls"] == rows[(4, "KOALA++ triton, gradients moved every step")]["host_python_calls"]

@@ -51,9 +51,9 @@ def test_the_batch_is_built_once_while_the_gradients_stay_where_they_are(variant
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
-def test_gradients_at_new_addresses_rebuild_it_and_every_step_equals_a_fresh_batchs(variant, builds):
-    """Steps reusing a kept batch, rebuilding it (gradients elsewhere), and after a state dict is loaded, against
-    an optimizer whose batch is built anew at every step (its cache emptied): the same bits."""
+def test_gradients_at_new_addresses_are_rebound_and_every_step_equals_a_fresh_batchs(variant, builds):
+    """Steps reusing a kept batch, pointing it at gradients elsewhere, and rebuilding it after a state dict is
+    loaded, against an optimizer whose batch is built anew at every step (its caches emptied): the same bits."""
     torch.manual_seed(1)
     values = [[torch.randn_like(p) for p in layers()] for _ in range(6)]
     kept, fresh = layers(), layers()
@@ -65,7 +65,7 @@ def test_gradients_at_new_addresses_rebuild_it_and_every_step_equals_a_fresh_bat
             for h, g in zip(held, grads):
                 h.copy_(g)
             step(optimizer, kept, held, loss=1.0 + k)
-        else:  # new tensors (held stays alive, so they cannot land where it is): a rebuild
+        else:  # new tensors (held stays alive, so they cannot land where it is): the tables rebound
             step(optimizer, kept, [g.clone() for g in grads], loss=1.0 + k)
         if k == 3:
             optimizer.load_state_dict(optimizer.state_dict())  # new state tensors: the batch is dropped
@@ -74,8 +74,24 @@ def test_gradients_at_new_addresses_rebuild_it_and_every_step_equals_a_fresh_bat
         step(reference, fresh, [g.clone() for g in grads], loss=1.0 + k)
         for a, b in zip(kept, fresh):
             assert torch.equal(a, b), k
-    # Built at steps 0, 2, 3, 4 (after the load), 5; reused at step 1.
-    assert len(builds) - 6 == 5
+    # Built at step 0 and at step 4 (after the load); reused at steps 1 and 5, rebound at steps 2 and 3.
+    assert len(builds) - 6 == 2
+
+
+def test_a_gradient_laid_out_otherwise_rebuilds_the_batch(builds):
+    """A moved gradient is rebound only where it is laid out as the one it replaces; otherwise (here transposed
+    storage, so the layer runs on copies) the batch is built again, and steps as a fresh one."""
+    torch.manual_seed(3)
+    kept, fresh = [torch.nn.Parameter(torch.randn(4, 3))], [torch.nn.Parameter(torch.randn(4, 3))]
+    fresh[0].data.copy_(kept[0].data)
+    optimizer = KOALAPlusPlus(kept, fused="triton", lr=0.1)
+    reference = KOALAPlusPlus(fresh, fused="triton", lr=0.1)
+    for k, grad in enumerate([torch.randn(4, 3), torch.randn(3, 4).t(), torch.randn(4, 3)]):
+        step(optimizer, kept, [grad.clone() if grad.is_contiguous() else grad.t().clone().t()], loss=1.0 + k)
+        reference._triton_batches.clear()
+        step(reference, fresh, [grad.clone()], loss=1.0 + k)
+        assert torch.equal(kept[0], fresh[0]), k
+    assert len(builds) - 3 == 3  # step 1's gradient is transposed; step 2's is dense again, but the batch was not kept
 
 
 def test_a_batch_with_layers_on_copies_is_not_kept(builds):
