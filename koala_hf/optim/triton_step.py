@@ -4,8 +4,8 @@ The layers of a step are bucketed by dtype, across parameter groups (:class:`Ste
 layers' tensors through a table of addresses (``data_ptr``) (:class:`Bucket`); its chunk plan depends only on
 the layers' sizes and is built once and kept (:class:`ChunkPlan`). A layer whose tensors do not share one
 dense memory layout (``channels_last`` and other permutations do) runs on contiguous copies that the update
-writes back. A step's batch is kept (:class:`BatchCache`) and reused for as long as its parameters' and
-gradients' addresses are unchanged, so that a step builds nothing per layer. :func:`layer_sums` launches a
+writes back. A step's batch is kept (:class:`BatchCache`) and reused for as long as its parameters are
+unchanged, its tables pointed at gradients that moved, so that a step builds nothing per layer. :func:`layer_sums` launches a
 reduction and a combination per bucket, :func:`fused_scalar_step` the variant's scalar step once
 (koala_hf.optim.triton_scalar_kernels), :func:`update` one update per bucket; every launch goes through
 ``triton_runtime.launch``, where koala_hf.optim.profiling counts them.
