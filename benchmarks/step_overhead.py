@@ -13,7 +13,8 @@ launch. Both parts are measured here on a CPU, per number of tensors:
   the tensors where a step runs Python per tensor, and they do not depend on the machine's load.
 - **host ms**: the lowest of ``--repeats`` medians of the wall time of ``observe`` + ``step()`` over
   ``--steps`` steps, the repeats rounds over the whole table (the lowest, so that another process's burst on
-  this shared machine does not count), on CPU tensors of 4 elements each (as many as the model's tensors), so that the arithmetic is negligible and what is timed is
+  this shared machine does not count), on CPU tensors of 4 elements each (as many as the model's tensors),
+  so that the arithmetic is negligible and what is timed is
   the step's Python and dispatch: the part a GPU cannot speed up. KOALA runs its device paths: the Triton
   step with its launches recorded and not run (koala_hf.optim.profiling.recording_launches; no interpreter),
   and the foreach step as off the CPU: multi-tensor sums, its coefficients copied to the host once and applied
@@ -59,8 +60,8 @@ IMPLEMENTATIONS = {
 }
 # Host time where every step's gradients are new tensors at new addresses (as zero_grad(set_to_none=True) can
 # leave them): the Triton step's kept tables are pointed at them.
-MOVED = "KOALA++ triton, gradients moved every step"
-MOVED_GRADIENTS = {MOVED: IMPLEMENTATIONS["KOALA++ triton"]}
+MOVED_GRADIENTS = {"KOALA++ triton, gradients moved every step": IMPLEMENTATIONS["KOALA++ triton"]}
+ROWS = {**IMPLEMENTATIONS, **MOVED_GRADIENTS}
 
 
 def gpt2_shapes(width: int, depth: int, vocab: int = 50257, context: int = 1024) -> list[tuple[int, ...]]:
@@ -135,7 +136,7 @@ def main(argv=None) -> dict:
         warnings.simplefilter("ignore")
         for workload, shapes_of in workloads.items():
             shapes = shapes_of()
-            for name, make in {**IMPLEMENTATIONS, **MOVED_GRADIENTS}.items():
+            for name, make in ROWS.items():
                 counted = step_dispatches(make, shapes)
                 host = host_cost(make, len(shapes), args.steps, move_gradients=name in MOVED_GRADIENTS)
                 rows.append({"workload": workload, "tensors": len(shapes), "implementation": name,
@@ -146,9 +147,9 @@ def main(argv=None) -> dict:
                       f"{host.ms:8.3f} ms {host.python_calls:6d} Python calls")
         for _ in range(args.repeats - 1):  # more rounds over the whole table: each row keeps its lowest median
             for row in rows:
-                name, n = row["implementation"], row["tensors"]
-                make = {**IMPLEMENTATIONS, **MOVED_GRADIENTS}[name]
-                row["host_ms"] = min(row["host_ms"], host_cost(make, n, args.steps, move_gradients=name in MOVED_GRADIENTS).ms)
+                name = row["implementation"]
+                again = host_cost(ROWS[name], row["tensors"], args.steps, move_gradients=name in MOVED_GRADIENTS)
+                row["host_ms"] = min(row["host_ms"], again.ms)
     for row in rows:
         fused = next(r for r in rows if r["workload"] == row["workload"] and r["implementation"] == "AdamW fused")
         foreach = next(r for r in rows if r["workload"] == row["workload"] and r["implementation"] == "AdamW foreach")

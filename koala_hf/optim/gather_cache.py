@@ -9,8 +9,9 @@ loops: a few tenths of a microsecond per parameter) and reuses the records with 
 matches the last one; anything else (a parameter added or swapped, ``p.data`` replaced, a gradient set to
 ``None`` or appearing, another ``fused``/``foreach`` option, a group added, an entry of the optimizer's
 state removed, a state dict loaded: :meth:`GatherCache.clear`) rebuilds them. A state entry replaced in
-place by hand (``optimizer.state[p] = {...}``) is not seen: load a state dict instead. The gradients' addresses are read with the fingerprint, for the
-Triton kernels' address tables (koala_hf.optim.triton_step.BatchCache), which change with them.
+place by hand (``optimizer.state[p] = {...}``) is not seen: load a state dict instead. The gradients'
+addresses are read with the fingerprint, for the Triton kernels' address tables
+(koala_hf.optim.triton_step.BatchCache), which follow them.
 """
 
 from __future__ import annotations

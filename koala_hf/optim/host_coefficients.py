@@ -10,10 +10,10 @@ So off the CPU the foreach update copies every group's coefficients and the step
 then skipped without masking. The price is that synchronisation, and a temporary for each scaled term:
 torch has no multi-tensor ``x += c_i * y`` with a scalar list, so such a term is ``y * c_i`` into a new list,
 then added; a term with one number for every layer is one add, and KOALA++'s ``H_prev <- H`` a copy
-(koala_hf.optim.layers.add_scaled_, blend_). On the CPU (:data:`DEVICE_COEFFICIENTS`) the coefficients stay tensors: torch's CPU multi-tensor
-ops loop over the tensors whatever their arguments, a value is read for free there, and the fewer passes
-are faster. The Triton step (the default on CUDA) reads nothing back; this is the foreach path, the fallback
-where Triton cannot run and the path of other devices.
+(koala_hf.optim.layers.add_scaled_, blend_). On the CPU (:data:`DEVICE_COEFFICIENTS`) the coefficients
+stay tensors: torch's CPU multi-tensor ops loop over the tensors whatever their arguments, a value is read
+for free there, and the fewer passes are faster. The Triton step (the default on CUDA) reads nothing back;
+this is the foreach path, the fallback where Triton cannot run and the path of other devices.
 """
 
 from __future__ import annotations

@@ -5,17 +5,17 @@ layers' tensors through a table of addresses (``data_ptr``) (:class:`Bucket`); i
 the layers' sizes and is built once and kept (:class:`ChunkPlan`). A layer whose tensors do not share one
 dense memory layout (``channels_last`` and other permutations do) runs on contiguous copies that the update
 writes back. A step's batch is kept (:class:`BatchCache`) and reused for as long as its parameters are
-unchanged, its tables pointed at gradients that moved, so that a step builds nothing per layer. :func:`layer_sums` launches a
-reduction and a combination per bucket, :func:`fused_scalar_step` the variant's scalar step once
-(koala_hf.optim.triton_scalar_kernels), :func:`update` one update per bucket; every launch goes through
-``triton_runtime.launch``, where koala_hf.optim.profiling counts them.
+unchanged, its tables pointed at gradients that moved, so that a step builds nothing per layer.
+:func:`layer_sums` launches a reduction and a combination per bucket, :func:`fused_scalar_step` the
+variant's scalar step once (koala_hf.optim.triton_scalar_kernels), :func:`update` one update per bucket;
+every launch goes through ``triton_runtime.launch``, where koala_hf.optim.profiling counts them.
 """
 
 from __future__ import annotations
 
 import math
-from itertools import chain
 from dataclasses import dataclass
+from itertools import chain
 from typing import Callable
 
 import torch
@@ -71,7 +71,8 @@ class Bucket:
         self.chunks = chunk_plans[key]
         self.rows = rows
         # The table on the host, kept so that gradients that moved can be rebound (:meth:`rebind`).
-        self.addresses = torch.tensor([[t.data_ptr() for t in ts] + [ts[0].numel()] for ts in tensors], dtype=torch.int64)
+        self.addresses = torch.tensor([[t.data_ptr() for t in ts] + [ts[0].numel()] for ts in tensors],
+                                      dtype=torch.int64)
         self.table = upload(self.addresses, self.device)
         self.partials: torch.Tensor | None = None  # the reduction's per-chunk sums, allocated at the first step
 
@@ -184,8 +185,8 @@ class StepBatch:
         flat = [tensors for group in layers for tensors in group]
         flat_decays = [decay for group, decay in zip(layers, decays) for _ in group]
         self.buckets = buckets(flat, flat_decays, chunk_plans)
-        grad = layout.lists.index("grad")
-        self.grad_strides = [tensors[grad].stride() for tensors in flat]  # what a rebound gradient must match
+        self.grad_column = layout.lists.index("grad")  # the gradients' column of the address tables
+        self.grad_strides = [tensors[self.grad_column].stride() for tensors in flat]  # what a rebound one must match
         self.n_layers = len(flat)
         self.n_elements = sum(tensors[0].numel() for tensors in flat)  # the parameters' elements (KOALA-M's E30)
         self._scalar_tables: ScalarTables | None = None
@@ -227,7 +228,8 @@ class StepBatch:
                               **self.layout.triton_constants("sums", "coefficients"), **constants)
         return tables.coefficients, tables.ok
 
-    def state_table(self, name: str, tensors: Callable[[], list[torch.Tensor]], like: torch.Tensor) -> torch.Tensor | None:
+    def state_table(self, name: str, tensors: Callable[[], list[torch.Tensor]],
+                    like: torch.Tensor) -> torch.Tensor | None:
         """An int64 table of the addresses of ``tensors()`` (a variant's per-layer state for its scalar kernel),
         or ``None`` where one is not in ``like``'s dtype and device (the kernel cannot read it); built once per
         batch: the state tensors do not move while the batch is kept."""
@@ -243,9 +245,8 @@ class StepBatch:
         out otherwise than the one it replaces."""
         if list(map(torch.Tensor.stride, grads)) != self.grad_strides:
             return False
-        column = self.layout.lists.index("grad")
         for bucket in self.buckets:
-            bucket.rebind(column, grads if len(self.buckets) == 1 else [grads[r] for r in bucket.rows])
+            bucket.rebind(self.grad_column, grads if len(self.buckets) == 1 else [grads[r] for r in bucket.rows])
         return True
 
     def update(self, kernel: str, coefficients: list[torch.Tensor], ok: torch.Tensor, *scalars) -> None:
@@ -256,7 +257,8 @@ class StepBatch:
 def _addresses(step) -> tuple:
     """A step's identity for a batch where it has no fingerprint (sharded): its parameters' and gradients'
     addresses, and its states' (the state tensors a batch's address tables point to)."""
-    return (tuple(p.data_ptr() for p in step.shards), tuple(g.data_ptr() for g in step.grads), tuple(map(id, step.states)))
+    return (tuple(p.data_ptr() for p in step.shards), tuple(g.data_ptr() for g in step.grads),
+            tuple(map(id, step.states)))
 
 
 class BatchCache:
@@ -274,7 +276,7 @@ class BatchCache:
         self._batches.clear()
 
     def get(self, layout: PassLayout, group_steps, chunk_plans: dict) -> StepBatch:
-        # (the steps, their gradients' addresses): compared without Python per layer, the fingerprints kept by the gather
+        # (the steps, their gradients' addresses): compared without Python per layer (the gather keeps the fingerprints)
         fingerprinted = all(step.fingerprint for step in group_steps)
         key = (tuple((step.index, step.weight_decay, step.fingerprint if step.fingerprint else _addresses(step))
                      for step in group_steps),
