@@ -77,14 +77,18 @@ EXTEND = 2  # runs a grid line may add past its edge
 def next_lr(scores: dict[float, float]) -> float | None:
     """The lr to try next on a grid line (lr -> score, lower is better): a third of the lowest when that is the
     best, three times the highest when that is, else ``None`` (the best is interior, or a line of one lr). The
-    extension stops at a run that scored no better (a worse or diverged edge brackets the best)."""
+    extension stops at a run that scored no better: a worse or diverged edge brackets the best, and so does an
+    edge that ties an interior lr. A line where every run diverged goes on down."""
     if len(scores) < 2:
         return None
     rates = sorted(scores)
-    best = min(rates, key=lambda lr: scores[lr])
-    if best == rates[0]:
+    if all(math.isinf(scores[lr]) for lr in rates):
         return rates[0] / 3
-    if best == rates[-1]:
+    lowest = min(scores.values())
+    best = [lr for lr in rates if scores[lr] == lowest]
+    if best == [rates[0]]:
+        return rates[0] / 3
+    if best == [rates[-1]]:
         return rates[-1] * 3
     return None
 
@@ -95,9 +99,11 @@ def run_name(optimizer: str, noise: str | None, lr: float, **extra) -> str:
 
 
 def score(result: dict, task: str) -> float:
-    """What a run is selected by (lower is better); a run that diverged scores infinity."""
+    """What a run is selected by (lower is better); a run that diverged scores infinity. A vision run whose final
+    test loss is not finite diverged too, though its error is a number (what the NaN logits' argmax scores)."""
     value = result.get("best_validation_perplexity") if task == "lm" else result.get("test_top1_error")
-    return value if value is not None and math.isfinite(value) else math.inf
+    diverged = task != "lm" and not math.isfinite(result.get("test_loss", 0.0))
+    return value if value is not None and math.isfinite(value) and not diverged else math.inf
 
 
 class Sweep:

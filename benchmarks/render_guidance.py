@@ -21,14 +21,16 @@ SWEEPS = ROOT / "benchmarks" / "results" / "guidance_cpu"
 TASKS = {
     "lm": {"title": "Language modelling: WikiText-2 GPT with frozen pretrained embeddings (the papers' protocol, "
                     "on a CPU)", "reported": "test_perplexity", "unit": "test PPL", "target": "within 5% of the "
-                    "tuned baseline's test PPL", "within": lambda koala, base: koala <= 1.05 * base},
+                    "tuned baseline's test PPL", "within": lambda koala, base: koala <= 1.05 * base, "chance": None},
     "digits": {"title": "Vision from scratch: the handwritten digits as CIFAR-10 archives", "reported": "test_top1_error",
                "unit": "final test error (%)", "target": "within 1 point of SGD's final test error",
-               "within": lambda koala, base: koala <= base + 1.0},
+               "within": lambda koala, base: koala <= base + 1.0, "chance": 90.0},
 }
 NAMES = {"adamw": "AdamW", "sgd": "SGD (momentum)", "koala++": "KOALA++", "koala-v": "KOALA-V", "koala-m": "KOALA-M"}
 NOISES = {"second_moment": "E1a", "variance": "E1b", "none": "E1c"}
 RANGE = 0.05  # an lr "worked" when its score is within 5% of the best of its variant and schedule
+# A task's "chance": the score of guessing (one of the digits' ten classes: 90% error). A run scoring that or worse
+# learned nothing, and a line whose best run did so has no lr that worked: "within 5% of the best" would name all.
 
 
 def variant(run: dict) -> str:
@@ -41,8 +43,25 @@ def reported(run: dict, task: str) -> float:
     return value if value is not None and math.isfinite(value) else math.inf
 
 
+def learned(score: float, task: str) -> bool:
+    """Whether a run did better than guessing (always, for a task without a chance level)."""
+    chance = TASKS[task]["chance"]
+    return math.isfinite(score) and (chance is None or score < chance)
+
+
+def best_run(runs) -> dict:
+    """The lowest score; ties go to the smaller lr, so every table names the same run."""
+    return min(runs, key=lambda r: (r["score"], r["learning_rate"]))
+
+
 def number(value: float) -> str:
     return "diverged" if not math.isfinite(value) else f"{value:.1f}"
+
+
+def failure(task: str) -> str:
+    """Why a line has no lr that worked: every run diverged, or none beat guessing."""
+    chance = TASKS[task]["chance"]
+    return "every run diverged" if chance is None else f"no run did better than guessing ({chance:g}% error)"
 
 
 def gap_to(value: float, base: float, task: str) -> str:
@@ -55,17 +74,21 @@ def grid_table(runs: list[dict], task: str, schedule: str) -> list[str]:
     rows = [r for r in runs if r["phase"] == "grid" and r["schedule"] == schedule]
     if not rows:
         return [f"*{schedule}: not run yet.*"]
-    baseline = min((r for r in rows if r["optimizer"] in ("adamw", "sgd")), key=lambda r: r["score"], default=None)
+    baselines = [r for r in rows if r["optimizer"] in ("adamw", "sgd")]
+    baseline = best_run(baselines) if baselines else None
     base = reported(baseline, task) if baseline else None
     lines = [f"| {schedule} | lr tried: score | lr that worked (score within 5% of the best) | best lr | "
              f"{TASKS[task]['unit']} | against {variant(baseline) if baseline else 'the baseline'} |", "|---|---|---|---|---|---|"]
     for name in dict.fromkeys(variant(r) for r in rows):
         tried = sorted((r for r in rows if variant(r) == name), key=lambda r: r["learning_rate"])
-        best = min(tried, key=lambda r: r["score"])
+        best = best_run(tried)
+        scores = ", ".join(f"{r['learning_rate']:.3g}: {number(r['score'])}" for r in tried)
+        if not learned(best["score"], task):
+            lines.append(f"| {name} | {scores} | none: {failure(task)} | | | |")
+            continue
         worked = [r["learning_rate"] for r in tried if r["score"] <= (1 + RANGE) * best["score"]]
         value = reported(best, task)
         gap = "" if base is None or best is baseline else gap_to(value, base, task)
-        scores = ", ".join(f"{r['learning_rate']:.3g}: {number(r['score'])}" for r in tried)
         lines.append(f"| {name} | {scores} | "
                      f"{', '.join(f'{lr:.3g}' for lr in worked)} | {best['learning_rate']:.3g} | {number(value)} | {gap} |")
     return lines
@@ -77,9 +100,12 @@ def start_here(runs: list[dict], task: str) -> list[str]:
     lines = [f"| start here | schedule | lr | {TASKS[task]['unit']} | the baseline's, same schedule | gap |",
              "|---|---|---|---|---|---|"]
     for name in dict.fromkeys(variant(r) for r in grid):
-        best = min((r for r in grid if variant(r) == name), key=lambda r: r["score"])
+        best = best_run(r for r in grid if variant(r) == name)
+        if not learned(best["score"], task):
+            lines.append(f"| {name} | every schedule tried | none | {failure(task)} | | |")
+            continue
         baselines = [r for r in grid if r["schedule"] == best["schedule"] and r["optimizer"] in ("adamw", "sgd")]
-        base = min(baselines, key=lambda r: r["score"]) if baselines else None
+        base = best_run(baselines) if baselines else None
         value, base_value = reported(best, task), reported(base, task) if base else math.nan
         gap = "" if base is None or best is base else gap_to(value, base_value, task)
         lines.append(f"| {name} | {best['schedule']} | {best['learning_rate']:.3g} | {number(value)} | "

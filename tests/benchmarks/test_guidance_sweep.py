@@ -15,6 +15,16 @@ def test_a_grid_line_extends_past_the_edge_its_best_lr_sits_on_and_stops_once_br
     assert next_lr({0.3: 400.0, 1.0: 380.0, 3.0: 360.0}) == 9.0
     assert next_lr({0.3: 400.0, 1.0: 380.0, 3.0: math.inf}) is None  # a diverged top run brackets the best
     assert next_lr({1e-3: 300.0}) is None  # a baseline's single tuned lr
+    assert next_lr({0.01: 90.0, 0.03: 90.0, 0.1: math.inf}) is None  # an edge that ties an interior lr brackets
+    assert math.isclose(next_lr({0.01: math.inf, 0.03: math.inf, 0.1: math.inf}), 0.01 / 3)  # all diverged: go down
+
+
+def test_a_vision_run_with_a_nan_test_loss_scores_as_diverged_whatever_its_error():
+    score = SWEEP["score"]
+    assert score({"test_top1_error": 90.3, "test_loss": math.nan}, "digits") == math.inf
+    assert score({"test_top1_error": 90.0, "test_loss": 1.4e5}, "digits") == 90.0  # finite: it learned nothing, but ran
+    assert score({"test_top1_error": 2.8, "test_loss": 0.1}, "digits") == 2.8
+    assert score({"best_validation_perplexity": math.inf}, "lm") == math.inf
 
 
 def test_every_schedule_is_constant_linear_or_cosine_with_warm_up():

@@ -31,6 +31,25 @@ def test_each_variant_gets_its_best_lr_the_lrs_that_worked_and_its_gap_and_missi
     assert "2026-12-04 10:00 UTC" in text and "(4 runs;" in text
 
 
+def test_a_vision_line_that_never_beat_guessing_has_no_lr_that_worked(tmp_path):
+    def digits_run(name, error, optimizer="koala++", noise="none", lr=1.0):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"test_top1_error": error, "date": "2026-12-06 10:00 UTC", "device": "CPU"}))
+        return {"phase": "grid", "model": "mobilenet", "schedule": "constant", "optimizer": optimizer, "noise": noise,
+                "learning_rate": lr, "seed": 42, "epochs": 30, "score": error, "path": str(path)}
+
+    runs = [digits_run("sgd", 2.8, optimizer="sgd", noise=None, lr=0.1),
+            digits_run("e1c_a", 90.0, lr=0.01), digits_run("e1c_b", 90.0, lr=0.003), digits_run("e1c_c", float("inf"), lr=0.1),
+            digits_run("e1a_a", 4.7, noise="second_moment", lr=10.0), digits_run("e1a_b", 4.7, noise="second_moment", lr=3.0)]
+    text = render_guidance.render("digits", {**sweep(runs), "task": "digits", "selected_by": "final test top-1 error"})
+    row = next(line for line in text.splitlines() if line.startswith("| KOALA++ E1c | 0.003"))
+    assert row.endswith("| none: no run did better than guessing (90% error) | | | |")  # not "all three worked"
+    assert "| KOALA++ E1c | every schedule tried | none | no run did better than guessing (90% error) | | |" in text
+    # a tie goes to the smaller lr in both tables
+    assert "| KOALA++ E1a | constant | 3 | 4.7 | SGD (momentum) 2.8 | +1.9 points |" in text
+    assert "| KOALA++ E1a | 3: 4.7, 10: 4.7 | 3, 10 | 3 | 4.7 | +1.9 points |" in text
+
+
 def test_the_verdict_compares_the_best_seeded_koala_with_the_baseline(tmp_path):
     runs = [write_run(tmp_path, "adamw", 280.0, 290.0, optimizer="adamw", lr=1e-3)]
     for seed, (koala, other, adamw) in zip((42, 43, 44), ((300.0, 320.0, 290.0), (304.0, 330.0, 288.0), (302.0, 325.0, 292.0))):
