@@ -9,9 +9,9 @@ wikitext2 and wikitext2-long: ``wikitext2_paper_protocol_cpu/compare.md`` and ``
 (benchmarks/wikitext2_paper_protocol.py); vision: ``digits_cpu/digits.md`` (benchmarks/digits_vision.py);
 performance: every ``*_step_*.md`` table (benchmarks/optimizer_step.py, train_step.py; ``*_cuda.md`` from
 benchmarks/gpu_check.sh); fsdp2: ``fsdp2_state_memory_*.md`` (benchmarks/fsdp2_state_memory.py); guidance:
-every ``guidance_cpu/<task>/guidance.md`` (benchmarks/render_guidance.py, from the guidance sweep); summary:
-the README's small table, computed here from ``long.json``, the frozen grid's runs and ``digits.json``. A
-section without a result file says so.
+``guidance_cpu/lm/guidance.md`` then ``digits/guidance.md`` (benchmarks/render_guidance.py, from the guidance
+sweep); summary: the README's small table, computed here from ``long.json``, the frozen grid's runs and
+``digits.json``. A section without a result file says so.
 """
 
 import argparse
@@ -27,7 +27,7 @@ SECTIONS = {
     "vision": "digits_cpu/digits.md",
     "performance": "*_step_*.md",
     "fsdp2": "fsdp2_state_memory_*.md",
-    "guidance": "guidance_cpu/*/guidance.md",
+    "guidance": ("guidance_cpu/lm/guidance.md", "guidance_cpu/digits/guidance.md"),  # the finished task first
 }
 
 
@@ -73,8 +73,9 @@ def render(text: str, section: str, body: str) -> str:
 
 def bodies() -> dict[str, str]:
     found = {}
-    for section, pattern in SECTIONS.items():
-        tables = [p.read_text().strip() for p in sorted(RESULTS.glob(pattern))]
+    for section, patterns in SECTIONS.items():
+        patterns = (patterns,) if isinstance(patterns, str) else patterns
+        tables = [p.read_text().strip() for pattern in patterns for p in sorted(RESULTS.glob(pattern))]
         found[section] = "\n\n".join(tables) if tables else "Not measured yet."
     found["summary"] = summary()
     return found
