@@ -79,10 +79,10 @@ class TrainingAdvisor:
             f"{self.optimizer}: the loss-noise estimate R has made {share:.0%} of the innovation variance S "
             f"(koala/noise_share >= {NOISE_SHARE}) at every log for the last {lasted} steps "
             f"(koala/effective_step {effective:.3g}), so each step is a plain SGD step without momentum{sgd}, "
-            "set by the loss noise rather than by the filter. If training is slow, raise lr, tenfold or more (on "
-            "a small CNN trained from scratch E1a worked best at lr 10, and every noise='none' run failed), or, on "
-            "a language model, let R fade with noise='none' (E1c). The guidance page (How to set KOALA) lists the "
-            "lrs that worked per task."))
+            "set by the loss noise rather than by the filter. If training is slow, raise lr, tenfold or more "
+            "(on a small CNN trained from scratch E1a worked best at lr 10 to 30, and every noise='none' run "
+            "failed), or, on a language model, let R fade with noise='none' (E1c). The guidance page (How to set "
+            "KOALA) lists the lrs that worked per task."))
 
     def _skipping(self, reading: Reading) -> str | None:
         if self._first is None:
