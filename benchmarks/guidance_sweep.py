@@ -72,17 +72,19 @@ SIGMA_Q = {"sigma": (0.03, 0.3), "q": (0.03, 0.3)}  # besides the default 0.1
 SEEDS = (42, 43, 44)
 BASELINES = ("adamw", "sgd")
 EXTEND = 2  # runs a grid line may add past its edge
+CHANCE = {"lm": None, "digits": 90.0}  # the score of guessing (ten classes); a run that scores it learned nothing
 
 
-def next_lr(scores: dict[float, float]) -> float | None:
+def next_lr(scores: dict[float, float], chance: float | None = None) -> float | None:
     """The lr to try next on a grid line (lr -> score, lower is better): a third of the lowest when that is the
     best, three times the highest when that is, else ``None`` (the best is interior, or a line of one lr). The
     extension stops at a run that scored no better: a worse or diverged edge brackets the best, and so does an
-    edge that ties an interior lr. A line where every run diverged goes on down."""
+    edge that ties an interior lr. A line where every run diverged, or none did better than ``chance``, goes on
+    down."""
     if len(scores) < 2:
         return None
     rates = sorted(scores)
-    if all(math.isinf(scores[lr]) for lr in rates):
+    if all(math.isinf(scores[lr]) or (chance is not None and scores[lr] >= chance) for lr in rates):
         return rates[0] / 3
     lowest = min(scores.values())
     best = [lr for lr in rates if scores[lr] == lowest]
@@ -207,7 +209,7 @@ def main(argv=None) -> None:
             for optimizer, noise, rates in grid:
                 scores = {lr: sweep.run("grid", model, schedule, optimizer, noise, lr)["score"] for lr in rates}
                 for _ in range(EXTEND if optimizer not in BASELINES else 0):
-                    lr = next_lr(scores)
+                    lr = next_lr(scores, CHANCE[args.task])
                     if lr is None:
                         break
                     scores[lr] = sweep.run("grid", model, schedule, optimizer, noise, lr)["score"]

@@ -17,6 +17,8 @@ def test_a_grid_line_extends_past_the_edge_its_best_lr_sits_on_and_stops_once_br
     assert next_lr({1e-3: 300.0}) is None  # a baseline's single tuned lr
     assert next_lr({0.01: 90.0, 0.03: 90.0, 0.1: math.inf}) is None  # an edge that ties an interior lr brackets
     assert math.isclose(next_lr({0.01: math.inf, 0.03: math.inf, 0.1: math.inf}), 0.01 / 3)  # all diverged: go down
+    guessing = {0.01: 90.0, 0.03: 90.0, 0.1: math.inf}  # the digits' E1c line with linear decay: nothing learned
+    assert math.isclose(next_lr(guessing, SWEEP["CHANCE"]["digits"]), 0.01 / 3) and next_lr(guessing) is None
 
 
 def test_a_vision_run_with_a_nan_test_loss_scores_as_diverged_whatever_its_error():
