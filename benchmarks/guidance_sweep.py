@@ -32,8 +32,9 @@ each (``SIGMA_Q``). Then the best KOALA++, the best KOALA setting of any variant
 best baseline at three seeds (``SEEDS``; 12 epochs for the LM).
 
 Every run is skipped when its results.json is there (an interrupted sweep resumes). A constant-lr LM run of
-benchmarks/wikitext2_paper_protocol.py with the same settings is reused rather than trained again (its
-results.json is copied, its own command kept). Writes ``sweep.json`` (every run, and the choices made) in
+benchmarks/wikitext2_paper_protocol.py with the same settings, and on the digits a seeded setting's seed-42
+run (as long as its grid run), are reused rather than trained again (the results.json is copied, its own
+command kept, and ``reused_from.txt`` names it). Writes ``sweep.json`` (every run, and the choices made) in
 ``--output``; benchmarks/render_guidance.py renders the guidance page from it.
 """
 
@@ -133,8 +134,13 @@ class Sweep:
                     os.path.relpath(self.args.digits, ROOT)]
         return [sys.executable, *head, *common]
 
-    def reused(self, model, schedule, optimizer, noise, lr, extra, seed, epochs) -> Path | None:
-        """The same LM run made by benchmarks/wikitext2_paper_protocol.py (constant lr, 4 epochs, seed 42)."""
+    def reused(self, phase, model, schedule, optimizer, noise, lr, extra, seed, epochs) -> Path | None:
+        """The same run made before: a seeded setting's seed-42 run when it is as long as the grid's (the digits,
+        where ``LONG_EPOCHS`` equals ``EPOCHS``) is its grid or sigma/q run; an LM grid run is the one
+        benchmarks/wikitext2_paper_protocol.py made (constant lr, 4 epochs, seed 42)."""
+        if phase == "seeds" and seed == 42 and epochs == (self.args.epochs or EPOCHS[model]):
+            found = self.out / model / schedule / run_name(optimizer, noise, lr, **extra) / "results.json"
+            return found if found.exists() else None
         if self.task != "lm" or schedule != "constant" or extra or seed != 42 or epochs != 4 or self.args.max_train_blocks:
             return None
         found = PROTOCOL / "frozen_pretrained" / run_name(optimizer, noise, lr) / "results.json"
@@ -147,7 +153,7 @@ class Sweep:
         output = self.out / model / schedule / (name if phase != "seeds" else f"long/{name}")
         if not (output / "results.json").exists():
             output.mkdir(parents=True, exist_ok=True)
-            earlier = self.reused(model, schedule, optimizer, noise, lr, extra, seed, epochs)
+            earlier = self.reused(phase, model, schedule, optimizer, noise, lr, extra, seed, epochs)
             if earlier is not None:
                 shutil.copy(earlier, output / "results.json")
                 (output / "reused_from.txt").write_text(os.path.relpath(earlier, ROOT) + "\n")

@@ -165,8 +165,12 @@ def provenance(runs: list[dict], task: str) -> str:
     results = [json.loads((ROOT / r["path"]).read_text()) for r in runs]
     dates = sorted(r["date"] for r in results)
     devices = sorted({r["device"] for r in results})
-    reused = sum(1 for r in runs if r.get("reused_from"))
-    reuse = f", {reused} reused from the earlier protocol benchmark" if reused else ""
+    sources = [r["reused_from"] for r in runs if r.get("reused_from")]
+    earlier = sum(1 for s in sources if s.startswith("benchmarks/results/wikitext2_paper_protocol"))
+    reuse = "".join(
+        f", {count} {what}" for count, what in (
+            (earlier, "reused from the earlier protocol benchmark"),
+            (len(sources) - earlier, "seed-42 repeats that are their grid runs, reused")) if count)
     return (f"Measured with `python benchmarks/guidance_sweep.py --task {task}` on {', '.join(devices)}, "
             f"{dates[0]} to {dates[-1]} ({len(runs)} runs{reuse}; "
             f"each run's own command is in its `results.json` under `benchmarks/results/guidance_cpu/{task}/`).")

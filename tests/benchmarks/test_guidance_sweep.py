@@ -32,3 +32,24 @@ def test_a_vision_run_with_a_nan_test_loss_scores_as_diverged_whatever_its_error
 def test_every_schedule_is_constant_linear_or_cosine_with_warm_up():
     assert SWEEP["SCHEDULES"]["cosine"] == ("--lr_scheduler_type", "cosine", "--warmup_steps", "0.05")
     assert set(SWEEP["SCHEDULES"]) == {"constant", "linear", "cosine"}
+
+
+def test_a_seeded_settings_seed_42_run_is_its_grid_run_when_as_long_and_trained_again_when_longer(tmp_path):
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(epochs=None, max_train_blocks=None)
+    sweep = SWEEP["Sweep"]("digits", tmp_path, args)
+    model = "mobilenetv3_large_100_cifar"
+    grid_run = tmp_path / model / "linear" / "koala-v_lr1" / "results.json"
+    grid_run.parent.mkdir(parents=True)
+    grid_run.write_text("{}")
+    epochs = SWEEP["EPOCHS"][model]
+    assert sweep.reused("seeds", model, "linear", "koala-v", None, 1.0, {}, 42, epochs) == grid_run
+    assert sweep.reused("seeds", model, "linear", "koala-v", None, 1.0, {}, 43, epochs) is None  # another seed
+    assert sweep.reused("seeds", model, "linear", "koala-v", None, 1.0, {}, 42, epochs + 10) is None  # longer
+    assert sweep.reused("seeds", model, "cosine", "koala-v", None, 1.0, {}, 42, epochs) is None  # not run
+    assert sweep.reused("grid", model, "linear", "koala-v", None, 1.0, {}, 42, epochs) is None  # only repeats reuse
+    lm = SWEEP["Sweep"]("lm", tmp_path, args)  # the LM's repeats are 12 epochs against the grid's 4: trained
+    (tmp_path / "gpt" / "linear" / "koala-v_lr0.3").mkdir(parents=True)
+    (tmp_path / "gpt" / "linear" / "koala-v_lr0.3" / "results.json").write_text("{}")
+    assert lm.reused("seeds", "gpt", "linear", "koala-v", None, 0.3, {}, 42, SWEEP["LONG_EPOCHS"]["gpt"]) is None
